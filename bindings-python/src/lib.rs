@@ -1,0 +1,1 @@
+//! Python binding for anyvm (see issue: Python binding). Not built out yet.

@@ -1,0 +1,786 @@
+//! libvirt backend (QEMU/KVM, local or remote URIs) through the official `virt` bindings.
+//!
+//! libvirt calls block, so each runs on tokio's blocking pool under a deadline. Guest exec and
+//! file transfer go through the QEMU guest agent; forwards are QEMU user-network `hostfwd` rules,
+//! changed at runtime through the monitor and persisted in the definition; readiness is woken by
+//! libvirt's agent-lifecycle event.
+
+mod agent;
+mod domain_xml;
+mod events;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::broadcast;
+use virt::connect::Connect;
+use virt::domain::Domain;
+use virt::error::ErrorNumber;
+use virt::sys;
+
+use super::{Backend, VmEvent};
+use crate::error::{Ctx, Error, Result};
+use crate::name::VmName;
+use crate::types::{
+    DiskFormat, ExecOutput, ExecRequest, ForwardSpec, HostPort, PortForward, SnapshotInfo, VmInfo, VmSpec, VmState,
+};
+use crate::util::command::ToolCommand;
+
+const ID: &str = "libvirt";
+
+/// Deadlines and places the libvirt backend uses.
+#[derive(Debug, Clone)]
+pub struct LibvirtOptions {
+    /// Where clone overlays and exported snapshot bases are written.
+    pub images_dir: PathBuf,
+    /// Where serial console logs go (on the libvirt host).
+    pub console_dir: PathBuf,
+    /// Bound on any single libvirt call.
+    pub call_timeout: Duration,
+    /// Bound on a single guest-agent command.
+    pub agent_timeout: Duration,
+    /// Bound on qemu-img (exports copy whole disks).
+    pub qemu_img_timeout: Duration,
+    /// Chunk size for guest file transfer.
+    pub file_chunk: usize,
+}
+
+impl Default for LibvirtOptions {
+    fn default() -> Self {
+        let base = crate::client::default_state_dir();
+        LibvirtOptions {
+            images_dir: base.join("images"),
+            console_dir: base.join("console"),
+            call_timeout: Duration::from_secs(60),
+            agent_timeout: Duration::from_secs(10),
+            qemu_img_timeout: Duration::from_secs(600),
+            file_chunk: 1024 * 1024,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct LibvirtBackend {
+    uri: String,
+    conn: Arc<Connect>,
+    events: broadcast::Sender<VmEvent>,
+    opts: LibvirtOptions,
+}
+
+impl std::fmt::Debug for LibvirtBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LibvirtBackend").field("uri", &self.uri).finish()
+    }
+}
+
+fn map_err(ctx: &Ctx, e: virt::error::Error) -> Error {
+    let msg = e.message().to_string();
+    let known = |n: ErrorNumber| e.code() == virt::error::ErrorNumberEnum::Known(n);
+    if known(ErrorNumber::NoDomain) {
+        Error::NotFound { ctx: ctx.clone(), what: "no such domain".into() }
+    } else if known(ErrorNumber::NoDomainSnapshot) {
+        Error::NotFound { ctx: ctx.clone(), what: format!("snapshot ({msg})") }
+    } else if known(ErrorNumber::OperationInvalid) {
+        Error::InvalidState { ctx: ctx.clone(), state: msg, hint: String::new() }
+    } else if known(ErrorNumber::AgentUnresponsive) || known(ErrorNumber::AgentUnsynced) {
+        Error::NotReady {
+            ctx: ctx.clone(),
+            after: Duration::ZERO,
+            probe: "agent".into(),
+            last_error: format!("{msg}; is qemu-guest-agent running in the guest?"),
+        }
+    } else if known(ErrorNumber::OperationTimeout) {
+        Error::Timeout { ctx: ctx.clone(), after: Duration::ZERO, what: msg }
+    } else if known(ErrorNumber::AuthFailed) {
+        Error::Auth { ctx: ctx.clone(), reason: msg }
+    } else if known(ErrorNumber::NoConnect) || known(ErrorNumber::SystemError) {
+        Error::BackendUnavailable { ctx: ctx.clone(), backend: ID.into(), reason: msg }
+    } else if known(ErrorNumber::ResourceBusy) {
+        Error::Busy { ctx: ctx.clone(), reason: msg }
+    } else if msg.contains("No such file or directory") {
+        Error::NotFound { ctx: ctx.clone(), what: msg }
+    } else {
+        Error::backend(ctx.clone(), ID, msg)
+    }
+}
+
+fn agent_err(ctx: &Ctx, msg: String) -> Error {
+    Error::backend(ctx.clone(), "qemu-guest-agent", msg)
+}
+
+impl LibvirtBackend {
+    /// Connect to `uri` (e.g. `qemu:///system`, `qemu+ssh://user@host/system`).
+    pub async fn open(uri: &str, opts: LibvirtOptions) -> Result<Self> {
+        let ctx = Ctx::new(format!("connect to {uri}"));
+        events::ensure_event_loop().map_err(|reason| Error::BackendUnavailable {
+            ctx: ctx.clone(),
+            backend: ID.into(),
+            reason: format!("cannot start the libvirt event loop: {reason}"),
+        })?;
+        let u = uri.to_string();
+        let call = tokio::task::spawn_blocking(move || Connect::open(Some(&u)));
+        let conn = match tokio::time::timeout(opts.call_timeout, call).await {
+            Err(_) => {
+                return Err(Error::Timeout { ctx, after: opts.call_timeout, what: "libvirtd to answer".into() })
+            }
+            Ok(Err(join)) => return Err(Error::backend(ctx, ID, join.to_string())),
+            Ok(Ok(Err(e))) => {
+                return Err(Error::BackendUnavailable {
+                    ctx,
+                    backend: ID.into(),
+                    reason: format!("{}; is libvirtd running (scripts/setup-host.sh)?", e.message()),
+                })
+            }
+            Ok(Ok(Ok(c))) => c,
+        };
+        // Keepalive turns a dead or hung libvirtd into errors instead of hangs.
+        let _ = conn.set_keep_alive(5, 3);
+        let (tx, _) = broadcast::channel(256);
+        if let Err(e) = events::register(&conn, &tx) {
+            tracing::warn!(error = %e, "libvirt events unavailable; readiness falls back to polling");
+        }
+        Ok(LibvirtBackend { uri: uri.to_string(), conn: Arc::new(conn), events: tx, opts })
+    }
+
+    pub fn options(&self) -> &LibvirtOptions {
+        &self.opts
+    }
+
+    /// Run a blocking libvirt call under the call deadline.
+    async fn call<T, F>(&self, ctx: &Ctx, timeout: Duration, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connect) -> Result<T> + Send + 'static,
+    {
+        let conn = self.conn.clone();
+        let task = tokio::task::spawn_blocking(move || f(&conn));
+        match tokio::time::timeout(timeout, task).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(join)) => Err(Error::backend(ctx.clone(), ID, format!("libvirt call panicked: {join}"))),
+            Err(_) => Err(Error::Timeout { ctx: ctx.clone(), after: timeout, what: "libvirt to answer".into() }),
+        }
+    }
+
+    /// Look up the domain and run `f` on it.
+    async fn dom<T, F>(&self, ctx: &Ctx, vm: &VmName, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Domain, &Ctx) -> Result<T> + Send + 'static,
+    {
+        let name = vm.to_string();
+        let c = ctx.clone();
+        self.call(ctx, self.opts.call_timeout, move |conn| {
+            let d = conn.lookup_domain_by_name(&name).map_err(|e| map_err(&c, e))?;
+            f(&d, &c)
+        })
+        .await
+    }
+
+    /// One guest-agent command; returns the reply's `return` value.
+    async fn agent(&self, ctx: &Ctx, vm: &VmName, cmd: String, timeout: Duration) -> Result<serde_json::Value> {
+        let secs = timeout.as_secs().clamp(1, i32::MAX as u64) as i32;
+        let reply = self
+            .call(ctx, timeout + Duration::from_secs(2), {
+                let name = vm.to_string();
+                let c = ctx.clone();
+                move |conn| {
+                    let d = conn.lookup_domain_by_name(&name).map_err(|e| map_err(&c, e))?;
+                    d.qemu_agent_command(&cmd, secs, 0).map_err(|e| map_err(&c, e))
+                }
+            })
+            .await?;
+        agent::ret(&reply).map_err(|m| agent_err(ctx, m))
+    }
+
+    fn console_path(&self, vm: &VmName) -> PathBuf {
+        self.opts.console_dir.join(format!("{vm}.log"))
+    }
+
+    fn is_local(&self) -> bool {
+        !self.uri.contains("://") || self.uri.split("://").nth(1).is_some_and(|r| r.starts_with('/'))
+    }
+
+    async fn stored_spec(&self, ctx: &Ctx, vm: &VmName) -> Result<VmSpec> {
+        self.spec(vm).await?.ok_or_else(|| Error::InvalidState {
+            ctx: ctx.clone(),
+            state: "not defined by anyvm".into(),
+            hint: "only VMs defined through anyvm carry the spec this needs".into(),
+        })
+    }
+
+    /// Rewrite the persistent definition from `spec`, keeping the domain's UUID.
+    async fn redefine(&self, ctx: &Ctx, spec: VmSpec) -> Result<()> {
+        let log = self.console_path(&spec.name);
+        let name = spec.name.to_string();
+        self.call(ctx, self.opts.call_timeout, {
+            let c = ctx.clone();
+            move |conn| {
+                let d = conn.lookup_domain_by_name(&name).map_err(|e| map_err(&c, e))?;
+                let uuid = d.uuid_string().map_err(|e| map_err(&c, e))?;
+                let xml = domain_xml::domain_xml(&spec, Some(&uuid), &log);
+                conn.define_domain_xml(&xml).map(|_| ()).map_err(|e| map_err(&c, e))
+            }
+        })
+        .await
+    }
+
+    async fn monitor(&self, ctx: &Ctx, vm: &VmName, cmd: String) -> Result<String> {
+        self.dom(ctx, vm, move |d, c| {
+            d.qemu_monitor_command(&cmd, sys::VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP).map_err(|e| map_err(c, e))
+        })
+        .await
+    }
+
+    async fn qemu_img(&self, ctx: &Ctx, args: Vec<String>) -> Result<()> {
+        let out = ToolCommand::new("qemu-img", args, self.opts.qemu_img_timeout).run(ctx).await?;
+        if out.code != Some(0) {
+            return Err(Error::backend(ctx.clone(), "qemu-img", out.stderr_str().trim().to_string()));
+        }
+        Ok(())
+    }
+
+    fn check_host_paths(&self, ctx: &Ctx, spec: &VmSpec) -> Result<()> {
+        if !self.is_local() {
+            return Ok(());
+        }
+        let mut paths: Vec<&Path> = spec.disks.iter().map(|d| d.path.as_path()).collect();
+        if let crate::types::Boot::Kernel { kernel, initrd, .. } = &spec.boot {
+            paths.push(kernel);
+            paths.extend(initrd.as_deref());
+        }
+        for p in paths {
+            if !p.exists() {
+                return Err(Error::NotFound { ctx: ctx.clone(), what: format!("host file {}", p.display()) });
+            }
+        }
+        Ok(())
+    }
+}
+
+fn map_state(d: &Domain, ctx: &Ctx) -> Result<VmState> {
+    use virt::domain::DomainState as S;
+    let (st, _) = d.state().map_err(|e| map_err(ctx, e))?;
+    Ok(match st {
+        virt::enumutil::Enum::Known(S::Running) | virt::enumutil::Enum::Known(S::Blocked) => VmState::Running,
+        virt::enumutil::Enum::Known(S::Shutdown) => VmState::Running,
+        virt::enumutil::Enum::Known(S::Paused) | virt::enumutil::Enum::Known(S::PMSuspended) => VmState::Paused,
+        virt::enumutil::Enum::Known(S::Shutoff) => {
+            if d.has_managed_save(0).unwrap_or(false) {
+                VmState::Saved
+            } else {
+                VmState::ShutOff
+            }
+        }
+        virt::enumutil::Enum::Known(S::Crashed) => VmState::Crashed,
+        _ => VmState::Unknown,
+    })
+}
+
+fn read_spec(d: &Domain) -> Option<VmSpec> {
+    let xml = d
+        .metadata(
+            sys::VIR_DOMAIN_METADATA_ELEMENT as i32,
+            Some(domain_xml::META_NS),
+            sys::VIR_DOMAIN_AFFECT_CONFIG,
+        )
+        .ok()?;
+    match domain_xml::spec_from_metadata(&xml) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(error = %e, "ignoring unreadable anyvm metadata");
+            None
+        }
+    }
+}
+
+/// Text of the first `<tag>` in a small XML document.
+fn xml_text(xml: &str, tag: &str) -> Option<String> {
+    let mut r = quick_xml::Reader::from_str(xml);
+    let mut inside = false;
+    loop {
+        match r.read_event().ok()? {
+            quick_xml::events::Event::Start(e) if e.name().as_ref() == tag.as_bytes() => inside = true,
+            quick_xml::events::Event::Text(t) if inside => return t.unescape().ok().map(|s| s.into_owned()),
+            quick_xml::events::Event::End(_) if inside => return Some(String::new()),
+            quick_xml::events::Event::Eof => return None,
+            _ => {}
+        }
+    }
+}
+
+#[async_trait]
+impl Backend for LibvirtBackend {
+    fn id(&self) -> &str {
+        ID
+    }
+    fn uri(&self) -> String {
+        format!("libvirt:{}", self.uri)
+    }
+
+    async fn list(&self) -> Result<Vec<VmInfo>> {
+        let ctx = Ctx::new("list");
+        self.call(&ctx, self.opts.call_timeout, {
+            let c = ctx.clone();
+            move |conn| {
+                let doms = conn.list_all_domains(0).map_err(|e| map_err(&c, e))?;
+                let mut out = Vec::new();
+                for d in doms {
+                    let name = d.name().map_err(|e| map_err(&c, e))?;
+                    let state = map_state(&d, &c).unwrap_or(VmState::Unknown);
+                    out.push(VmInfo { name, state, managed: read_spec(&d).is_some() });
+                }
+                out.sort_by(|a, b| a.name.cmp(&b.name));
+                Ok(out)
+            }
+        })
+        .await
+    }
+
+    async fn exists(&self, vm: &VmName) -> Result<bool> {
+        match self.dom(&Ctx::vm("lookup", vm), vm, |_, _| Ok(())).await {
+            Ok(()) => Ok(true),
+            Err(Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn spec(&self, vm: &VmName) -> Result<Option<VmSpec>> {
+        self.dom(&Ctx::vm("read spec", vm), vm, |d, _| Ok(read_spec(d))).await
+    }
+
+    async fn define(&self, spec: &VmSpec) -> Result<()> {
+        let ctx = Ctx::vm("define", &spec.name);
+        spec.validate()?;
+        if spec.forwards.iter().any(|f| f.host_port == HostPort::Auto) {
+            return Err(Error::invalid_arg("forwards", "host ports must be resolved before define (use Client::define)"));
+        }
+        self.check_host_paths(&ctx, spec)?;
+        if self.is_local() {
+            std::fs::create_dir_all(&self.opts.console_dir).map_err(|e| Error::io(ctx.clone(), &self.opts.console_dir, e))?;
+        }
+        let xml = domain_xml::domain_xml(spec, None, &self.console_path(&spec.name));
+        self.call(&ctx, self.opts.call_timeout, {
+            let c = ctx.clone();
+            move |conn| conn.define_domain_xml(&xml).map(|_| ()).map_err(|e| map_err(&c, e))
+        })
+        .await
+    }
+
+    async fn undefine(&self, vm: &VmName) -> Result<()> {
+        let ctx = Ctx::vm("undefine", vm);
+        let spec = self.spec(vm).await?;
+        self.dom(&ctx, vm, |d, c| {
+            let flags = sys::VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+                | sys::VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+                | sys::VIR_DOMAIN_UNDEFINE_NVRAM;
+            d.undefine_flags(flags).map_err(|e| map_err(c, e))
+        })
+        .await?;
+        if let Some(spec) = spec {
+            for d in spec.disks.iter().filter(|d| d.owned) {
+                if let Err(e) = std::fs::remove_file(&d.path) {
+                    tracing::warn!(vm = %vm, path = %d.path.display(), error = %e, "could not remove clone disk");
+                }
+            }
+        }
+        let _ = std::fs::remove_file(self.console_path(vm));
+        Ok(())
+    }
+
+    async fn state(&self, vm: &VmName) -> Result<VmState> {
+        self.dom(&Ctx::vm("state", vm), vm, map_state).await
+    }
+
+    async fn start(&self, vm: &VmName) -> Result<()> {
+        self.dom(&Ctx::vm("start", vm), vm, |d, c| d.create().map(|_| ()).map_err(|e| map_err(c, e))).await
+    }
+
+    async fn request_shutdown(&self, vm: &VmName) -> Result<()> {
+        self.dom(&Ctx::vm("shutdown", vm), vm, |d, c| {
+            // The agent is the most reliable path for minimal guests; ACPI needs acpid in the guest.
+            match d.shutdown_flags(sys::VIR_DOMAIN_SHUTDOWN_GUEST_AGENT) {
+                Ok(_) => Ok(()),
+                Err(e) => {
+                    tracing::debug!(error = %e, "agent shutdown failed; trying ACPI");
+                    d.shutdown_flags(sys::VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN).map(|_| ()).map_err(|e| map_err(c, e))
+                }
+            }
+        })
+        .await
+    }
+
+    async fn power_off(&self, vm: &VmName) -> Result<()> {
+        self.dom(&Ctx::vm("power off", vm), vm, |d, c| match d.destroy() {
+            Ok(()) => Ok(()),
+            Err(_) if !d.is_active().unwrap_or(true) => Ok(()),
+            Err(e) => Err(map_err(c, e)),
+        })
+        .await
+    }
+
+    async fn pause(&self, vm: &VmName) -> Result<()> {
+        self.dom(&Ctx::vm("pause", vm), vm, |d, c| d.suspend().map_err(|e| map_err(c, e))).await
+    }
+
+    async fn resume(&self, vm: &VmName) -> Result<()> {
+        self.dom(&Ctx::vm("resume", vm), vm, |d, c| d.resume().map_err(|e| map_err(c, e))).await
+    }
+
+    async fn save_state(&self, vm: &VmName) -> Result<()> {
+        self.dom(&Ctx::vm("save state", vm), vm, |d, c| d.managed_save(0).map_err(|e| map_err(c, e))).await
+    }
+
+    async fn snapshot_take(&self, vm: &VmName, name: &str, description: &str) -> Result<()> {
+        let xml = format!(
+            "<domainsnapshot><name>{}</name><description>{}</description></domainsnapshot>",
+            crate::util::xml::escape(name),
+            crate::util::xml::escape(description)
+        );
+        self.dom(&Ctx::vm(format!("snapshot take {name}"), vm), vm, move |d, c| {
+            d.create_snapshot_xml(&xml, 0).map(|_| ()).map_err(|e| map_err(c, e))
+        })
+        .await
+    }
+
+    async fn snapshot_restore(&self, vm: &VmName, name: &str) -> Result<()> {
+        let n = name.to_string();
+        self.dom(&Ctx::vm(format!("snapshot restore {name}"), vm), vm, move |d, c| {
+            let s = Domain::lookup_snapshot_by_name(d, &n, 0).map_err(|e| map_err(c, e))?;
+            s.revert(0).map_err(|e| map_err(c, e))
+        })
+        .await
+    }
+
+    async fn snapshot_delete(&self, vm: &VmName, name: &str) -> Result<()> {
+        let n = name.to_string();
+        self.dom(&Ctx::vm(format!("snapshot delete {name}"), vm), vm, move |d, c| {
+            let s = Domain::lookup_snapshot_by_name(d, &n, 0).map_err(|e| map_err(c, e))?;
+            s.delete(0).map_err(|e| map_err(c, e))
+        })
+        .await
+    }
+
+    async fn snapshot_list(&self, vm: &VmName) -> Result<Vec<SnapshotInfo>> {
+        self.dom(&Ctx::vm("snapshot list", vm), vm, |d, c| {
+            let mut out = Vec::new();
+            for s in d.list_all_snapshots(0).map_err(|e| map_err(c, e))? {
+                let xml = s.xml_desc(0).map_err(|e| map_err(c, e))?;
+                out.push(SnapshotInfo {
+                    name: s.name().map_err(|e| map_err(c, e))?,
+                    created: xml_text(&xml, "creationTime").and_then(|t| t.trim().parse().ok()),
+                    state: xml_text(&xml, "state"),
+                    current: s.is_current(0).unwrap_or(false),
+                    parent: s.parent(0).ok().and_then(|p| p.name().ok()),
+                });
+            }
+            out.sort_by_key(|s| s.created);
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn prepare_linked_clone(&self, base: &VmName, snapshot: Option<String>, new: &VmName) -> Result<VmSpec> {
+        let snapshot = snapshot.as_deref();
+        let ctx = Ctx::vm(format!("clone to {new}"), base);
+        if !self.is_local() {
+            return Err(Error::InvalidState {
+                ctx,
+                state: "remote libvirt host".into(),
+                hint: "linked clones create disk overlays with qemu-img on this host; run anyvm on the hypervisor host".into(),
+            });
+        }
+        let spec = self.stored_spec(&ctx, base).await?;
+        let tag = match snapshot {
+            Some(s) => {
+                let snaps = self.snapshot_list(base).await?;
+                let info = snaps.iter().find(|i| i.name == s).ok_or_else(|| Error::NotFound {
+                    ctx: ctx.clone(),
+                    what: format!("snapshot '{s}'"),
+                })?;
+                format!("{s}-{}", info.created.unwrap_or(0))
+            }
+            None => {
+                let st = self.state(base).await?;
+                if st != VmState::ShutOff {
+                    return Err(Error::InvalidState {
+                        ctx,
+                        state: st.to_string(),
+                        hint: "stop the base VM or name a snapshot to clone from".into(),
+                    });
+                }
+                let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+                format!("current-{}", t.as_nanos())
+            }
+        };
+        std::fs::create_dir_all(&self.opts.images_dir).map_err(|e| Error::io(ctx.clone(), &self.opts.images_dir, e))?;
+        let mut clone = spec.clone();
+        clone.name = new.clone();
+        let mut created: Vec<PathBuf> = Vec::new();
+        let result: Result<()> = async {
+            for (i, disk) in clone.disks.iter_mut().enumerate() {
+                if disk.format != DiskFormat::Qcow2 {
+                    return Err(Error::InvalidState {
+                        ctx: ctx.clone(),
+                        state: format!("disk {} is {}", disk.path.display(), disk.format),
+                        hint: "linked clones need qcow2 disks".into(),
+                    });
+                }
+                // Freeze the base disk at the snapshot once; every clone then layers on that file,
+                // so the base VM keeps running and changing without touching its clones.
+                let frozen = self.opts.images_dir.join(format!("{base}-{tag}-{i}.base.qcow2"));
+                if !frozen.exists() {
+                    let tmp = frozen.with_extension("tmp");
+                    let mut args = vec!["convert".to_string(), "-U".into(), "-f".into(), "qcow2".into(), "-O".into(), "qcow2".into()];
+                    if let Some(s) = snapshot {
+                        args.push("-l".into());
+                        args.push(format!("snapshot.name={s}"));
+                    }
+                    args.push(disk.path.display().to_string());
+                    args.push(tmp.display().to_string());
+                    self.qemu_img(&ctx, args).await?;
+                    std::fs::rename(&tmp, &frozen).map_err(|e| Error::io(ctx.clone(), &frozen, e))?;
+                }
+                let overlay = self.opts.images_dir.join(format!("{new}-{i}.qcow2"));
+                if overlay.exists() {
+                    return Err(Error::InvalidState {
+                        ctx: ctx.clone(),
+                        state: format!("{} exists", overlay.display()),
+                        hint: "remove the stale clone disk or pick another name".into(),
+                    });
+                }
+                self.qemu_img(
+                    &ctx,
+                    vec![
+                        "create".into(),
+                        "-q".into(),
+                        "-f".into(),
+                        "qcow2".into(),
+                        "-F".into(),
+                        "qcow2".into(),
+                        "-b".into(),
+                        frozen.display().to_string(),
+                        overlay.display().to_string(),
+                    ],
+                )
+                .await?;
+                created.push(overlay.clone());
+                disk.path = overlay;
+                disk.owned = true;
+            }
+            Ok(())
+        }
+        .await;
+        if let Err(e) = result {
+            for p in created {
+                let _ = std::fs::remove_file(p);
+            }
+            return Err(e);
+        }
+        Ok(clone)
+    }
+
+    async fn exec(&self, vm: &VmName, req: &ExecRequest) -> Result<ExecOutput> {
+        let ctx = Ctx::vm(format!("exec {}", req.program), vm);
+        if req.credentials.is_some() {
+            tracing::debug!(vm = %vm, "libvirt runs guest programs through the agent as its user; credentials are not used");
+        }
+        let started = Instant::now();
+        let deadline = started + req.timeout;
+        let reply = self.agent(&ctx, vm, agent::exec(req), self.opts.agent_timeout).await?;
+        let pid = agent::int_field(&reply, "pid").map_err(|m| agent_err(&ctx, m))?;
+        // Short programs finish in a few ms: poll fast at first, then back off.
+        let mut delay = Duration::from_millis(1);
+        loop {
+            let st = self.agent(&ctx, vm, agent::exec_status(pid), self.opts.agent_timeout).await?;
+            if let Some(s) = agent::parse_exec_status(&st).map_err(|m| agent_err(&ctx, m))? {
+                return Ok(ExecOutput {
+                    exit_code: s.exit_code,
+                    signal: s.signal,
+                    stdout: s.stdout,
+                    stderr: s.stderr,
+                    duration: started.elapsed(),
+                    stdout_truncated: s.stdout_truncated,
+                    stderr_truncated: s.stderr_truncated,
+                });
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                if let Err(e) = self.agent(&ctx, vm, agent::kill(pid), self.opts.agent_timeout).await {
+                    tracing::warn!(vm = %vm, pid, error = %e, "could not kill timed-out guest program");
+                }
+                return Err(Error::Timeout {
+                    ctx,
+                    after: req.timeout,
+                    what: format!("'{}' to exit (killed guest pid {pid})", req.display_argv()),
+                });
+            }
+            tokio::time::sleep(delay.min(deadline - now)).await;
+            delay = (delay * 2).min(Duration::from_millis(50));
+        }
+    }
+
+    async fn copy_to(&self, vm: &VmName, host: &Path, guest: &str) -> Result<u64> {
+        let ctx = Ctx::vm(format!("copy {} to {guest}", host.display()), vm);
+        let mut f = tokio::fs::File::open(host).await.map_err(|e| Error::io(ctx.clone(), host, e))?;
+        let reply = self.agent(&ctx, vm, agent::file_open(guest, "wb"), self.opts.agent_timeout).await?;
+        let handle = reply.as_i64().ok_or_else(|| agent_err(&ctx, format!("guest-file-open returned {reply}")))?;
+        let mut total = 0u64;
+        let mut buf = vec![0u8; self.opts.file_chunk];
+        let res: Result<()> = async {
+            loop {
+                let n = f.read(&mut buf).await.map_err(|e| Error::io(ctx.clone(), host, e))?;
+                if n == 0 {
+                    return Ok(());
+                }
+                let r = self.agent(&ctx, vm, agent::file_write(handle, &buf[..n]), self.opts.agent_timeout).await?;
+                let written = agent::int_field(&r, "count").map_err(|m| agent_err(&ctx, m))?;
+                if written as usize != n {
+                    return Err(agent_err(&ctx, format!("short write in guest: {written} of {n} bytes")));
+                }
+                total += n as u64;
+            }
+        }
+        .await;
+        let closed = self.agent(&ctx, vm, agent::file_close(handle), self.opts.agent_timeout).await;
+        res?;
+        closed?;
+        Ok(total)
+    }
+
+    async fn copy_from(&self, vm: &VmName, guest: &str, host: &Path) -> Result<u64> {
+        let ctx = Ctx::vm(format!("copy {guest} to {}", host.display()), vm);
+        let reply = self.agent(&ctx, vm, agent::file_open(guest, "rb"), self.opts.agent_timeout).await?;
+        let handle = reply.as_i64().ok_or_else(|| agent_err(&ctx, format!("guest-file-open returned {reply}")))?;
+        let tmp = host.with_file_name(format!(
+            ".{}.anyvm-part",
+            host.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "copy".into())
+        ));
+        let res: Result<u64> = async {
+            let mut f = tokio::fs::File::create(&tmp).await.map_err(|e| Error::io(ctx.clone(), &tmp, e))?;
+            let mut total = 0u64;
+            loop {
+                let r = self.agent(&ctx, vm, agent::file_read(handle, self.opts.file_chunk), self.opts.agent_timeout).await?;
+                let (data, eof) = agent::parse_read(&r).map_err(|m| agent_err(&ctx, m))?;
+                f.write_all(&data).await.map_err(|e| Error::io(ctx.clone(), &tmp, e))?;
+                total += data.len() as u64;
+                if eof || data.is_empty() {
+                    break;
+                }
+            }
+            f.flush().await.map_err(|e| Error::io(ctx.clone(), &tmp, e))?;
+            Ok(total)
+        }
+        .await;
+        let closed = self.agent(&ctx, vm, agent::file_close(handle), self.opts.agent_timeout).await;
+        match res {
+            Ok(n) => {
+                closed?;
+                tokio::fs::rename(&tmp, host).await.map_err(|e| Error::io(ctx.clone(), host, e))?;
+                Ok(n)
+            }
+            Err(e) => {
+                let _ = tokio::fs::remove_file(&tmp).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn read_file(&self, vm: &VmName, guest: &str, limit: usize) -> Result<Vec<u8>> {
+        let ctx = Ctx::vm(format!("read {guest}"), vm);
+        let reply = self.agent(&ctx, vm, agent::file_open(guest, "r"), self.opts.agent_timeout).await?;
+        let handle = reply.as_i64().ok_or_else(|| agent_err(&ctx, format!("guest-file-open returned {reply}")))?;
+        let mut out = Vec::new();
+        let res: Result<()> = async {
+            while out.len() < limit {
+                let r = self.agent(&ctx, vm, agent::file_read(handle, limit - out.len()), self.opts.agent_timeout).await?;
+                let (data, eof) = agent::parse_read(&r).map_err(|m| agent_err(&ctx, m))?;
+                out.extend_from_slice(&data);
+                if eof || data.is_empty() {
+                    break;
+                }
+            }
+            Ok(())
+        }
+        .await;
+        let _ = self.agent(&ctx, vm, agent::file_close(handle), self.opts.agent_timeout).await;
+        res.map(|_| out)
+    }
+
+    async fn forwards(&self, vm: &VmName) -> Result<Vec<PortForward>> {
+        let ctx = Ctx::vm("forwards", vm);
+        let spec = self.stored_spec(&ctx, vm).await?;
+        Ok(spec
+            .forwards
+            .iter()
+            .filter_map(|f| match f.host_port {
+                HostPort::Fixed(p) => Some(PortForward {
+                    name: f.name.clone(),
+                    proto: f.proto,
+                    host_addr: f.host_addr.clone(),
+                    host_port: p,
+                    guest_port: f.guest_port,
+                }),
+                HostPort::Auto => None,
+            })
+            .collect())
+    }
+
+    async fn forward_add(&self, vm: &VmName, fwd: &PortForward) -> Result<()> {
+        let ctx = Ctx::vm(format!("forward add {}", fwd.name), vm);
+        let mut spec = self.stored_spec(&ctx, vm).await?;
+        let running = self.state(vm).await? != VmState::ShutOff;
+        if running {
+            let rule = domain_xml::hostfwd_rule(fwd.proto, &fwd.host_addr, fwd.host_port, fwd.guest_port);
+            let out = self.monitor(&ctx, vm, format!("hostfwd_add {} {rule}", domain_xml::NETDEV_ID)).await?;
+            if !out.trim().is_empty() {
+                return Err(Error::PortInUse { ctx, port: fwd.host_port, reason: format!("QEMU refused the rule: {}", out.trim()) });
+            }
+        }
+        spec.forwards.push(ForwardSpec {
+            name: fwd.name.clone(),
+            proto: fwd.proto,
+            host_addr: fwd.host_addr.clone(),
+            host_port: HostPort::Fixed(fwd.host_port),
+            guest_port: fwd.guest_port,
+        });
+        if let Err(e) = self.redefine(&ctx, spec).await {
+            if running {
+                let _ = self
+                    .monitor(&ctx, vm, format!("hostfwd_remove {} {}:{}:{}", domain_xml::NETDEV_ID, fwd.proto, fwd.host_addr, fwd.host_port))
+                    .await;
+            }
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    async fn forward_remove(&self, vm: &VmName, fwd: &PortForward) -> Result<()> {
+        let ctx = Ctx::vm(format!("forward remove {}", fwd.name), vm);
+        let mut spec = self.stored_spec(&ctx, vm).await?;
+        if self.state(vm).await? != VmState::ShutOff {
+            let out = self
+                .monitor(&ctx, vm, format!("hostfwd_remove {} {}:{}:{}", domain_xml::NETDEV_ID, fwd.proto, fwd.host_addr, fwd.host_port))
+                .await?;
+            if !out.contains("removed") {
+                tracing::warn!(vm = %vm, reply = %out.trim(), "QEMU did not confirm the forward removal");
+            }
+        }
+        spec.forwards.retain(|f| f.name != fwd.name);
+        self.redefine(&ctx, spec).await
+    }
+
+    async fn agent_ping(&self, vm: &VmName, timeout: Duration) -> Result<()> {
+        self.agent(&Ctx::vm("agent ping", vm), vm, agent::ping(), timeout).await.map(|_| ())
+    }
+
+    fn subscribe(&self) -> Option<broadcast::Receiver<VmEvent>> {
+        Some(self.events.subscribe())
+    }
+
+    async fn console_log(&self, vm: &VmName) -> Result<Option<PathBuf>> {
+        Ok(Some(self.console_path(vm)))
+    }
+}

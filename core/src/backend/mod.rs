@@ -1,0 +1,164 @@
+//! The one trait every hypervisor implements. Backends do the hypervisor-specific work; the
+//! [`crate::Vm`] facade adds what is common (port allocation, graceful-then-forced stop,
+//! readiness, ssh configuration) so it is written once.
+
+use std::fmt;
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::broadcast;
+
+use crate::error::{Error, Result};
+use crate::name::VmName;
+use crate::types::{ExecOutput, ExecRequest, PortForward, SnapshotInfo, VmInfo, VmSpec, VmState};
+
+#[cfg(feature = "libvirt")]
+pub mod libvirt;
+
+/// Something that happened to a VM, pushed by backends that have events.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmEvent {
+    pub vm: String,
+    pub kind: VmEventKind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VmEventKind {
+    Started,
+    Stopped,
+    Crashed,
+    Paused,
+    Resumed,
+    AgentConnected,
+    AgentDisconnected,
+}
+
+/// Which hypervisor, and how to reach it: `libvirt:qemu:///system`, `virtualbox`, `vmware:ws`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BackendUri {
+    Libvirt { uri: String },
+    VirtualBox,
+    Vmware { flavor: String },
+}
+
+impl FromStr for BackendUri {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        let bad = |why: String| Error::invalid_arg(format!("backend {s:?}"), why);
+        let (scheme, rest) = match s.split_once(':') {
+            Some((a, b)) => (a, Some(b)),
+            None => (s, None),
+        };
+        match scheme {
+            "libvirt" | "qemu" | "kvm" => {
+                let uri = rest.filter(|r| !r.is_empty()).unwrap_or("qemu:///system").to_string();
+                if !uri.contains("://") {
+                    return Err(bad(format!("{uri:?} is not a libvirt URI like qemu:///system")));
+                }
+                Ok(BackendUri::Libvirt { uri })
+            }
+            "virtualbox" | "vbox" => match rest {
+                None | Some("") => Ok(BackendUri::VirtualBox),
+                Some(r) => Err(bad(format!("virtualbox takes no argument, got {r:?}"))),
+            },
+            "vmware" => {
+                let flavor = rest.filter(|r| !r.is_empty()).unwrap_or("ws").to_string();
+                if !matches!(flavor.as_str(), "ws" | "fusion" | "player") {
+                    return Err(bad(format!("VMware flavor {flavor:?} is not ws, fusion or player")));
+                }
+                Ok(BackendUri::Vmware { flavor })
+            }
+            _ => Err(bad("expected libvirt:URI, virtualbox or vmware:ws|fusion|player".into())),
+        }
+    }
+}
+
+impl fmt::Display for BackendUri {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BackendUri::Libvirt { uri } => write!(f, "libvirt:{uri}"),
+            BackendUri::VirtualBox => f.write_str("virtualbox"),
+            BackendUri::Vmware { flavor } => write!(f, "vmware:{flavor}"),
+        }
+    }
+}
+
+/// A hypervisor driver. All methods take validated names; every call is bounded by a timeout.
+#[cfg_attr(test, mockall::automock)]
+#[async_trait]
+pub trait Backend: Send + Sync + fmt::Debug {
+    /// Short identifier used in messages (e.g. "libvirt").
+    fn id(&self) -> &str;
+    /// The URI this backend was opened with.
+    fn uri(&self) -> String;
+
+    async fn list(&self) -> Result<Vec<VmInfo>>;
+    async fn exists(&self, vm: &VmName) -> Result<bool>;
+    /// The spec anyvm stored when defining the VM, if it did.
+    async fn spec(&self, vm: &VmName) -> Result<Option<VmSpec>>;
+    /// Define a VM. Forward host ports are concrete (`Fixed`) by the time this is called.
+    async fn define(&self, spec: &VmSpec) -> Result<()>;
+    /// Remove the definition, its snapshots and the disks anyvm created for it.
+    async fn undefine(&self, vm: &VmName) -> Result<()>;
+
+    async fn state(&self, vm: &VmName) -> Result<VmState>;
+    async fn start(&self, vm: &VmName) -> Result<()>;
+    /// Ask the guest to shut down; returns once the request is delivered.
+    async fn request_shutdown(&self, vm: &VmName) -> Result<()>;
+    /// Cut the power.
+    async fn power_off(&self, vm: &VmName) -> Result<()>;
+    async fn pause(&self, vm: &VmName) -> Result<()>;
+    async fn resume(&self, vm: &VmName) -> Result<()>;
+    /// Save memory to disk and stop; the next start restores it.
+    async fn save_state(&self, vm: &VmName) -> Result<()>;
+
+    async fn snapshot_take(&self, vm: &VmName, name: &str, description: &str) -> Result<()>;
+    async fn snapshot_restore(&self, vm: &VmName, name: &str) -> Result<()>;
+    async fn snapshot_delete(&self, vm: &VmName, name: &str) -> Result<()>;
+    async fn snapshot_list(&self, vm: &VmName) -> Result<Vec<SnapshotInfo>>;
+    /// Make copy-on-write disks for a linked clone of `base` (at `snapshot`, or its current
+    /// disks when powered off) and return the clone's spec, not yet defined.
+    async fn prepare_linked_clone(&self, base: &VmName, snapshot: Option<String>, new: &VmName) -> Result<VmSpec>;
+
+    async fn exec(&self, vm: &VmName, req: &ExecRequest) -> Result<ExecOutput>;
+    async fn copy_to(&self, vm: &VmName, host: &Path, guest: &str) -> Result<u64>;
+    async fn copy_from(&self, vm: &VmName, guest: &str, host: &Path) -> Result<u64>;
+    /// Read a small guest file into memory (at most `limit` bytes).
+    async fn read_file(&self, vm: &VmName, guest: &str, limit: usize) -> Result<Vec<u8>>;
+
+    async fn forwards(&self, vm: &VmName) -> Result<Vec<PortForward>>;
+    async fn forward_add(&self, vm: &VmName, fwd: &PortForward) -> Result<()>;
+    async fn forward_remove(&self, vm: &VmName, fwd: &PortForward) -> Result<()>;
+
+    /// One round trip to the guest agent / additions / tools; Ok means it answers.
+    async fn agent_ping(&self, vm: &VmName, timeout: Duration) -> Result<()>;
+    /// Event stream, for backends that have one; `None` means callers must poll.
+    fn subscribe(&self) -> Option<broadcast::Receiver<VmEvent>>;
+    /// Path of the serial console log on the host, where the backend keeps one.
+    async fn console_log(&self, vm: &VmName) -> Result<Option<std::path::PathBuf>>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_backend_uris() {
+        assert_eq!(
+            "libvirt:qemu:///system".parse::<BackendUri>().unwrap(),
+            BackendUri::Libvirt { uri: "qemu:///system".into() }
+        );
+        assert_eq!("libvirt".parse::<BackendUri>().unwrap().to_string(), "libvirt:qemu:///system");
+        assert_eq!(
+            "libvirt:qemu+ssh://u@h/system".parse::<BackendUri>().unwrap(),
+            BackendUri::Libvirt { uri: "qemu+ssh://u@h/system".into() }
+        );
+        assert_eq!("virtualbox".parse::<BackendUri>().unwrap(), BackendUri::VirtualBox);
+        assert_eq!("vmware:fusion".parse::<BackendUri>().unwrap(), BackendUri::Vmware { flavor: "fusion".into() });
+        assert!("vmware:esx".parse::<BackendUri>().is_err());
+        assert!("hyperv".parse::<BackendUri>().is_err());
+        assert!("libvirt:nonsense".parse::<BackendUri>().is_err());
+    }
+}

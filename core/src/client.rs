@@ -1,0 +1,153 @@
+//! Entry point: open a backend by URI and get [`Vm`] handles.
+
+use std::ops::RangeInclusive;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::backend::{Backend, BackendUri};
+use crate::error::{Ctx, Error, Result};
+use crate::name::VmName;
+use crate::ports::{PortAllocator, DEFAULT_PORT_RANGE};
+use crate::readiness::ReadySpec;
+use crate::types::{VmInfo, VmSpec, VmState};
+use crate::vm::{define_with_ports, Vm};
+
+/// Options shared by every backend. Build with [`ClientOptions::default`] and the setters.
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// Port leases, known_hosts files and clone disks live here.
+    pub state_dir: PathBuf,
+    pub port_range: RangeInclusive<u16>,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        ClientOptions { state_dir: default_state_dir(), port_range: DEFAULT_PORT_RANGE }
+    }
+}
+
+impl ClientOptions {
+    pub fn state_dir(mut self, d: impl Into<PathBuf>) -> Self {
+        self.state_dir = d.into();
+        self
+    }
+    pub fn port_range(mut self, r: RangeInclusive<u16>) -> Self {
+        self.port_range = r;
+        self
+    }
+}
+
+/// `$ANYVM_STATE_DIR`, else /var/lib/anyvm for root, else `$XDG_STATE_HOME/anyvm` or `~/.local/state/anyvm`.
+pub fn default_state_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("ANYVM_STATE_DIR").filter(|d| !d.is_empty()) {
+        return d.into();
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return "/var/lib/anyvm".into();
+    }
+    if let Some(d) = std::env::var_os("XDG_STATE_HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(d).join("anyvm");
+    }
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| "/tmp".into());
+    home.join(".local/state/anyvm")
+}
+
+/// A connection to one hypervisor.
+#[derive(Debug, Clone)]
+pub struct Client {
+    backend: Arc<dyn Backend>,
+    ports: PortAllocator,
+    opts: ClientOptions,
+}
+
+impl Client {
+    /// Open a backend: `libvirt:qemu:///system`, `virtualbox`, `vmware:ws`.
+    pub async fn connect(uri: &str) -> Result<Client> {
+        Client::connect_with(uri, ClientOptions::default()).await
+    }
+
+    pub async fn connect_with(uri: &str, opts: ClientOptions) -> Result<Client> {
+        let parsed: BackendUri = uri.parse()?;
+        let backend: Arc<dyn Backend> = match parsed {
+            #[cfg(feature = "libvirt")]
+            BackendUri::Libvirt { uri } => {
+                let o = crate::backend::libvirt::LibvirtOptions { images_dir: opts.state_dir.join("images"), ..Default::default() };
+                Arc::new(crate::backend::libvirt::LibvirtBackend::open(&uri, o).await?)
+            }
+            other => {
+                return Err(Error::BackendUnavailable {
+                    ctx: Ctx::new("connect"),
+                    backend: other.to_string(),
+                    reason: "this backend is not built into this version of anyvm yet".into(),
+                })
+            }
+        };
+        Ok(Client::with_backend(backend, opts))
+    }
+
+    /// Wrap an already-open backend (custom backends, tests).
+    pub fn with_backend(backend: Arc<dyn Backend>, opts: ClientOptions) -> Client {
+        let ports = PortAllocator::new(opts.state_dir.clone(), opts.port_range.clone());
+        Client { backend, ports, opts }
+    }
+
+    pub fn backend(&self) -> &Arc<dyn Backend> {
+        &self.backend
+    }
+    pub fn ports(&self) -> &PortAllocator {
+        &self.ports
+    }
+    pub fn options(&self) -> &ClientOptions {
+        &self.opts
+    }
+
+    pub async fn list(&self) -> Result<Vec<VmInfo>> {
+        self.backend.list().await
+    }
+
+    fn handle(&self, name: VmName) -> Vm {
+        Vm::new(name, self.backend.clone(), self.ports.clone(), self.opts.state_dir.clone())
+    }
+
+    /// A handle on an existing VM; `NotFound` if the backend does not know it.
+    pub async fn vm(&self, name: &str) -> Result<Vm> {
+        let name = VmName::new(name)?;
+        if !self.backend.exists(&name).await? {
+            return Err(Error::NotFound {
+                ctx: Ctx::vm("open", &name),
+                what: format!("no such VM on {}; 'anyvm list' shows the defined ones", self.backend.uri()),
+            });
+        }
+        Ok(self.handle(name))
+    }
+
+    /// Define a new VM. `Auto` host ports get distinct, leased ports.
+    pub async fn define(&self, spec: VmSpec) -> Result<Vm> {
+        let name = spec.name.clone();
+        if self.backend.exists(&name).await? {
+            return Err(Error::InvalidState {
+                ctx: Ctx::vm("define", &name),
+                state: "already defined".into(),
+                hint: format!("use it as is, or remove it first (anyvm destroy {name})"),
+            });
+        }
+        define_with_ports(&self.backend, &self.ports, spec).await?;
+        Ok(self.handle(name))
+    }
+
+    /// Define if missing, start if not running, then wait until ready: the usual "give me a VM".
+    pub async fn up(&self, spec: VmSpec, ready: &ReadySpec) -> Result<Vm> {
+        ready.validate()?;
+        let vm = if self.backend.exists(&spec.name).await? {
+            self.handle(spec.name.clone())
+        } else {
+            self.define(spec).await?
+        };
+        if vm.state().await? != VmState::Running {
+            vm.start().await?;
+        }
+        vm.wait_ready(ready).await?;
+        Ok(vm)
+    }
+}

@@ -1,0 +1,259 @@
+//! `anyvm.toml`: the backend to use and the machines to run, validated with errors that name
+//! the file, the key and the reason.
+//!
+//! ```toml
+//! backend = "libvirt:qemu:///system"
+//! state_dir = "/var/lib/anyvm"        # optional
+//! port_range = [40000, 44999]         # optional
+//!
+//! [machines.build]
+//! cpus = 1
+//! memory_mib = 256
+//! accel = "tcg"                       # auto | kvm | tcg
+//! kernel = "/path/vmlinuz"            # direct kernel boot; omit to boot from the first disk
+//! initrd = "/path/initrd.img"
+//! cmdline = "console=ttyS0"
+//! disks = [{ path = "/path/data.qcow2", format = "qcow2" }]
+//! forwards = [{ name = "ssh", guest_port = 22, host_port = "auto" }]
+//! console = { vnc = "auto" }
+//! credentials = { user = "root", identity_file = "/path/key", password_file = "/path/pw" }
+//! ready = { timeout_s = 60, mode = "all", probes = [{ kind = "agent" }, { kind = "ssh_banner", guest_port = 22 }] }
+//! ```
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::credentials::{Credentials, SecretSource};
+use crate::error::{Error, Result};
+use crate::name::VmName;
+use crate::readiness::ReadySpec;
+use crate::types::{Accel, Boot, ConsoleSpec, DiskSpec, ForwardSpec, VmSpec};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    backend: Option<String>,
+    state_dir: Option<PathBuf>,
+    port_range: Option<[u16; 2]>,
+    #[serde(default)]
+    machines: BTreeMap<String, RawMachine>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMachine {
+    backend: Option<String>,
+    cpus: Option<u32>,
+    memory_mib: Option<u64>,
+    #[serde(default)]
+    accel: Accel,
+    kernel: Option<PathBuf>,
+    initrd: Option<PathBuf>,
+    #[serde(default)]
+    cmdline: String,
+    #[serde(default)]
+    disks: Vec<DiskSpec>,
+    #[serde(default)]
+    forwards: Vec<ForwardSpec>,
+    #[serde(default)]
+    console: ConsoleSpec,
+    credentials: Option<RawCredentials>,
+    #[serde(default)]
+    ready: Option<ReadySpec>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCredentials {
+    user: String,
+    password_file: Option<PathBuf>,
+    password_env: Option<String>,
+    identity_file: Option<PathBuf>,
+}
+
+/// One machine from the file, ready to define.
+#[derive(Debug, Clone)]
+pub struct MachineConfig {
+    pub backend: Option<String>,
+    pub spec: VmSpec,
+    pub credentials: Option<Credentials>,
+    pub ready: ReadySpec,
+}
+
+/// A loaded `anyvm.toml`.
+#[derive(Debug, Clone, Default)]
+pub struct Config {
+    pub path: Option<PathBuf>,
+    pub backend: Option<String>,
+    pub state_dir: Option<PathBuf>,
+    pub port_range: Option<std::ops::RangeInclusive<u16>>,
+    pub machines: BTreeMap<String, MachineConfig>,
+}
+
+impl Config {
+    pub fn load(path: impl AsRef<Path>) -> Result<Config> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::config(Some(path.to_path_buf()), "(file)", format!("cannot read: {e}")))?;
+        Config::parse(&text, Some(path))
+    }
+
+    /// Parse TOML text; relative paths are resolved against `path`'s folder.
+    pub fn parse(text: &str, path: Option<&Path>) -> Result<Config> {
+        let file = path.map(Path::to_path_buf);
+        let de = toml::Deserializer::new(text);
+        let raw: RawConfig = serde_path_to_error::deserialize(de).map_err(|e| {
+            let key = e.path().to_string();
+            let inner = e.into_inner();
+            let msg = inner.message().to_string();
+            let at = inner
+                .span()
+                .map(|s| {
+                    let line = text[..s.start.min(text.len())].matches('\n').count() + 1;
+                    format!(" (line {line})")
+                })
+                .unwrap_or_default();
+            Error::config(file.clone(), if key == "." { "(top level)".into() } else { key }, format!("{msg}{at}"))
+        })?;
+        let base = path.and_then(Path::parent).map(Path::to_path_buf).unwrap_or_default();
+        let abs = |p: PathBuf| if p.is_absolute() || base.as_os_str().is_empty() { p } else { base.join(p) };
+
+        if let Some(b) = &raw.backend {
+            b.parse::<crate::BackendUri>().map_err(|e| Error::config(file.clone(), "backend", e.to_string()))?;
+        }
+        let port_range = match raw.port_range {
+            Some([a, b]) if a == 0 || a > b => {
+                return Err(Error::config(file, "port_range", format!("[{a}, {b}] must be [low, high] with 1 <= low <= high")))
+            }
+            Some([a, b]) => Some(a..=b),
+            None => None,
+        };
+
+        let mut machines = BTreeMap::new();
+        for (name, m) in raw.machines {
+            let key = |k: &str| format!("machines.{name}.{k}");
+            let vm_name = VmName::new(&name).map_err(|e| Error::config(file.clone(), format!("machines.{name}"), e.to_string()))?;
+            if let Some(b) = &m.backend {
+                b.parse::<crate::BackendUri>().map_err(|e| Error::config(file.clone(), key("backend"), e.to_string()))?;
+            }
+            let boot = match (m.kernel, m.initrd) {
+                (Some(k), initrd) => Boot::Kernel { kernel: abs(k), initrd: initrd.map(abs), cmdline: m.cmdline },
+                (None, Some(_)) => return Err(Error::config(file, key("initrd"), "an initrd needs a kernel")),
+                (None, None) => Boot::Disk,
+            };
+            let mut spec = VmSpec::new(vm_name, boot);
+            if let Some(c) = m.cpus {
+                spec.cpus = c;
+            }
+            if let Some(mem) = m.memory_mib {
+                spec.memory_mib = mem;
+            }
+            spec.accel = m.accel;
+            spec.disks = m.disks.into_iter().map(|d| DiskSpec { path: abs(d.path), owned: false, ..d }).collect();
+            spec.forwards = m.forwards;
+            spec.console = m.console;
+            spec.validate().map_err(|e| match e {
+                Error::InvalidArgument { what, reason } => Error::config(file.clone(), format!("machines.{name}"), format!("{what}: {reason}")),
+                e => e,
+            })?;
+            let credentials = match m.credentials {
+                None => None,
+                Some(c) => {
+                    if c.password_file.is_some() && c.password_env.is_some() {
+                        return Err(Error::config(file, key("credentials"), "give password_file or password_env, not both"));
+                    }
+                    let password = c
+                        .password_file
+                        .map(|p| SecretSource::File(abs(p)))
+                        .or(c.password_env.map(SecretSource::Env));
+                    Some(Credentials { user: c.user, password, identity_file: c.identity_file.map(abs) })
+                }
+            };
+            let ready = m.ready.unwrap_or_default();
+            ready.validate().map_err(|e| Error::config(file.clone(), key("ready"), e.to_string()))?;
+            machines.insert(name, MachineConfig { backend: m.backend, spec, credentials, ready });
+        }
+        Ok(Config { path: file, backend: raw.backend, state_dir: raw.state_dir.map(abs), port_range, machines })
+    }
+
+    pub fn machine(&self, name: &str) -> Result<&MachineConfig> {
+        self.machines.get(name).ok_or_else(|| {
+            let known: Vec<&str> = self.machines.keys().map(String::as_str).collect();
+            Error::config(
+                self.path.clone(),
+                format!("machines.{name}"),
+                format!("no such machine (known: {})", if known.is_empty() { "none".into() } else { known.join(", ") }),
+            )
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::readiness::Probe;
+    use crate::types::HostPort;
+
+    const GOOD: &str = r#"
+backend = "libvirt:qemu:///system"
+port_range = [41000, 41099]
+
+[machines.build]
+memory_mib = 256
+accel = "tcg"
+kernel = "vmlinuz"
+initrd = "/abs/initrd.img"
+cmdline = "console=ttyS0"
+disks = [{ path = "data.qcow2" }]
+forwards = [{ name = "ssh", guest_port = 22 }, { name = "web", guest_port = 80, host_port = 8080 }]
+credentials = { user = "root", password_env = "PW" }
+ready = { timeout_s = 30, probes = [{ kind = "agent" }, { kind = "ssh_banner", guest_port = 22 }] }
+"#;
+
+    #[test]
+    fn parses_a_full_machine() {
+        let c = Config::parse(GOOD, Some(Path::new("/etc/anyvm/anyvm.toml"))).unwrap();
+        let m = c.machine("build").unwrap();
+        assert_eq!(m.spec.memory_mib, 256);
+        assert_eq!(m.spec.accel, Accel::Tcg);
+        assert_eq!(
+            m.spec.boot,
+            Boot::Kernel { kernel: "/etc/anyvm/vmlinuz".into(), initrd: Some("/abs/initrd.img".into()), cmdline: "console=ttyS0".into() }
+        );
+        assert_eq!(m.spec.disks[0].path, PathBuf::from("/etc/anyvm/data.qcow2"));
+        assert_eq!(m.spec.forwards[0].host_port, HostPort::Auto);
+        assert_eq!(m.spec.forwards[1].host_port, HostPort::Fixed(8080));
+        assert_eq!(m.ready.probes, vec![Probe::Agent, Probe::SshBanner { guest_port: 22 }]);
+        assert_eq!(m.ready.timeout, std::time::Duration::from_secs(30));
+        assert_eq!(c.port_range, Some(41000..=41099));
+        assert!(c.machine("nope").unwrap_err().to_string().contains("known: build"));
+    }
+
+    fn err(text: &str) -> String {
+        Config::parse(text, Some(Path::new("/x/anyvm.toml"))).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn errors_name_file_key_and_reason() {
+        let e = err("[machines.a]\nmemory_mib = \"lots\"\n");
+        assert!(e.starts_with("configuration error in /x/anyvm.toml: machines.a.memory_mib:"), "{e}");
+        let e = err("[machines.a]\nmemroy_mib = 1\n");
+        assert!(e.contains("unknown field `memroy_mib`"), "{e}");
+        let e = err("[machines.\"a;b\"]\nkernel=\"/k\"\n");
+        assert!(e.contains("machines.a;b") && e.contains("not allowed"), "{e}");
+        let e = err("[machines.a]\nkernel=\"/k\"\nforwards=[{name=\"s\", guest_port=22, host_port=\"x\"}]\n");
+        assert!(e.contains("machines.a.forwards[0].host_port"), "{e}");
+        let e = err("[machines.a]\nkernel=\"/k\"\nready={probes=[{kind=\"psychic\"}]}\n");
+        assert!(e.contains("machines.a.ready.probes[0]"), "{e}");
+        let e = err("backend = \"hyperv\"\n");
+        assert!(e.contains("backend") && e.contains("expected libvirt"), "{e}");
+        let e = err("port_range = [5, 1]\n");
+        assert!(e.contains("port_range"), "{e}");
+        let e = err("[machines.a]\ncredentials = { user = \"u\", password = \"plain\" }\nkernel=\"/k\"\n");
+        assert!(e.contains("unknown field `password`"), "{e}");
+        let e = err("[machines.a]\nmemory_mib = 4\nkernel=\"/k\"\n");
+        assert!(e.contains("machines.a") && e.contains("memory_mib"), "{e}");
+    }
+}

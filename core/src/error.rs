@@ -1,0 +1,193 @@
+//! One error type for every backend. Each message names the VM, the operation and the cause,
+//! and most say what to do next.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Where an error happened: the VM (when there is one) and the operation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ctx {
+    pub vm: Option<String>,
+    pub op: String,
+}
+
+impl Ctx {
+    pub fn new(op: impl Into<String>) -> Self {
+        Ctx { vm: None, op: op.into() }
+    }
+    pub fn vm(op: impl Into<String>, vm: impl fmt::Display) -> Self {
+        Ctx { vm: Some(vm.to_string()), op: op.into() }
+    }
+}
+
+impl fmt::Display for Ctx {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.vm {
+            Some(vm) => write!(f, "vm '{}': {}", vm, self.op),
+            None => write!(f, "{}", self.op),
+        }
+    }
+}
+
+/// Every failure anyvm reports. Match on the variant (or on [`Error::kind`]) to react.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    #[error("{ctx}: not found: {what}")]
+    NotFound { ctx: Ctx, what: String },
+
+    #[error("{ctx}: not possible in state '{state}'{}", hint_suffix(.hint))]
+    InvalidState { ctx: Ctx, state: String, hint: String },
+
+    #[error("{ctx}: timed out after {} waiting for {what}", fmt_dur(.after))]
+    Timeout { ctx: Ctx, after: Duration, what: String },
+
+    #[error("{ctx}: not ready after {}: probe '{probe}' still failing: {last_error}", fmt_dur(.after))]
+    NotReady { ctx: Ctx, after: Duration, probe: String, last_error: String },
+
+    #[error("{ctx}: authentication failed: {reason}")]
+    Auth { ctx: Ctx, reason: String },
+
+    #[error("{ctx}: host port {port} is in use: {reason}")]
+    PortInUse { ctx: Ctx, port: u16, reason: String },
+
+    #[error("{ctx}: backend '{backend}' unavailable: {reason}")]
+    BackendUnavailable { ctx: Ctx, backend: String, reason: String },
+
+    #[error("{ctx}: guest command '{program}' failed: {reason}")]
+    GuestCommand {
+        ctx: Ctx,
+        program: String,
+        exit_code: Option<i32>,
+        stderr: Vec<u8>,
+        reason: String,
+    },
+
+    #[error("configuration error in {}: {key}: {reason}", .file.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "<input>".into()))]
+    Config { file: Option<PathBuf>, key: String, reason: String },
+
+    #[error("invalid argument: {what}: {reason}")]
+    InvalidArgument { what: String, reason: String },
+
+    #[error("{ctx}: denied by policy: {reason}")]
+    PolicyDenied { ctx: Ctx, reason: String },
+
+    #[error("{ctx}: busy: {reason}")]
+    Busy { ctx: Ctx, reason: String },
+
+    #[error("{ctx}: I/O error on {}: {source}", .path.display())]
+    Io {
+        ctx: Ctx,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("{ctx}: {backend}: {message}")]
+    Backend { ctx: Ctx, backend: String, message: String },
+}
+
+fn hint_suffix(hint: &str) -> String {
+    if hint.is_empty() {
+        String::new()
+    } else {
+        format!("; {hint}")
+    }
+}
+
+fn fmt_dur(d: &Duration) -> String {
+    if d.as_secs() >= 1 {
+        format!("{:.1}s", d.as_secs_f64())
+    } else {
+        format!("{}ms", d.as_millis())
+    }
+}
+
+/// The kind of an [`Error`], stable across bindings (C enum, Python exception classes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+#[repr(u32)]
+pub enum ErrorKind {
+    NotFound = 1,
+    InvalidState = 2,
+    Timeout = 3,
+    NotReady = 4,
+    Auth = 5,
+    PortInUse = 6,
+    BackendUnavailable = 7,
+    GuestCommand = 8,
+    Config = 9,
+    InvalidArgument = 10,
+    PolicyDenied = 11,
+    Busy = 12,
+    Io = 13,
+    Backend = 14,
+}
+
+impl Error {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::NotFound { .. } => ErrorKind::NotFound,
+            Error::InvalidState { .. } => ErrorKind::InvalidState,
+            Error::Timeout { .. } => ErrorKind::Timeout,
+            Error::NotReady { .. } => ErrorKind::NotReady,
+            Error::Auth { .. } => ErrorKind::Auth,
+            Error::PortInUse { .. } => ErrorKind::PortInUse,
+            Error::BackendUnavailable { .. } => ErrorKind::BackendUnavailable,
+            Error::GuestCommand { .. } => ErrorKind::GuestCommand,
+            Error::Config { .. } => ErrorKind::Config,
+            Error::InvalidArgument { .. } => ErrorKind::InvalidArgument,
+            Error::PolicyDenied { .. } => ErrorKind::PolicyDenied,
+            Error::Busy { .. } => ErrorKind::Busy,
+            Error::Io { .. } => ErrorKind::Io,
+            Error::Backend { .. } => ErrorKind::Backend,
+        }
+    }
+
+    pub fn invalid_arg(what: impl Into<String>, reason: impl Into<String>) -> Self {
+        Error::InvalidArgument { what: what.into(), reason: reason.into() }
+    }
+
+    pub fn config(file: Option<PathBuf>, key: impl Into<String>, reason: impl Into<String>) -> Self {
+        Error::Config { file, key: key.into(), reason: reason.into() }
+    }
+
+    pub fn io(ctx: Ctx, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io { ctx, path: path.into(), source }
+    }
+
+    pub fn backend(ctx: Ctx, backend: impl Into<String>, message: impl Into<String>) -> Self {
+        Error::Backend { ctx, backend: backend.into(), message: message.into() }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_name_vm_operation_and_cause() {
+        let e = Error::NotReady {
+            ctx: Ctx::vm("wait_ready", "build1"),
+            after: Duration::from_millis(2500),
+            probe: "ssh_banner(22)".into(),
+            last_error: "connection refused".into(),
+        };
+        assert_eq!(
+            e.to_string(),
+            "vm 'build1': wait_ready: not ready after 2.5s: probe 'ssh_banner(22)' still failing: connection refused"
+        );
+        assert_eq!(e.kind(), ErrorKind::NotReady);
+        let e = Error::InvalidState {
+            ctx: Ctx::vm("exec", "b"),
+            state: "shut off".into(),
+            hint: "start it first (anyvm start b)".into(),
+        };
+        assert_eq!(e.to_string(), "vm 'b': exec: not possible in state 'shut off'; start it first (anyvm start b)");
+        let e = Error::config(Some("/x/anyvm.toml".into()), "machines.a.memory_mib", "must be at least 16");
+        assert_eq!(e.to_string(), "configuration error in /x/anyvm.toml: machines.a.memory_mib: must be at least 16");
+    }
+}

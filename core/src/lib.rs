@@ -1,0 +1,44 @@
+//! # anyvm
+//!
+//! Drive virtual machines on any hypervisor a lab has, through one async API:
+//! lifecycle, guest exec, file copy, port forwarding, readiness, snapshots and linked clones.
+//!
+//! ```no_run
+//! # async fn demo() -> anyvm::Result<()> {
+//! use anyvm::{Client, ExecRequest, ReadySpec};
+//! let client = Client::connect("libvirt:qemu:///system").await?;
+//! let vm = client.vm("build1").await?;
+//! vm.start().await?;
+//! vm.wait_ready(&ReadySpec::default()).await?;
+//! let out = vm.exec(&ExecRequest::new("uname").arg("-a")).await?;
+//! println!("{}", out.stdout_str());
+//! vm.stop(Default::default()).await?;
+//! # Ok(()) }
+//! ```
+//!
+//! Layout: [`backend`] holds one module per hypervisor behind the [`Backend`] trait;
+//! [`readiness`] the probes; [`config`] the `anyvm.toml` model; [`Vm`] the facade callers use.
+
+pub mod backend;
+pub mod client;
+pub mod config;
+pub mod credentials;
+pub mod error;
+pub mod name;
+pub mod ports;
+pub mod readiness;
+pub mod ssh;
+pub mod types;
+pub mod util;
+pub mod vm;
+
+pub use backend::{Backend, BackendUri, VmEvent, VmEventKind};
+pub use client::{Client, ClientOptions};
+pub use config::{Config, MachineConfig};
+pub use credentials::{Credentials, Secret, SecretSource};
+pub use error::{Ctx, Error, ErrorKind, Result};
+pub use name::VmName;
+pub use readiness::{Mode as ReadyMode, Probe, ReadyReport, ReadySpec};
+pub use ssh::{SshConfig, SshOptions};
+pub use types::*;
+pub use vm::Vm;

@@ -1,0 +1,271 @@
+//! Readiness: "can this guest take commands yet?" answered by composable probes under one
+//! deadline, never by guessing a boot time. Probes retry with a short backoff, the agent probe is
+//! woken by the backend's agent-connected event where there is one, and a watchdog fails the wait
+//! at once if the VM stops or crashes meanwhile.
+
+mod probes;
+
+use std::fmt;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::future::{join_all, select_all, FutureExt};
+use serde::{Deserialize, Serialize};
+
+use crate::backend::{Backend, VmEventKind};
+use crate::error::{Ctx, Error, Result};
+use crate::name::VmName;
+use crate::types::VmState;
+
+/// One condition the guest must meet.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Probe {
+    /// The guest agent (QEMU guest agent, Guest Additions, VMware Tools) answers a ping.
+    Agent,
+    /// A TCP connection to the host side of the forward for `guest_port` succeeds.
+    Tcp { guest_port: u16 },
+    /// The forward for `guest_port` answers with an SSH identification line.
+    SshBanner { guest_port: u16 },
+    /// A guest command exits 0.
+    Command { argv: Vec<String> },
+}
+
+impl fmt::Display for Probe {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Probe::Agent => f.write_str("agent"),
+            Probe::Tcp { guest_port } => write!(f, "tcp({guest_port})"),
+            Probe::SshBanner { guest_port } => write!(f, "ssh_banner({guest_port})"),
+            Probe::Command { argv } => write!(f, "command({})", argv.join(" ")),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// Every probe must pass.
+    #[default]
+    All,
+    /// The first passing probe is enough.
+    Any,
+}
+
+/// What "ready" means for a VM, and how long to wait for it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReadySpec {
+    #[serde(default = "default_probes")]
+    pub probes: Vec<Probe>,
+    #[serde(default)]
+    pub mode: Mode,
+    #[serde(default = "default_timeout", rename = "timeout_s", with = "secs")]
+    pub timeout: Duration,
+}
+
+fn default_probes() -> Vec<Probe> {
+    vec![Probe::Agent]
+}
+fn default_timeout() -> Duration {
+    Duration::from_secs(120)
+}
+
+mod secs {
+    use std::time::Duration;
+    pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_f64(d.as_secs_f64())
+    }
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let v = <f64 as serde::Deserialize>::deserialize(d)?;
+        if !(v > 0.0 && v.is_finite()) {
+            return Err(serde::de::Error::custom("timeout_s must be a positive number of seconds"));
+        }
+        Ok(Duration::from_secs_f64(v))
+    }
+}
+
+impl Default for ReadySpec {
+    fn default() -> Self {
+        ReadySpec { probes: default_probes(), mode: Mode::All, timeout: default_timeout() }
+    }
+}
+
+impl ReadySpec {
+    /// No probes yet; add them with [`ReadySpec::probe`].
+    pub fn empty() -> Self {
+        ReadySpec { probes: Vec::new(), ..Default::default() }
+    }
+    pub fn probe(mut self, p: Probe) -> Self {
+        self.probes.push(p);
+        self
+    }
+    pub fn any(mut self) -> Self {
+        self.mode = Mode::Any;
+        self
+    }
+    pub fn timeout(mut self, t: Duration) -> Self {
+        self.timeout = t;
+        self
+    }
+    pub fn validate(&self) -> Result<()> {
+        if self.probes.is_empty() {
+            return Err(Error::invalid_arg("ready spec", "needs at least one probe"));
+        }
+        for p in &self.probes {
+            match p {
+                Probe::Command { argv } if argv.is_empty() => {
+                    return Err(Error::invalid_arg("command probe", "argv must name a program"))
+                }
+                Probe::Tcp { guest_port: 0 } | Probe::SshBanner { guest_port: 0 } => {
+                    return Err(Error::invalid_arg(format!("probe {p}"), "guest port must be 1-65535"))
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+/// How a successful wait went.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReadyReport {
+    #[serde(with = "secs")]
+    pub elapsed: Duration,
+    /// Each probe and when it first passed (relative to the start of the wait).
+    pub passed: Vec<(String, f64)>,
+}
+
+#[derive(Debug, Clone)]
+struct ProbeStatus {
+    name: String,
+    last_error: String,
+    passed_at: Option<Duration>,
+}
+
+pub(crate) async fn wait_ready(backend: Arc<dyn Backend>, vm: &VmName, spec: &ReadySpec) -> Result<ReadyReport> {
+    spec.validate()?;
+    let ctx = Ctx::vm("wait_ready", vm);
+    let started = Instant::now();
+    let deadline = started + spec.timeout;
+    // Subscribe before the first check so no event slips between check and wait.
+    let events = backend.subscribe();
+
+    let state = backend.state(vm).await?;
+    if state != VmState::Running {
+        return Err(Error::InvalidState {
+            ctx,
+            state: state.to_string(),
+            hint: format!("start it first (anyvm start {vm})"),
+        });
+    }
+    let needs_ports = spec.probes.iter().any(|p| matches!(p, Probe::Tcp { .. } | Probe::SshBanner { .. }));
+    let forwards = if needs_ports { backend.forwards(vm).await? } else { Vec::new() };
+
+    let statuses: Arc<Mutex<Vec<ProbeStatus>>> = Arc::new(Mutex::new(
+        spec.probes
+            .iter()
+            .map(|p| ProbeStatus { name: p.to_string(), last_error: "not tried yet".into(), passed_at: None })
+            .collect(),
+    ));
+
+    let mut futs = Vec::new();
+    for (i, probe) in spec.probes.iter().enumerate() {
+        let ctx = probes::ProbeCtx {
+            backend: backend.clone(),
+            vm: vm.clone(),
+            forwards: forwards.clone(),
+            deadline,
+            events: events.as_ref().map(|e| e.resubscribe()),
+        };
+        let statuses = statuses.clone();
+        let probe = probe.clone();
+        futs.push(
+            async move {
+                probes::run_until_pass(&ctx, &probe, |err| {
+                    statuses.lock().expect("status lock")[i].last_error = err;
+                })
+                .await;
+                statuses.lock().expect("status lock")[i].passed_at = Some(started.elapsed());
+            }
+            .boxed(),
+        );
+    }
+    let probes_done = async move {
+        match spec.mode {
+            Mode::All => {
+                join_all(futs).await;
+            }
+            Mode::Any => {
+                select_all(futs).await;
+            }
+        }
+    };
+
+    let watchdog = watch_state(backend.clone(), vm.clone(), events.map(|e| e.resubscribe()), ctx.clone());
+
+    tokio::select! {
+        _ = probes_done => {
+            let st = statuses.lock().expect("status lock");
+            Ok(ReadyReport {
+                elapsed: started.elapsed(),
+                passed: st.iter().filter_map(|s| s.passed_at.map(|t| (s.name.clone(), t.as_secs_f64()))).collect(),
+            })
+        }
+        e = watchdog => Err(e),
+        _ = tokio::time::sleep_until(deadline.into()) => {
+            let st = statuses.lock().expect("status lock");
+            let failing = st.iter().find(|s| s.passed_at.is_none()).cloned().unwrap_or_else(|| st[0].clone());
+            Err(Error::NotReady { ctx, after: spec.timeout, probe: failing.name, last_error: failing.last_error })
+        }
+    }
+}
+
+/// Resolves with an error as soon as the VM is no longer running.
+async fn watch_state(
+    backend: Arc<dyn Backend>,
+    vm: VmName,
+    mut events: Option<tokio::sync::broadcast::Receiver<crate::backend::VmEvent>>,
+    ctx: Ctx,
+) -> Error {
+    let left = |state: String| Error::InvalidState {
+        ctx: ctx.clone(),
+        state,
+        hint: "the VM stopped while waiting for it to become ready; see its console log".into(),
+    };
+    // Events give an immediate answer; a slow poll covers backends without them and lost events.
+    let poll_every = if events.is_some() { Duration::from_secs(2) } else { Duration::from_millis(500) };
+    loop {
+        let wake = async {
+            match events.as_mut() {
+                Some(rx) => loop {
+                    match rx.recv().await {
+                        Ok(ev) if ev.vm == vm.as_str() => match ev.kind {
+                            VmEventKind::Stopped | VmEventKind::Crashed | VmEventKind::Paused => return,
+                            _ => {}
+                        },
+                        Ok(_) => {}
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => return,
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                            futures::future::pending::<()>().await
+                        }
+                    }
+                },
+                None => futures::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            _ = wake => {}
+            _ = tokio::time::sleep(poll_every) => {}
+        }
+        match backend.state(&vm).await {
+            Ok(VmState::Running) => {}
+            Ok(s) => return left(s.to_string()),
+            Err(e) if e.kind() == crate::ErrorKind::NotFound => return e,
+            Err(e) => tracing::debug!(vm = %vm, error = %e, "state poll failed while waiting"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,140 @@
+//! The individual probes and their retry loop.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
+use tokio::sync::broadcast;
+use tokio::time::Instant;
+
+use super::Probe;
+use crate::backend::{Backend, VmEvent, VmEventKind};
+use crate::name::VmName;
+use crate::types::{ExecRequest, PortForward, Protocol};
+
+pub(super) struct ProbeCtx {
+    pub backend: Arc<dyn Backend>,
+    pub vm: VmName,
+    pub forwards: Vec<PortForward>,
+    pub deadline: std::time::Instant,
+    pub events: Option<broadcast::Receiver<VmEvent>>,
+}
+
+const FIRST_RETRY: Duration = Duration::from_millis(20);
+const MAX_RETRY: Duration = Duration::from_millis(500);
+const ATTEMPT_CAP: Duration = Duration::from_secs(10);
+
+impl ProbeCtx {
+    fn attempt_timeout(&self) -> Duration {
+        self.deadline
+            .saturating_duration_since(std::time::Instant::now())
+            .clamp(Duration::from_millis(100), ATTEMPT_CAP)
+    }
+
+    fn host_side(&self, guest_port: u16) -> Result<(String, u16), String> {
+        self.forwards
+            .iter()
+            .find(|f| f.guest_port == guest_port && f.proto == Protocol::Tcp)
+            .map(|f| {
+                let addr = if f.host_addr == "0.0.0.0" { "127.0.0.1".to_string() } else { f.host_addr.clone() };
+                (addr, f.host_port)
+            })
+            .ok_or_else(|| format!("no TCP forward to guest port {guest_port}; add one (anyvm forward add)"))
+    }
+}
+
+/// Retry `probe` until it passes; report each failure through `on_fail`. Never returns early:
+/// the caller's deadline ends it.
+pub(super) async fn run_until_pass(ctx: &ProbeCtx, probe: &Probe, mut on_fail: impl FnMut(String)) {
+    let mut delay = FIRST_RETRY;
+    let mut events = ctx.events.as_ref().map(|e| e.resubscribe());
+    loop {
+        match check(ctx, probe).await {
+            Ok(()) => return,
+            Err(e) => on_fail(e),
+        }
+        let sleep = tokio::time::sleep(delay);
+        delay = (delay * 3 / 2).min(MAX_RETRY);
+        match (probe, events.as_mut()) {
+            // The agent probe wakes at once when the backend says the agent connected.
+            (Probe::Agent, Some(rx)) => {
+                let connected = async {
+                    loop {
+                        match rx.recv().await {
+                            Ok(ev) if ev.vm == ctx.vm.as_str() && ev.kind == VmEventKind::AgentConnected => return,
+                            Ok(_) => {}
+                            Err(broadcast::error::RecvError::Lagged(_)) => return,
+                            Err(broadcast::error::RecvError::Closed) => futures::future::pending::<()>().await,
+                        }
+                    }
+                };
+                tokio::select! {
+                    _ = connected => {}
+                    _ = sleep => {}
+                }
+            }
+            _ => sleep.await,
+        }
+    }
+}
+
+async fn check(ctx: &ProbeCtx, probe: &Probe) -> Result<(), String> {
+    let t = ctx.attempt_timeout();
+    match probe {
+        Probe::Agent => ctx.backend.agent_ping(&ctx.vm, t).await.map_err(|e| e.to_string()),
+        Probe::Tcp { guest_port } => {
+            let (addr, port) = ctx.host_side(*guest_port)?;
+            connect(&addr, port, t).await.map(|_| ())
+        }
+        Probe::SshBanner { guest_port } => {
+            let (addr, port) = ctx.host_side(*guest_port)?;
+            let mut s = connect(&addr, port, t).await?;
+            let mut buf = Vec::new();
+            let read = tokio::time::timeout_at(Instant::now() + t, async {
+                let mut chunk = [0u8; 256];
+                while !buf.contains(&b'\n') && buf.len() < 8192 {
+                    let n = s.read(&mut chunk).await.map_err(|e| e.to_string())?;
+                    if n == 0 {
+                        return Err("connection closed before an SSH banner arrived".to_string());
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                }
+                Ok(())
+            })
+            .await;
+            match read {
+                Err(_) => Err(format!("no SSH banner from {addr}:{port} within {t:?}")),
+                Ok(Err(e)) => Err(e),
+                Ok(Ok(())) => {
+                    let text = String::from_utf8_lossy(&buf);
+                    if text.lines().any(|l| l.starts_with("SSH-")) {
+                        Ok(())
+                    } else {
+                        Err(format!("{addr}:{port} answered without an SSH banner: {:?}", text.trim()))
+                    }
+                }
+            }
+        }
+        Probe::Command { argv } => {
+            let req = ExecRequest::from_argv(argv).map_err(|e| e.to_string())?.timeout(t);
+            match ctx.backend.exec(&ctx.vm, &req).await {
+                Ok(out) if out.success() => Ok(()),
+                Ok(out) => Err(format!(
+                    "exit code {:?}, stderr: {}",
+                    out.exit_code,
+                    out.stderr_str().trim().chars().take(200).collect::<String>()
+                )),
+                Err(e) => Err(e.to_string()),
+            }
+        }
+    }
+}
+
+async fn connect(addr: &str, port: u16, t: Duration) -> Result<TcpStream, String> {
+    match tokio::time::timeout(t, TcpStream::connect((addr, port))).await {
+        Ok(Ok(s)) => Ok(s),
+        Ok(Err(e)) => Err(format!("{addr}:{port}: {e}")),
+        Err(_) => Err(format!("{addr}:{port}: connect timed out after {t:?}")),
+    }
+}

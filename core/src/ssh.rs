@@ -1,0 +1,162 @@
+//! OpenSSH client configuration with the guest's host key pinned.
+//!
+//! Guests behind 127.0.0.1 on different ports would collide in `~/.ssh/known_hosts` and trip
+//! "REMOTE HOST IDENTIFICATION HAS CHANGED". Instead the key is read from inside the guest through
+//! the agent (a channel that does not depend on the network being trusted), written to a per-VM
+//! known_hosts file, and bound to a per-VM `HostKeyAlias`. Host key checking stays strict.
+
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use crate::error::{Ctx, Error, Result};
+use crate::types::Protocol;
+use crate::vm::Vm;
+
+/// Public host key files tried in the guest, strongest first.
+pub const HOST_KEY_PATHS: &[&str] = &[
+    "/etc/ssh/ssh_host_ed25519_key.pub",
+    "/etc/ssh/ssh_host_ecdsa_key.pub",
+    "/etc/ssh/ssh_host_rsa_key.pub",
+];
+
+const KEY_TYPES: &[&str] = &[
+    "ssh-ed25519",
+    "ecdsa-sha2-nistp256",
+    "ecdsa-sha2-nistp384",
+    "ecdsa-sha2-nistp521",
+    "ssh-rsa",
+];
+
+#[derive(Debug, Clone, Default)]
+pub struct SshOptions {
+    /// Guest user (default "root").
+    pub user: Option<String>,
+    pub identity_file: Option<PathBuf>,
+    /// Guest port sshd listens on (default 22); a forward to it must exist.
+    pub guest_port: Option<u16>,
+    /// `Host` alias (default "anyvm-<vm>").
+    pub alias: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SshConfig {
+    pub alias: String,
+    pub host_name: String,
+    pub port: u16,
+    pub user: String,
+    pub identity_file: Option<PathBuf>,
+    pub host_key_alias: String,
+    pub known_hosts: PathBuf,
+    /// The `Host` block to append to an ssh_config or pass with `ssh -F`.
+    pub stanza: String,
+}
+
+/// Validate one `type base64 [comment]` line and return `type base64`.
+pub fn parse_public_key(line: &str) -> Option<String> {
+    let mut it = line.split_whitespace();
+    let (kt, b64) = (it.next()?, it.next()?);
+    let b64_ok = !b64.is_empty()
+        && b64.len() < 16384
+        && b64.bytes().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'+' | b'/' | b'='));
+    (KEY_TYPES.contains(&kt) && b64_ok).then(|| format!("{kt} {b64}"))
+}
+
+fn quote(p: &Path) -> String {
+    let s = p.display().to_string();
+    if s.contains(' ') {
+        format!("\"{s}\"")
+    } else {
+        s
+    }
+}
+
+pub(crate) async fn ssh_config(vm: &Vm, opts: &SshOptions) -> Result<SshConfig> {
+    let ctx = Ctx::vm("ssh_config", vm.name());
+    let guest_port = opts.guest_port.unwrap_or(22);
+    let fwd = vm
+        .forwards()
+        .await?
+        .into_iter()
+        .find(|f| f.guest_port == guest_port && f.proto == Protocol::Tcp)
+        .ok_or_else(|| Error::InvalidState {
+            ctx: ctx.clone(),
+            state: format!("no forward to guest port {guest_port}"),
+            hint: format!("add one: anyvm forward add {} --guest-port {guest_port}", vm.name()),
+        })?;
+
+    let mut keys = Vec::new();
+    let mut last_err = None;
+    for path in HOST_KEY_PATHS {
+        match vm.backend().read_file(vm.name(), path, 16 * 1024).await {
+            Ok(bytes) => {
+                let text = String::from_utf8_lossy(&bytes);
+                keys.extend(text.lines().filter_map(parse_public_key));
+            }
+            Err(e) if e.kind() == crate::ErrorKind::NotFound => {}
+            Err(e) => last_err = Some(e),
+        }
+    }
+    if keys.is_empty() {
+        return Err(match last_err {
+            Some(e) => e,
+            None => Error::NotFound {
+                ctx,
+                what: format!("no SSH host public key in the guest (looked at {})", HOST_KEY_PATHS.join(", ")),
+            },
+        });
+    }
+
+    let host_key_alias = format!("anyvm.{}", vm.name());
+    let dir = vm.state_dir().join("ssh").join(sanitize(&vm.backend().uri()));
+    std::fs::create_dir_all(&dir).map_err(|e| Error::io(ctx.clone(), &dir, e))?;
+    let known_hosts = dir.join(format!("{}.known_hosts", vm.name()));
+    let body: String = keys.iter().map(|k| format!("{host_key_alias} {k}\n")).collect();
+    let tmp = known_hosts.with_extension("tmp");
+    std::fs::write(&tmp, body)
+        .and_then(|_| std::fs::rename(&tmp, &known_hosts))
+        .map_err(|e| Error::io(ctx.clone(), &known_hosts, e))?;
+
+    let alias = opts.alias.clone().unwrap_or_else(|| format!("anyvm-{}", vm.name()));
+    let user = opts.user.clone().unwrap_or_else(|| "root".into());
+    let host_name = if fwd.host_addr == "0.0.0.0" { "127.0.0.1".to_string() } else { fwd.host_addr.clone() };
+    let mut stanza = format!(
+        "Host {alias}\n  HostName {host_name}\n  Port {}\n  User {user}\n  HostKeyAlias {host_key_alias}\n  UserKnownHostsFile {}\n  StrictHostKeyChecking yes\n  CheckHostIP no\n",
+        fwd.host_port,
+        quote(&known_hosts)
+    );
+    if let Some(id) = &opts.identity_file {
+        stanza.push_str(&format!("  IdentityFile {}\n  IdentitiesOnly yes\n", quote(id)));
+    }
+    Ok(SshConfig {
+        alias,
+        host_name,
+        port: fwd.host_port,
+        user,
+        identity_file: opts.identity_file.clone(),
+        host_key_alias,
+        known_hosts,
+        stanza,
+    })
+}
+
+fn sanitize(s: &str) -> String {
+    s.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '_' }).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepts_only_well_formed_keys() {
+        assert_eq!(
+            parse_public_key("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIA+x/y= root@g").as_deref(),
+            Some("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIA+x/y=")
+        );
+        assert_eq!(parse_public_key("ssh-ed25519"), None);
+        assert_eq!(parse_public_key("evil AAAA"), None);
+        assert_eq!(parse_public_key("ssh-rsa AA\"AA"), None);
+        assert_eq!(parse_public_key("# comment"), None);
+    }
+}

@@ -1,0 +1,550 @@
+//! Plain data types shared by every backend and binding.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::credentials::Credentials;
+use crate::error::{Error, Result};
+use crate::name::VmName;
+
+/// A VM's power state, normalized across hypervisors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VmState {
+    Running,
+    Paused,
+    /// Memory saved to disk (managed save / savestate / suspend).
+    Saved,
+    ShutOff,
+    /// Transitional: starting, stopping, saving, restoring.
+    Busy,
+    Crashed,
+    Unknown,
+}
+
+impl VmState {
+    pub fn is_running(self) -> bool {
+        matches!(self, VmState::Running)
+    }
+}
+
+impl fmt::Display for VmState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            VmState::Running => "running",
+            VmState::Paused => "paused",
+            VmState::Saved => "saved",
+            VmState::ShutOff => "shut off",
+            VmState::Busy => "busy",
+            VmState::Crashed => "crashed",
+            VmState::Unknown => "unknown",
+        })
+    }
+}
+
+/// One line of `list`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct VmInfo {
+    pub name: String,
+    pub state: VmState,
+    /// True when anyvm defined the VM (and so knows its spec).
+    pub managed: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default, PartialOrd, Ord)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    #[default]
+    Tcp,
+    Udp,
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        })
+    }
+}
+
+impl std::str::FromStr for Protocol {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "tcp" => Ok(Protocol::Tcp),
+            "udp" => Ok(Protocol::Udp),
+            _ => Err(Error::invalid_arg("protocol", format!("{s:?} is not tcp or udp"))),
+        }
+    }
+}
+
+/// A requested host port: a fixed number or one allocated by anyvm.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum HostPort {
+    #[default]
+    Auto,
+    Fixed(u16),
+}
+
+impl Serialize for HostPort {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        match self {
+            HostPort::Auto => s.serialize_str("auto"),
+            HostPort::Fixed(p) => s.serialize_u16(*p),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for HostPort {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u16),
+            S(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::N(0) => Err(serde::de::Error::custom("port 0 is not valid; use \"auto\"")),
+            Raw::N(p) => Ok(HostPort::Fixed(p)),
+            Raw::S(s) if s == "auto" => Ok(HostPort::Auto),
+            Raw::S(s) => s
+                .parse::<u16>()
+                .ok()
+                .filter(|p| *p != 0)
+                .map(HostPort::Fixed)
+                .ok_or_else(|| serde::de::Error::custom(format!("{s:?} is not a port number or \"auto\""))),
+        }
+    }
+}
+
+impl std::str::FromStr for HostPort {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        if s == "auto" {
+            return Ok(HostPort::Auto);
+        }
+        match s.parse::<u16>() {
+            Ok(p) if p != 0 => Ok(HostPort::Fixed(p)),
+            _ => Err(Error::invalid_arg("host port", format!("{s:?} is not a port number (1-65535) or 'auto'"))),
+        }
+    }
+}
+
+/// A forward as requested (host port may be `Auto`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ForwardSpec {
+    /// A label unique within the VM, e.g. "ssh".
+    pub name: String,
+    #[serde(default)]
+    pub proto: Protocol,
+    #[serde(default = "default_host_addr")]
+    pub host_addr: String,
+    #[serde(default)]
+    pub host_port: HostPort,
+    pub guest_port: u16,
+}
+
+pub fn default_host_addr() -> String {
+    "127.0.0.1".into()
+}
+
+impl ForwardSpec {
+    pub fn new(name: impl Into<String>, guest_port: u16) -> Self {
+        ForwardSpec {
+            name: name.into(),
+            proto: Protocol::Tcp,
+            host_addr: default_host_addr(),
+            host_port: HostPort::Auto,
+            guest_port,
+        }
+    }
+    pub fn host_port(mut self, p: HostPort) -> Self {
+        self.host_port = p;
+        self
+    }
+    pub fn proto(mut self, p: Protocol) -> Self {
+        self.proto = p;
+        self
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let what = format!("forward {:?}", self.name);
+        if self.name.is_empty()
+            || !self.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(Error::invalid_arg(what, "name must be non-empty letters, digits, '-' or '_'"));
+        }
+        if self.guest_port == 0 {
+            return Err(Error::invalid_arg(what, "guest port must be 1-65535"));
+        }
+        if self.host_addr.parse::<std::net::IpAddr>().is_err() {
+            return Err(Error::invalid_arg(what, format!("host address {:?} is not an IP address", self.host_addr)));
+        }
+        Ok(())
+    }
+}
+
+/// A forward in effect: the host port is known.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct PortForward {
+    pub name: String,
+    pub proto: Protocol,
+    pub host_addr: String,
+    pub host_port: u16,
+    pub guest_port: u16,
+}
+
+impl fmt::Display for PortForward {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} {}:{}:{} -> {}",
+            self.name, self.proto, self.host_addr, self.host_port, self.guest_port
+        )
+    }
+}
+
+/// A snapshot as listed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SnapshotInfo {
+    pub name: String,
+    /// Seconds since the epoch, when known.
+    pub created: Option<i64>,
+    /// The VM state captured (running snapshots include memory).
+    pub state: Option<String>,
+    pub current: bool,
+    pub parent: Option<String>,
+}
+
+/// How to stop a VM.
+#[derive(Debug, Clone, Copy)]
+pub struct StopOptions {
+    /// Time allowed for a graceful shutdown before forcing power off.
+    pub timeout: Duration,
+    /// Skip the graceful attempt.
+    pub force: bool,
+}
+
+impl Default for StopOptions {
+    fn default() -> Self {
+        StopOptions { timeout: Duration::from_secs(60), force: false }
+    }
+}
+
+/// Which way a stop ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopOutcome {
+    AlreadyOff,
+    Graceful,
+    /// The graceful request was ignored or too slow; power was cut.
+    Forced,
+}
+
+/// A program to run in the guest. Build with [`ExecRequest::new`] and the chained setters.
+#[derive(Debug, Clone)]
+pub struct ExecRequest {
+    pub program: String,
+    pub args: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    pub cwd: Option<String>,
+    pub stdin: Option<Vec<u8>>,
+    pub timeout: Duration,
+    pub credentials: Option<Credentials>,
+}
+
+impl ExecRequest {
+    pub fn new(program: impl Into<String>) -> Self {
+        ExecRequest {
+            program: program.into(),
+            args: Vec::new(),
+            env: BTreeMap::new(),
+            cwd: None,
+            stdin: None,
+            timeout: Duration::from_secs(300),
+            credentials: None,
+        }
+    }
+    /// First element is the program, the rest are its arguments.
+    pub fn from_argv<S: AsRef<str>>(argv: &[S]) -> Result<Self> {
+        let (first, rest) = argv
+            .split_first()
+            .ok_or_else(|| Error::invalid_arg("argv", "must name a program"))?;
+        Ok(ExecRequest::new(first.as_ref()).args(rest.iter().map(|s| s.as_ref().to_string())))
+    }
+    pub fn arg(mut self, a: impl Into<String>) -> Self {
+        self.args.push(a.into());
+        self
+    }
+    pub fn args<I: IntoIterator<Item = S>, S: Into<String>>(mut self, a: I) -> Self {
+        self.args.extend(a.into_iter().map(Into::into));
+        self
+    }
+    pub fn env(mut self, k: impl Into<String>, v: impl Into<String>) -> Self {
+        self.env.insert(k.into(), v.into());
+        self
+    }
+    pub fn cwd(mut self, d: impl Into<String>) -> Self {
+        self.cwd = Some(d.into());
+        self
+    }
+    pub fn stdin(mut self, data: impl Into<Vec<u8>>) -> Self {
+        self.stdin = Some(data.into());
+        self
+    }
+    pub fn timeout(mut self, t: Duration) -> Self {
+        self.timeout = t;
+        self
+    }
+    pub fn credentials(mut self, c: Credentials) -> Self {
+        self.credentials = Some(c);
+        self
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if self.program.is_empty() {
+            return Err(Error::invalid_arg("exec program", "must not be empty"));
+        }
+        let nul = |s: &str| s.contains('\0');
+        if nul(&self.program) || self.args.iter().any(|a| nul(a)) {
+            return Err(Error::invalid_arg("exec argv", "NUL bytes cannot be passed to a guest program"));
+        }
+        for k in self.env.keys() {
+            if k.is_empty() || k.contains('=') || nul(k) {
+                return Err(Error::invalid_arg(format!("exec env {k:?}"), "names must be non-empty without '=' or NUL"));
+            }
+        }
+        if self.timeout.is_zero() {
+            return Err(Error::invalid_arg("exec timeout", "must be greater than zero"));
+        }
+        Ok(())
+    }
+
+    /// The command line for messages; arguments are shown, secrets never are part of it.
+    pub fn display_argv(&self) -> String {
+        std::iter::once(&self.program).chain(&self.args).cloned().collect::<Vec<_>>().join(" ")
+    }
+}
+
+/// What a guest program produced.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ExecOutput {
+    /// Exit code, or None when the program was killed by a signal.
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    #[serde(with = "lossy_bytes")]
+    pub stdout: Vec<u8>,
+    #[serde(with = "lossy_bytes")]
+    pub stderr: Vec<u8>,
+    #[serde(with = "duration_secs")]
+    pub duration: Duration,
+    /// The backend's capture limit was hit: output is incomplete.
+    pub stdout_truncated: bool,
+    pub stderr_truncated: bool,
+}
+
+impl ExecOutput {
+    pub fn success(&self) -> bool {
+        self.exit_code == Some(0)
+    }
+    pub fn stdout_str(&self) -> String {
+        String::from_utf8_lossy(&self.stdout).into_owned()
+    }
+    pub fn stderr_str(&self) -> String {
+        String::from_utf8_lossy(&self.stderr).into_owned()
+    }
+}
+
+mod lossy_bytes {
+    pub fn serialize<S: serde::Serializer>(b: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&String::from_utf8_lossy(b))
+    }
+}
+
+mod duration_secs {
+    pub fn serialize<S: serde::Serializer>(d: &std::time::Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_f64(d.as_secs_f64())
+    }
+}
+
+/// How the guest is booted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum Boot {
+    /// Direct kernel boot.
+    Kernel { kernel: PathBuf, initrd: Option<PathBuf>, #[serde(default)] cmdline: String },
+    /// Boot from the first disk.
+    Disk,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskFormat {
+    #[default]
+    Qcow2,
+    Raw,
+}
+
+impl fmt::Display for DiskFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DiskFormat::Qcow2 => "qcow2",
+            DiskFormat::Raw => "raw",
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskSpec {
+    pub path: PathBuf,
+    #[serde(default)]
+    pub format: DiskFormat,
+    #[serde(default)]
+    pub readonly: bool,
+    /// anyvm created this file (a clone overlay) and deletes it with the VM.
+    #[serde(default)]
+    pub owned: bool,
+}
+
+/// Hardware acceleration. `Auto` picks KVM when `/dev/kvm` is usable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Accel {
+    #[default]
+    Auto,
+    Kvm,
+    Tcg,
+}
+
+/// Remote console settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct ConsoleSpec {
+    /// Offer a VNC display on 127.0.0.1; `Some(Auto)` allocates a distinct port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vnc: Option<HostPort>,
+}
+
+/// Everything needed to define a VM on any backend.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmSpec {
+    pub name: VmName,
+    #[serde(default = "default_cpus")]
+    pub cpus: u32,
+    #[serde(default = "default_memory")]
+    pub memory_mib: u64,
+    pub boot: Boot,
+    #[serde(default)]
+    pub disks: Vec<DiskSpec>,
+    #[serde(default)]
+    pub forwards: Vec<ForwardSpec>,
+    #[serde(default)]
+    pub console: ConsoleSpec,
+    #[serde(default)]
+    pub accel: Accel,
+}
+
+fn default_cpus() -> u32 {
+    1
+}
+fn default_memory() -> u64 {
+    512
+}
+
+impl VmSpec {
+    pub fn new(name: VmName, boot: Boot) -> Self {
+        VmSpec {
+            name,
+            cpus: default_cpus(),
+            memory_mib: default_memory(),
+            boot,
+            disks: Vec::new(),
+            forwards: Vec::new(),
+            console: ConsoleSpec::default(),
+            accel: Accel::Auto,
+        }
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let what = |k: &str| format!("vm '{}' {k}", self.name);
+        if self.cpus == 0 || self.cpus > 512 {
+            return Err(Error::invalid_arg(what("cpus"), "must be 1-512"));
+        }
+        if self.memory_mib < 16 {
+            return Err(Error::invalid_arg(what("memory_mib"), "must be at least 16"));
+        }
+        if let Boot::Kernel { kernel, initrd, .. } = &self.boot {
+            for p in std::iter::once(kernel).chain(initrd.iter()) {
+                if !p.is_absolute() {
+                    return Err(Error::invalid_arg(what("boot"), format!("{} must be an absolute path", p.display())));
+                }
+            }
+        } else if self.disks.is_empty() {
+            return Err(Error::invalid_arg(what("boot"), "disk boot needs at least one disk"));
+        }
+        for d in &self.disks {
+            if !d.path.is_absolute() {
+                return Err(Error::invalid_arg(what("disks"), format!("{} must be an absolute path", d.path.display())));
+            }
+        }
+        let mut names = std::collections::HashSet::new();
+        for f in &self.forwards {
+            f.validate()?;
+            if !names.insert(&f.name) {
+                return Err(Error::invalid_arg(what("forwards"), format!("forward name {:?} is used twice", f.name)));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_port_parses_auto_and_numbers() {
+        assert_eq!("auto".parse::<HostPort>().unwrap(), HostPort::Auto);
+        assert_eq!("2222".parse::<HostPort>().unwrap(), HostPort::Fixed(2222));
+        assert!("0".parse::<HostPort>().is_err());
+        assert!("70000".parse::<HostPort>().is_err());
+        #[derive(Deserialize)]
+        struct T {
+            p: HostPort,
+        }
+        assert_eq!(toml::from_str::<T>("p = 22").unwrap().p, HostPort::Fixed(22));
+        assert_eq!(toml::from_str::<T>("p = \"auto\"").unwrap().p, HostPort::Auto);
+        assert!(toml::from_str::<T>("p = \"x\"").is_err());
+    }
+
+    #[test]
+    fn exec_request_validation() {
+        assert!(ExecRequest::new("/bin/true").validate().is_ok());
+        assert!(ExecRequest::new("").validate().is_err());
+        assert!(ExecRequest::new("a").arg("b\0c").validate().is_err());
+        assert!(ExecRequest::new("a").env("A=B", "c").validate().is_err());
+        assert!(ExecRequest::from_argv::<&str>(&[]).is_err());
+        let r = ExecRequest::from_argv(&["sh", "-c", "echo hi"]).unwrap();
+        assert_eq!(r.display_argv(), "sh -c echo hi");
+    }
+
+    #[test]
+    fn spec_validation_names_the_problem() {
+        let mut s = VmSpec::new(
+            VmName::new("v").unwrap(),
+            Boot::Kernel { kernel: "/k".into(), initrd: None, cmdline: String::new() },
+        );
+        assert!(s.validate().is_ok());
+        s.forwards = vec![ForwardSpec::new("ssh", 22), ForwardSpec::new("ssh", 23)];
+        assert!(s.validate().unwrap_err().to_string().contains("used twice"));
+        s.forwards = vec![ForwardSpec::new("s;h", 22)];
+        assert!(s.validate().is_err());
+        s.forwards.clear();
+        s.memory_mib = 1;
+        assert!(s.validate().unwrap_err().to_string().contains("memory_mib"));
+    }
+}

@@ -1,0 +1,185 @@
+//! Running hypervisor tools (qemu-img today, VBoxManage and vmrun later) safely: argv vectors only,
+//! C locale, stdin closed unless given, every call under a deadline, and the whole process group
+//! killed when it passes, because these tools fork helpers that otherwise outlive them.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::error::{Ctx, Error, Result};
+
+#[derive(Debug, Clone)]
+pub struct ToolCommand {
+    pub program: PathBuf,
+    pub args: Vec<OsString>,
+    pub env: Vec<(String, String)>,
+    pub stdin: Option<Vec<u8>>,
+    pub timeout: Duration,
+    /// What messages call this command. Never holds a secret.
+    pub display: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct ToolOutput {
+    /// None when killed by a signal.
+    pub code: Option<i32>,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+    pub duration: Duration,
+}
+
+impl ToolOutput {
+    pub fn stdout_str(&self) -> String {
+        String::from_utf8_lossy(&self.stdout).into_owned()
+    }
+    pub fn stderr_str(&self) -> String {
+        String::from_utf8_lossy(&self.stderr).into_owned()
+    }
+}
+
+impl ToolCommand {
+    pub fn new<I, S>(program: impl Into<PathBuf>, args: I, timeout: Duration) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<OsString>,
+    {
+        let program = program.into();
+        let args: Vec<OsString> = args.into_iter().map(Into::into).collect();
+        let display = std::iter::once(program.display().to_string())
+            .chain(args.iter().take(2).map(|a| a.to_string_lossy().into_owned()))
+            .collect::<Vec<_>>()
+            .join(" ");
+        ToolCommand { program, args, env: Vec::new(), stdin: None, timeout, display }
+    }
+
+    /// Run to completion or kill the process group at the deadline.
+    pub async fn run(&self, ctx: &Ctx) -> Result<ToolOutput> {
+        let started = Instant::now();
+        let mut cmd = tokio::process::Command::new(&self.program);
+        cmd.args(&self.args)
+            .env("LC_ALL", "C")
+            .env("LANG", "C")
+            .stdin(if self.stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .kill_on_drop(true);
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                Error::BackendUnavailable {
+                    ctx: ctx.clone(),
+                    backend: self.program.display().to_string(),
+                    reason: "program not found; install it or set its path in the configuration".into(),
+                }
+            } else {
+                Error::io(ctx.clone(), &self.program, e)
+            }
+        })?;
+        let pgid = child.id().map(|p| p as i32);
+        let mut stdout = child.stdout.take().expect("piped");
+        let mut stderr = child.stderr.take().expect("piped");
+        let stdin = child.stdin.take();
+        let input = self.stdin.clone();
+        let io = async move {
+            let feed = async move {
+                if let (Some(mut w), Some(data)) = (stdin, input) {
+                    let _ = w.write_all(&data).await;
+                }
+            };
+            let mut out = Vec::new();
+            let mut err = Vec::new();
+            let (_, r1, r2) = tokio::join!(feed, stdout.read_to_end(&mut out), stderr.read_to_end(&mut err));
+            r1.and(r2).map(|_| (out, err))
+        };
+        let waited = tokio::time::timeout(self.timeout, async {
+            let (out, err) = io.await?;
+            let status = child.wait().await?;
+            Ok::<_, std::io::Error>((status, out, err))
+        })
+        .await;
+        match waited {
+            Ok(Ok((status, stdout, stderr))) => Ok(ToolOutput {
+                code: status.code(),
+                stdout,
+                stderr,
+                duration: started.elapsed(),
+            }),
+            Ok(Err(e)) => Err(Error::io(ctx.clone(), &self.program, e)),
+            Err(_) => {
+                if let Some(pg) = pgid {
+                    // SAFETY: plain syscall on a process group we created.
+                    unsafe { libc::killpg(pg, libc::SIGKILL) };
+                }
+                Err(Error::Timeout {
+                    ctx: ctx.clone(),
+                    after: self.timeout,
+                    what: format!("'{}' (killed)", self.display),
+                })
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn captures_output_and_exit_code() {
+        let out = ToolCommand::new("/bin/sh", ["-c", "echo out; echo err >&2; exit 3"], Duration::from_secs(5))
+            .run(&Ctx::new("t"))
+            .await
+            .unwrap();
+        assert_eq!(out.code, Some(3));
+        assert_eq!(out.stdout_str(), "out\n");
+        assert_eq!(out.stderr_str(), "err\n");
+    }
+
+    #[tokio::test]
+    async fn feeds_stdin_and_forces_c_locale() {
+        let mut c = ToolCommand::new("/bin/sh", ["-c", "cat; echo $LC_ALL"], Duration::from_secs(5));
+        c.stdin = Some(b"abc\n".to_vec());
+        let out = c.run(&Ctx::new("t")).await.unwrap();
+        assert_eq!(out.stdout_str(), "abc\nC\n");
+    }
+
+    #[tokio::test]
+    async fn timeout_kills_the_whole_process_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let pidfile = dir.path().join("child.pid");
+        let script = format!("sleep 300 & echo $! > {}; wait", pidfile.display());
+        let e = ToolCommand::new("/bin/sh", ["-c", script.as_str()], Duration::from_millis(300))
+            .run(&Ctx::vm("stop", "v"))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, Error::Timeout { .. }), "{e}");
+        assert!(e.to_string().contains("vm 'v': stop: timed out"), "{e}");
+        let pid: i32 = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
+        // The grandchild must be gone (or a zombie about to be reaped by init).
+        let mut gone = false;
+        for _ in 0..50 {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            if stat.is_empty() || stat.contains(") Z ") {
+                gone = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(gone, "sleep {pid} survived the timeout");
+    }
+
+    #[tokio::test]
+    async fn missing_program_is_backend_unavailable() {
+        let e = ToolCommand::new("/nonexistent/VBoxManage", ["list"], Duration::from_secs(1))
+            .run(&Ctx::new("list"))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, Error::BackendUnavailable { .. }), "{e}");
+    }
+}

@@ -1,0 +1,4 @@
+//! Small helpers shared by backends.
+
+pub mod command;
+pub mod xml;

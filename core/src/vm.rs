@@ -1,0 +1,387 @@
+//! The `Vm` handle callers use. It holds a backend and adds the behaviour every backend shares.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::backend::{Backend, VmEventKind};
+use crate::error::{Ctx, Error, Result};
+use crate::name::VmName;
+use crate::ports::PortAllocator;
+use crate::readiness::{self, ReadyReport, ReadySpec};
+use crate::ssh::{self, SshConfig, SshOptions};
+use crate::types::{
+    ExecOutput, ExecRequest, ForwardSpec, HostPort, PortForward, SnapshotInfo, StopOptions, StopOutcome, VmSpec,
+    VmState,
+};
+
+/// A handle on one VM. Cheap to clone; all methods are async and cancel-safe at await points.
+#[derive(Debug, Clone)]
+pub struct Vm {
+    name: VmName,
+    backend: Arc<dyn Backend>,
+    ports: PortAllocator,
+    state_dir: PathBuf,
+}
+
+impl Vm {
+    pub(crate) fn new(name: VmName, backend: Arc<dyn Backend>, ports: PortAllocator, state_dir: PathBuf) -> Self {
+        Vm { name, backend, ports, state_dir }
+    }
+
+    pub fn name(&self) -> &VmName {
+        &self.name
+    }
+    pub fn backend(&self) -> &Arc<dyn Backend> {
+        &self.backend
+    }
+    pub fn state_dir(&self) -> &Path {
+        &self.state_dir
+    }
+
+    fn ctx(&self, op: &str) -> Ctx {
+        Ctx::vm(op, &self.name)
+    }
+
+    pub async fn state(&self) -> Result<VmState> {
+        self.backend.state(&self.name).await
+    }
+
+    pub async fn spec(&self) -> Result<Option<VmSpec>> {
+        self.backend.spec(&self.name).await
+    }
+
+    /// Start the VM (headless). Starting a running VM does nothing.
+    pub async fn start(&self) -> Result<()> {
+        match self.state().await? {
+            VmState::Running => Ok(()),
+            VmState::Paused => Err(Error::InvalidState {
+                ctx: self.ctx("start"),
+                state: "paused".into(),
+                hint: format!("resume it instead (anyvm resume {})", self.name),
+            }),
+            _ => self.backend.start(&self.name).await,
+        }
+    }
+
+    /// Graceful shutdown with a deadline, then power off. Returns which of the two happened.
+    pub async fn stop(&self, opts: StopOptions) -> Result<StopOutcome> {
+        let state = self.state().await?;
+        if matches!(state, VmState::ShutOff | VmState::Saved) {
+            return Ok(StopOutcome::AlreadyOff);
+        }
+        if opts.force || state == VmState::Crashed {
+            self.backend.power_off(&self.name).await?;
+            return Ok(StopOutcome::Forced);
+        }
+        if state == VmState::Paused {
+            // A paused guest cannot see a shutdown request.
+            self.backend.resume(&self.name).await?;
+        }
+        let deadline = Instant::now() + opts.timeout;
+        let events = self.backend.subscribe();
+        match self.backend.request_shutdown(&self.name).await {
+            Ok(()) => {
+                if self.wait_off(deadline, events).await? {
+                    return Ok(StopOutcome::Graceful);
+                }
+                tracing::warn!(vm = %self.name, timeout = ?opts.timeout, "graceful shutdown timed out; powering off");
+            }
+            Err(e) => tracing::warn!(vm = %self.name, error = %e, "shutdown request failed; powering off"),
+        }
+        match self.backend.power_off(&self.name).await {
+            Ok(()) => Ok(StopOutcome::Forced),
+            // It may have gone down between the deadline and the power-off.
+            Err(e) if self.state().await.ok() == Some(VmState::ShutOff) => {
+                tracing::debug!(vm = %self.name, error = %e, "power off raced with shutdown");
+                Ok(StopOutcome::Graceful)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Wait until the VM is off or the deadline passes; true if it went off.
+    async fn wait_off(
+        &self,
+        deadline: Instant,
+        mut events: Option<tokio::sync::broadcast::Receiver<crate::backend::VmEvent>>,
+    ) -> Result<bool> {
+        let mut poll = Duration::from_millis(50);
+        loop {
+            if matches!(self.state().await?, VmState::ShutOff | VmState::Saved) {
+                return Ok(true);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok(false);
+            }
+            let wait = poll.min(deadline - now);
+            poll = (poll * 2).min(Duration::from_secs(1));
+            match events.as_mut() {
+                Some(rx) => {
+                    let stopped = async {
+                        loop {
+                            match rx.recv().await {
+                                Ok(ev) if ev.vm == self.name.as_str() && ev.kind == VmEventKind::Stopped => return,
+                                Ok(_) => {}
+                                Err(_) => futures::future::pending::<()>().await,
+                            }
+                        }
+                    };
+                    tokio::select! { _ = stopped => {}, _ = tokio::time::sleep(wait) => {} }
+                }
+                None => tokio::time::sleep(wait).await,
+            }
+        }
+    }
+
+    /// Cut the power at once.
+    pub async fn power_off(&self) -> Result<()> {
+        self.backend.power_off(&self.name).await
+    }
+    pub async fn pause(&self) -> Result<()> {
+        self.backend.pause(&self.name).await
+    }
+    pub async fn resume(&self) -> Result<()> {
+        self.backend.resume(&self.name).await
+    }
+    pub async fn save_state(&self) -> Result<()> {
+        self.backend.save_state(&self.name).await
+    }
+
+    /// Power off if needed, remove the definition, its snapshots, the disks anyvm created for it,
+    /// its port leases and its known_hosts file.
+    pub async fn destroy(&self) -> Result<()> {
+        if !matches!(self.state().await?, VmState::ShutOff | VmState::Saved) {
+            self.backend.power_off(&self.name).await?;
+        }
+        self.backend.undefine(&self.name).await?;
+        self.ports.release(&self.backend.uri(), self.name.as_str(), None)?;
+        let kh = self
+            .state_dir
+            .join("ssh")
+            .read_dir()
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|d| d.path().join(format!("{}.known_hosts", self.name)));
+        for p in kh {
+            let _ = std::fs::remove_file(p);
+        }
+        Ok(())
+    }
+
+    pub async fn exec(&self, req: &ExecRequest) -> Result<ExecOutput> {
+        req.validate()?;
+        let out = self.backend.exec(&self.name, req).await?;
+        if out.stdout_truncated || out.stderr_truncated {
+            tracing::warn!(vm = %self.name, program = %req.program, "guest output was truncated by the backend's capture limit");
+        }
+        Ok(out)
+    }
+
+    /// Run and require exit code 0.
+    pub async fn exec_checked(&self, req: &ExecRequest) -> Result<ExecOutput> {
+        let out = self.exec(req).await?;
+        if out.success() {
+            return Ok(out);
+        }
+        Err(Error::GuestCommand {
+            ctx: self.ctx("exec"),
+            program: req.program.clone(),
+            exit_code: out.exit_code,
+            reason: match (out.exit_code, out.signal) {
+                (Some(c), _) => format!("exit code {c}: {}", out.stderr_str().trim().chars().take(500).collect::<String>()),
+                (None, Some(s)) => format!("killed by signal {s}"),
+                _ => "no exit status".into(),
+            },
+            stderr: out.stderr,
+        })
+    }
+
+    pub async fn copy_to(&self, host: impl AsRef<Path>, guest: &str) -> Result<u64> {
+        let host = host.as_ref();
+        if !host.is_file() {
+            return Err(Error::NotFound { ctx: self.ctx("copy_to"), what: format!("host file {}", host.display()) });
+        }
+        check_guest_path(guest)?;
+        self.backend.copy_to(&self.name, host, guest).await
+    }
+
+    pub async fn copy_from(&self, guest: &str, host: impl AsRef<Path>) -> Result<u64> {
+        check_guest_path(guest)?;
+        self.backend.copy_from(&self.name, guest, host.as_ref()).await
+    }
+
+    pub async fn forwards(&self) -> Result<Vec<PortForward>> {
+        self.backend.forwards(&self.name).await
+    }
+
+    /// Add a forward (works on running and stopped VMs). `Auto` host ports are allocated safely.
+    pub async fn forward_add(&self, spec: &ForwardSpec) -> Result<PortForward> {
+        spec.validate()?;
+        let ctx = self.ctx("forward add");
+        let existing = self.forwards().await?;
+        if existing.iter().any(|f| f.name == spec.name) {
+            return Err(Error::invalid_arg(
+                format!("forward {:?}", spec.name),
+                format!("vm '{}' already has a forward with that name; remove it first", self.name),
+            ));
+        }
+        let uri = self.backend.uri();
+        let purpose = format!("forward:{}", spec.name);
+        let port = match spec.host_port {
+            HostPort::Auto => self.ports.allocate(&uri, self.name.as_str(), &purpose, &spec.host_addr, spec.proto)?,
+            HostPort::Fixed(p) => {
+                if let Some(f) = existing.iter().find(|f| f.host_port == p && f.proto == spec.proto) {
+                    return Err(Error::PortInUse { ctx, port: p, reason: format!("already forwarded by '{}'", f.name) });
+                }
+                self.ports.reserve(&uri, self.name.as_str(), &purpose, &spec.host_addr, spec.proto, p)?;
+                p
+            }
+        };
+        let fwd = PortForward {
+            name: spec.name.clone(),
+            proto: spec.proto,
+            host_addr: spec.host_addr.clone(),
+            host_port: port,
+            guest_port: spec.guest_port,
+        };
+        if let Err(e) = self.backend.forward_add(&self.name, &fwd).await {
+            let _ = self.ports.release(&uri, self.name.as_str(), Some(&purpose));
+            return Err(e);
+        }
+        Ok(fwd)
+    }
+
+    /// Remove a forward by its name (or its host port, given as a number).
+    pub async fn forward_remove(&self, name_or_port: &str) -> Result<PortForward> {
+        let fwd = self
+            .forwards()
+            .await?
+            .into_iter()
+            .find(|f| f.name == name_or_port || f.host_port.to_string() == name_or_port)
+            .ok_or_else(|| Error::NotFound { ctx: self.ctx("forward remove"), what: format!("forward {name_or_port:?}") })?;
+        self.backend.forward_remove(&self.name, &fwd).await?;
+        self.ports.release(&self.backend.uri(), self.name.as_str(), Some(&format!("forward:{}", fwd.name)))?;
+        Ok(fwd)
+    }
+
+    /// Wait until the guest passes `spec`'s probes, or fail with the probe still failing.
+    pub async fn wait_ready(&self, spec: &ReadySpec) -> Result<ReadyReport> {
+        readiness::wait_ready(self.backend.clone(), &self.name, spec).await
+    }
+
+    pub async fn ssh_config(&self, opts: &SshOptions) -> Result<SshConfig> {
+        ssh::ssh_config(self, opts).await
+    }
+
+    pub async fn snapshot_take(&self, name: &str, description: &str) -> Result<()> {
+        check_snapshot_name(name)?;
+        self.backend.snapshot_take(&self.name, name, description).await
+    }
+    pub async fn snapshot_restore(&self, name: &str) -> Result<()> {
+        check_snapshot_name(name)?;
+        self.backend.snapshot_restore(&self.name, name).await
+    }
+    pub async fn snapshot_delete(&self, name: &str) -> Result<()> {
+        check_snapshot_name(name)?;
+        self.backend.snapshot_delete(&self.name, name).await
+    }
+    pub async fn snapshots(&self) -> Result<Vec<SnapshotInfo>> {
+        self.backend.snapshot_list(&self.name).await
+    }
+
+    /// A copy-on-write clone of this VM (at `snapshot`, or its current disks when it is off).
+    /// The clone gets fresh host ports for every forward and console.
+    pub async fn clone_linked(&self, new_name: &VmName, snapshot: Option<&str>) -> Result<Vm> {
+        if let Some(s) = snapshot {
+            check_snapshot_name(s)?;
+        }
+        if self.backend.exists(new_name).await? {
+            return Err(Error::InvalidState {
+                ctx: Ctx::vm("clone", new_name),
+                state: "already defined".into(),
+                hint: "choose another name or destroy the existing VM".into(),
+            });
+        }
+        let mut spec = self.backend.prepare_linked_clone(&self.name, snapshot.map(str::to_string), new_name).await?;
+        for f in &mut spec.forwards {
+            f.host_port = HostPort::Auto;
+        }
+        if spec.console.vnc.is_some() {
+            spec.console.vnc = Some(HostPort::Auto);
+        }
+        let owned: Vec<PathBuf> = spec.disks.iter().filter(|d| d.owned).map(|d| d.path.clone()).collect();
+        match define_with_ports(&self.backend, &self.ports, spec).await {
+            Ok(()) => Ok(Vm::new(new_name.clone(), self.backend.clone(), self.ports.clone(), self.state_dir.clone())),
+            Err(e) => {
+                for p in owned {
+                    let _ = std::fs::remove_file(p);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    pub async fn console_log(&self) -> Result<Option<PathBuf>> {
+        self.backend.console_log(&self.name).await
+    }
+}
+
+fn check_snapshot_name(name: &str) -> Result<()> {
+    VmName::new(name).map(|_| ()).map_err(|e| match e {
+        Error::InvalidArgument { reason, .. } => Error::invalid_arg(format!("snapshot name {name:?}"), reason),
+        e => e,
+    })
+}
+
+fn check_guest_path(p: &str) -> Result<()> {
+    if !p.starts_with('/') || p.contains('\0') {
+        return Err(Error::invalid_arg(format!("guest path {p:?}"), "must be absolute and contain no NUL"));
+    }
+    Ok(())
+}
+
+/// Resolve `Auto` ports to leases, define, and give the leases back if defining fails.
+pub(crate) async fn define_with_ports(backend: &Arc<dyn Backend>, ports: &PortAllocator, mut spec: VmSpec) -> Result<()> {
+    spec.validate()?;
+    let uri = backend.uri();
+    let vm = spec.name.to_string();
+    let resolve = |spec: &mut VmSpec| -> Result<()> {
+        for f in &mut spec.forwards {
+            let purpose = format!("forward:{}", f.name);
+            let port = match f.host_port {
+                HostPort::Auto => ports.allocate(&uri, &vm, &purpose, &f.host_addr, f.proto)?,
+                HostPort::Fixed(p) => {
+                    ports.reserve(&uri, &vm, &purpose, &f.host_addr, f.proto, p)?;
+                    p
+                }
+            };
+            f.host_port = HostPort::Fixed(port);
+        }
+        if let Some(hp) = spec.console.vnc {
+            let proto = crate::types::Protocol::Tcp;
+            let port = match hp {
+                HostPort::Auto => ports.allocate(&uri, &vm, "console:vnc", "127.0.0.1", proto)?,
+                HostPort::Fixed(p) => {
+                    ports.reserve(&uri, &vm, "console:vnc", "127.0.0.1", proto, p)?;
+                    p
+                }
+            };
+            spec.console.vnc = Some(HostPort::Fixed(port));
+        }
+        Ok(())
+    };
+    let res = match resolve(&mut spec) {
+        Ok(()) => backend.define(&spec).await,
+        Err(e) => Err(e),
+    };
+    if res.is_err() {
+        let _ = ports.release(&uri, &vm, None);
+    }
+    res
+}
+
+#[cfg(test)]
+mod tests;
