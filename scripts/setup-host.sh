@@ -37,9 +37,26 @@ fi
 
 mkdir -p /var/log/libvirt /var/run/libvirt /var/lib/libvirt/images
 
-running() { pgrep -x "$1" >/dev/null 2>&1; }
-running virtlogd || { log "starting virtlogd"; virtlogd -d; }
-running libvirtd || { log "starting libvirtd"; libvirtd -d; }
+# Package scripts may have started daemons through /etc/init.d before qemu.conf was written;
+# keep only the ones this script started (their pids are recorded), restart any other.
+ours() { [ -f "/run/anyvm-$1.pid" ] && [ "$(pgrep -o -x "$1")" = "$(cat "/run/anyvm-$1.pid")" ]; }
+start_daemon() {
+  local d=$1
+  if ! ours "$d"; then
+    if pgrep -x "$d" >/dev/null; then
+      log "restarting $d (not started by this script)"
+      pkill -x "$d" || true
+      for _ in $(seq 1 50); do pgrep -x "$d" >/dev/null || break; sleep 0.1; done
+    else
+      log "starting $d"
+    fi
+    "$d" -d
+    for _ in $(seq 1 50); do pgrep -o -x "$d" >/dev/null && break; sleep 0.1; done
+    pgrep -o -x "$d" >"/run/anyvm-$d.pid"
+  fi
+}
+start_daemon virtlogd
+start_daemon libvirtd
 
 for _ in $(seq 1 100); do
   if timeout 5 virsh -c qemu:///system version >/dev/null 2>&1; then

@@ -22,7 +22,10 @@ pub struct ClientOptions {
 
 impl Default for ClientOptions {
     fn default() -> Self {
-        ClientOptions { state_dir: default_state_dir(), port_range: DEFAULT_PORT_RANGE }
+        ClientOptions {
+            state_dir: default_state_dir(),
+            port_range: DEFAULT_PORT_RANGE,
+        }
     }
 }
 
@@ -49,7 +52,9 @@ pub fn default_state_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("XDG_STATE_HOME").filter(|d| !d.is_empty()) {
         return PathBuf::from(d).join("anyvm");
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| "/tmp".into());
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "/tmp".into());
     home.join(".local/state/anyvm")
 }
 
@@ -72,7 +77,10 @@ impl Client {
         let backend: Arc<dyn Backend> = match parsed {
             #[cfg(feature = "libvirt")]
             BackendUri::Libvirt { uri } => {
-                let o = crate::backend::libvirt::LibvirtOptions { images_dir: opts.state_dir.join("images"), ..Default::default() };
+                let o = crate::backend::libvirt::LibvirtOptions {
+                    images_dir: opts.state_dir.join("images"),
+                    ..Default::default()
+                };
                 Arc::new(crate::backend::libvirt::LibvirtBackend::open(&uri, o).await?)
             }
             other => {
@@ -89,7 +97,11 @@ impl Client {
     /// Wrap an already-open backend (custom backends, tests).
     pub fn with_backend(backend: Arc<dyn Backend>, opts: ClientOptions) -> Client {
         let ports = PortAllocator::new(opts.state_dir.clone(), opts.port_range.clone());
-        Client { backend, ports, opts }
+        Client {
+            backend,
+            ports,
+            opts,
+        }
     }
 
     pub fn backend(&self) -> &Arc<dyn Backend> {
@@ -107,7 +119,12 @@ impl Client {
     }
 
     fn handle(&self, name: VmName) -> Vm {
-        Vm::new(name, self.backend.clone(), self.ports.clone(), self.opts.state_dir.clone())
+        Vm::new(
+            name,
+            self.backend.clone(),
+            self.ports.clone(),
+            self.opts.state_dir.clone(),
+        )
     }
 
     /// A handle on an existing VM; `NotFound` if the backend does not know it.
@@ -116,7 +133,10 @@ impl Client {
         if !self.backend.exists(&name).await? {
             return Err(Error::NotFound {
                 ctx: Ctx::vm("open", &name),
-                what: format!("no such VM on {}; 'anyvm list' shows the defined ones", self.backend.uri()),
+                what: format!(
+                    "no such VM on {}; 'anyvm list' shows the defined ones",
+                    self.backend.uri()
+                ),
             });
         }
         Ok(self.handle(name))

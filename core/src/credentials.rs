@@ -57,7 +57,9 @@ pub enum SecretSource {
 }
 
 impl SecretSource {
-    pub fn callback(f: impl Fn() -> std::result::Result<Secret, String> + Send + Sync + 'static) -> Self {
+    pub fn callback(
+        f: impl Fn() -> std::result::Result<Secret, String> + Send + Sync + 'static,
+    ) -> Self {
         SecretSource::Callback(Arc::new(f))
     }
 
@@ -101,7 +103,10 @@ pub struct Credentials {
 
 impl Credentials {
     pub fn user(user: impl Into<String>) -> Self {
-        Credentials { user: user.into(), ..Default::default() }
+        Credentials {
+            user: user.into(),
+            ..Default::default()
+        }
     }
     pub fn password(mut self, src: SecretSource) -> Self {
         self.password = Some(src);
@@ -132,7 +137,12 @@ mod tests {
         let c = Credentials::user("mc").password(SecretSource::Value(Secret::new("hunter2")));
         assert!(!format!("{c:?}").contains("hunter2"));
         assert!(!format!("{c}").contains("hunter2"));
-        let s = c.password.as_ref().unwrap().resolve(&Ctx::new("t")).unwrap();
+        let s = c
+            .password
+            .as_ref()
+            .unwrap()
+            .resolve(&Ctx::new("t"))
+            .unwrap();
         assert_eq!(s.expose(), "hunter2");
         assert_eq!(format!("{s} {s:?}"), "*** Secret(***)");
     }
@@ -142,10 +152,24 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("pw");
         std::fs::write(&p, "s3cret\nignored\n").unwrap();
-        assert_eq!(SecretSource::File(p).resolve(&Ctx::new("t")).unwrap().expose(), "s3cret");
-        let e = SecretSource::Env("ANYVM_TEST_UNSET_VAR".into()).resolve(&Ctx::vm("exec", "v")).unwrap_err();
-        assert!(e.to_string().contains("ANYVM_TEST_UNSET_VAR (password source) is not set"), "{e}");
-        let e = SecretSource::callback(|| Err("keyring locked".into())).resolve(&Ctx::new("t")).unwrap_err();
+        assert_eq!(
+            SecretSource::File(p)
+                .resolve(&Ctx::new("t"))
+                .unwrap()
+                .expose(),
+            "s3cret"
+        );
+        let e = SecretSource::Env("ANYVM_TEST_UNSET_VAR".into())
+            .resolve(&Ctx::vm("exec", "v"))
+            .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("ANYVM_TEST_UNSET_VAR (password source) is not set"),
+            "{e}"
+        );
+        let e = SecretSource::callback(|| Err("keyring locked".into()))
+            .resolve(&Ctx::new("t"))
+            .unwrap_err();
         assert!(e.to_string().contains("keyring locked"));
     }
 }

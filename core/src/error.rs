@@ -14,10 +14,16 @@ pub struct Ctx {
 
 impl Ctx {
     pub fn new(op: impl Into<String>) -> Self {
-        Ctx { vm: None, op: op.into() }
+        Ctx {
+            vm: None,
+            op: op.into(),
+        }
     }
     pub fn vm(op: impl Into<String>, vm: impl fmt::Display) -> Self {
-        Ctx { vm: Some(vm.to_string()), op: op.into() }
+        Ctx {
+            vm: Some(vm.to_string()),
+            op: op.into(),
+        }
     }
 }
 
@@ -38,13 +44,26 @@ pub enum Error {
     NotFound { ctx: Ctx, what: String },
 
     #[error("{ctx}: not possible in state '{state}'{}", hint_suffix(.hint))]
-    InvalidState { ctx: Ctx, state: String, hint: String },
+    InvalidState {
+        ctx: Ctx,
+        state: String,
+        hint: String,
+    },
 
     #[error("{ctx}: timed out after {} waiting for {what}", fmt_dur(.after))]
-    Timeout { ctx: Ctx, after: Duration, what: String },
+    Timeout {
+        ctx: Ctx,
+        after: Duration,
+        what: String,
+    },
 
     #[error("{ctx}: not ready after {}: probe '{probe}' still failing: {last_error}", fmt_dur(.after))]
-    NotReady { ctx: Ctx, after: Duration, probe: String, last_error: String },
+    NotReady {
+        ctx: Ctx,
+        after: Duration,
+        probe: String,
+        last_error: String,
+    },
 
     #[error("{ctx}: authentication failed: {reason}")]
     Auth { ctx: Ctx, reason: String },
@@ -53,19 +72,27 @@ pub enum Error {
     PortInUse { ctx: Ctx, port: u16, reason: String },
 
     #[error("{ctx}: backend '{backend}' unavailable: {reason}")]
-    BackendUnavailable { ctx: Ctx, backend: String, reason: String },
+    BackendUnavailable {
+        ctx: Ctx,
+        backend: String,
+        reason: String,
+    },
 
     #[error("{ctx}: guest command '{program}' failed: {reason}")]
     GuestCommand {
         ctx: Ctx,
         program: String,
         exit_code: Option<i32>,
-        stderr: Vec<u8>,
+        stderr: Box<[u8]>,
         reason: String,
     },
 
     #[error("configuration error in {}: {key}: {reason}", .file.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "<input>".into()))]
-    Config { file: Option<PathBuf>, key: String, reason: String },
+    Config {
+        file: Option<PathBuf>,
+        key: String,
+        reason: String,
+    },
 
     #[error("invalid argument: {what}: {reason}")]
     InvalidArgument { what: String, reason: String },
@@ -85,7 +112,11 @@ pub enum Error {
     },
 
     #[error("{ctx}: {backend}: {message}")]
-    Backend { ctx: Ctx, backend: String, message: String },
+    Backend {
+        ctx: Ctx,
+        backend: String,
+        message: String,
+    },
 }
 
 fn hint_suffix(hint: &str) -> String {
@@ -146,19 +177,38 @@ impl Error {
     }
 
     pub fn invalid_arg(what: impl Into<String>, reason: impl Into<String>) -> Self {
-        Error::InvalidArgument { what: what.into(), reason: reason.into() }
+        Error::InvalidArgument {
+            what: what.into(),
+            reason: reason.into(),
+        }
     }
 
-    pub fn config(file: Option<PathBuf>, key: impl Into<String>, reason: impl Into<String>) -> Self {
-        Error::Config { file, key: key.into(), reason: reason.into() }
+    pub fn config(
+        file: Option<PathBuf>,
+        key: impl Into<String>,
+        reason: impl Into<String>,
+    ) -> Self {
+        Error::Config {
+            file,
+            key: key.into(),
+            reason: reason.into(),
+        }
     }
 
     pub fn io(ctx: Ctx, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io { ctx, path: path.into(), source }
+        Error::Io {
+            ctx,
+            path: path.into(),
+            source,
+        }
     }
 
     pub fn backend(ctx: Ctx, backend: impl Into<String>, message: impl Into<String>) -> Self {
-        Error::Backend { ctx, backend: backend.into(), message: message.into() }
+        Error::Backend {
+            ctx,
+            backend: backend.into(),
+            message: message.into(),
+        }
     }
 }
 
@@ -186,8 +236,18 @@ mod tests {
             state: "shut off".into(),
             hint: "start it first (anyvm start b)".into(),
         };
-        assert_eq!(e.to_string(), "vm 'b': exec: not possible in state 'shut off'; start it first (anyvm start b)");
-        let e = Error::config(Some("/x/anyvm.toml".into()), "machines.a.memory_mib", "must be at least 16");
-        assert_eq!(e.to_string(), "configuration error in /x/anyvm.toml: machines.a.memory_mib: must be at least 16");
+        assert_eq!(
+            e.to_string(),
+            "vm 'b': exec: not possible in state 'shut off'; start it first (anyvm start b)"
+        );
+        let e = Error::config(
+            Some("/x/anyvm.toml".into()),
+            "machines.a.memory_mib",
+            "must be at least 16",
+        );
+        assert_eq!(
+            e.to_string(),
+            "configuration error in /x/anyvm.toml: machines.a.memory_mib: must be at least 16"
+        );
     }
 }

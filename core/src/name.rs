@@ -6,7 +6,9 @@ use std::fmt;
 use crate::error::{Error, Result};
 
 /// A VM name that is safe to hand to every backend.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 #[serde(try_from = "String", into = "String")]
 pub struct VmName(String);
 

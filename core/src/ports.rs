@@ -50,7 +50,10 @@ struct Locked {
 
 impl PortAllocator {
     pub fn new(state_dir: impl Into<PathBuf>, range: RangeInclusive<u16>) -> Self {
-        PortAllocator { dir: state_dir.into(), range }
+        PortAllocator {
+            dir: state_dir.into(),
+            range,
+        }
     }
 
     pub fn range(&self) -> RangeInclusive<u16> {
@@ -70,24 +73,37 @@ impl PortAllocator {
             .write(true)
             .open(&lock_path)
             .map_err(|e| Error::io(ctx.clone(), &lock_path, e))?;
-        lock.lock().map_err(|e| Error::io(ctx.clone(), &lock_path, e))?;
+        lock.lock()
+            .map_err(|e| Error::io(ctx.clone(), &lock_path, e))?;
         let path = self.dir.join("ports.json");
         let reg = match File::open(&path) {
             Ok(mut f) => {
                 let mut s = String::new();
-                f.read_to_string(&mut s).map_err(|e| Error::io(ctx.clone(), &path, e))?;
+                f.read_to_string(&mut s)
+                    .map_err(|e| Error::io(ctx.clone(), &path, e))?;
                 if s.trim().is_empty() {
                     Registry::default()
                 } else {
                     serde_json::from_str(&s).map_err(|e| {
-                        Error::backend(ctx.clone(), "ports", format!("{} is corrupt ({e}); move it aside to reset leases", path.display()))
+                        Error::backend(
+                            ctx.clone(),
+                            "ports",
+                            format!(
+                                "{} is corrupt ({e}); move it aside to reset leases",
+                                path.display()
+                            ),
+                        )
                     })?
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Registry::default(),
             Err(e) => return Err(Error::io(ctx.clone(), &path, e)),
         };
-        Ok(Locked { _lock: lock, path, reg })
+        Ok(Locked {
+            _lock: lock,
+            path,
+            reg,
+        })
     }
 
     fn save(locked: &Locked, ctx: &Ctx) -> Result<()> {
@@ -126,19 +142,27 @@ impl PortAllocator {
     }
 
     /// Allocate a free port for `vm`'s `purpose`. An existing lease for the same purpose is reused.
-    pub fn allocate(&self, backend: &str, vm: &str, purpose: &str, addr: &str, proto: Protocol) -> Result<u16> {
+    pub fn allocate(
+        &self,
+        backend: &str,
+        vm: &str,
+        purpose: &str,
+        addr: &str,
+        proto: Protocol,
+    ) -> Result<u16> {
         let ctx = Self::ctx("allocate port", vm);
         let mut locked = self.lock(&ctx)?;
-        if let Some(l) = locked
+        if let Some(l) = locked.reg.leases.iter().find(|l| {
+            l.backend == backend && l.vm == vm && l.purpose == purpose && l.proto == proto
+        }) {
+            return Ok(l.port);
+        }
+        let taken: std::collections::HashSet<(u16, Protocol)> = locked
             .reg
             .leases
             .iter()
-            .find(|l| l.backend == backend && l.vm == vm && l.purpose == purpose && l.proto == proto)
-        {
-            return Ok(l.port);
-        }
-        let taken: std::collections::HashSet<(u16, Protocol)> =
-            locked.reg.leases.iter().map(|l| (l.port, l.proto)).collect();
+            .map(|l| (l.port, l.proto))
+            .collect();
         // Start at a pid-dependent offset so concurrent processes rarely probe the same ports.
         let span = (*self.range.end() as u32 - *self.range.start() as u32 + 1) as usize;
         let offset = (std::process::id() as usize * 7919) % span;
@@ -148,7 +172,10 @@ impl PortAllocator {
             if taken.contains(&(port, proto)) || !Self::host_port_free(addr, port, proto) {
                 continue;
             }
-            locked.reg.leases.push(Self::lease(backend, vm, purpose, proto, port));
+            locked
+                .reg
+                .leases
+                .push(Self::lease(backend, vm, purpose, proto, port));
             Self::save(&locked, &ctx)?;
             tracing::debug!(vm, purpose, port, "allocated host port");
             return Ok(port);
@@ -165,10 +192,23 @@ impl PortAllocator {
     }
 
     /// Record a fixed port for `vm`; fails if another VM leases it or the host is using it.
-    pub fn reserve(&self, backend: &str, vm: &str, purpose: &str, addr: &str, proto: Protocol, port: u16) -> Result<()> {
+    pub fn reserve(
+        &self,
+        backend: &str,
+        vm: &str,
+        purpose: &str,
+        addr: &str,
+        proto: Protocol,
+        port: u16,
+    ) -> Result<()> {
         let ctx = Self::ctx("reserve port", vm);
         let mut locked = self.lock(&ctx)?;
-        if let Some(l) = locked.reg.leases.iter().find(|l| l.port == port && l.proto == proto) {
+        if let Some(l) = locked
+            .reg
+            .leases
+            .iter()
+            .find(|l| l.port == port && l.proto == proto)
+        {
             if l.backend == backend && l.vm == vm && l.purpose == purpose {
                 return Ok(());
             }
@@ -182,10 +222,15 @@ impl PortAllocator {
             return Err(Error::PortInUse {
                 ctx,
                 port,
-                reason: format!("another program is bound to {addr}:{port}; pick another port or use 'auto'"),
+                reason: format!(
+                    "another program is bound to {addr}:{port}; pick another port or use 'auto'"
+                ),
             });
         }
-        locked.reg.leases.push(Self::lease(backend, vm, purpose, proto, port));
+        locked
+            .reg
+            .leases
+            .push(Self::lease(backend, vm, purpose, proto, port));
         Self::save(&locked, &ctx)
     }
 
@@ -194,10 +239,9 @@ impl PortAllocator {
         let ctx = Self::ctx("release port", vm);
         let mut locked = self.lock(&ctx)?;
         let before = locked.reg.leases.len();
-        locked
-            .reg
-            .leases
-            .retain(|l| !(l.backend == backend && l.vm == vm && purpose.is_none_or(|p| p == l.purpose)));
+        locked.reg.leases.retain(|l| {
+            !(l.backend == backend && l.vm == vm && purpose.is_none_or(|p| p == l.purpose))
+        });
         if locked.reg.leases.len() != before {
             Self::save(&locked, &ctx)?;
         }
@@ -230,7 +274,16 @@ mod tests {
         let handles: Vec<_> = (0..16)
             .map(|i| {
                 let a = alloc.clone();
-                std::thread::spawn(move || a.allocate("t", &format!("vm{i}"), "forward:ssh", "127.0.0.1", Protocol::Tcp).unwrap())
+                std::thread::spawn(move || {
+                    a.allocate(
+                        "t",
+                        &format!("vm{i}"),
+                        "forward:ssh",
+                        "127.0.0.1",
+                        Protocol::Tcp,
+                    )
+                    .unwrap()
+                })
             })
             .collect();
         let ports: HashSet<u16> = handles.into_iter().map(|h| h.join().unwrap()).collect();
@@ -244,12 +297,22 @@ mod tests {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let busy = l.local_addr().unwrap().port();
         let a = PortAllocator::new(dir.path(), busy..=busy.saturating_add(1));
-        let p = a.allocate("t", "v", "forward:ssh", "127.0.0.1", Protocol::Tcp).unwrap();
+        let p = a
+            .allocate("t", "v", "forward:ssh", "127.0.0.1", Protocol::Tcp)
+            .unwrap();
         assert_ne!(p, busy);
-        assert_eq!(a.allocate("t", "v", "forward:ssh", "127.0.0.1", Protocol::Tcp).unwrap(), p);
-        let e = a.reserve("t", "w", "forward:x", "127.0.0.1", Protocol::Tcp, p).unwrap_err();
+        assert_eq!(
+            a.allocate("t", "v", "forward:ssh", "127.0.0.1", Protocol::Tcp)
+                .unwrap(),
+            p
+        );
+        let e = a
+            .reserve("t", "w", "forward:x", "127.0.0.1", Protocol::Tcp, p)
+            .unwrap_err();
         assert!(e.to_string().contains("leased to vm 'v'"), "{e}");
-        let e = a.reserve("t", "w", "forward:x", "127.0.0.1", Protocol::Tcp, busy).unwrap_err();
+        let e = a
+            .reserve("t", "w", "forward:x", "127.0.0.1", Protocol::Tcp, busy)
+            .unwrap_err();
         assert!(matches!(e, Error::PortInUse { .. }));
         a.release("t", "v", None).unwrap();
         assert!(a.leases().unwrap().is_empty());
@@ -261,7 +324,9 @@ mod tests {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let busy = l.local_addr().unwrap().port();
         let a = PortAllocator::new(dir.path(), busy..=busy);
-        let e = a.allocate("t", "v", "forward:ssh", "127.0.0.1", Protocol::Tcp).unwrap_err();
+        let e = a
+            .allocate("t", "v", "forward:ssh", "127.0.0.1", Protocol::Tcp)
+            .unwrap_err();
         assert!(e.to_string().contains("no free tcp port"), "{e}");
     }
 }

@@ -58,7 +58,9 @@ pub fn parse_public_key(line: &str) -> Option<String> {
     let (kt, b64) = (it.next()?, it.next()?);
     let b64_ok = !b64.is_empty()
         && b64.len() < 16384
-        && b64.bytes().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'+' | b'/' | b'='));
+        && b64
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'+' | b'/' | b'='));
     (KEY_TYPES.contains(&kt) && b64_ok).then(|| format!("{kt} {b64}"))
 }
 
@@ -82,7 +84,10 @@ pub(crate) async fn ssh_config(vm: &Vm, opts: &SshOptions) -> Result<SshConfig> 
         .ok_or_else(|| Error::InvalidState {
             ctx: ctx.clone(),
             state: format!("no forward to guest port {guest_port}"),
-            hint: format!("add one: anyvm forward add {} --guest-port {guest_port}", vm.name()),
+            hint: format!(
+                "add one: anyvm forward add {} --guest-port {guest_port}",
+                vm.name()
+            ),
         })?;
 
     let mut keys = Vec::new();
@@ -102,31 +107,50 @@ pub(crate) async fn ssh_config(vm: &Vm, opts: &SshOptions) -> Result<SshConfig> 
             Some(e) => e,
             None => Error::NotFound {
                 ctx,
-                what: format!("no SSH host public key in the guest (looked at {})", HOST_KEY_PATHS.join(", ")),
+                what: format!(
+                    "no SSH host public key in the guest (looked at {})",
+                    HOST_KEY_PATHS.join(", ")
+                ),
             },
         });
     }
 
     let host_key_alias = format!("anyvm.{}", vm.name());
-    let dir = vm.state_dir().join("ssh").join(sanitize(&vm.backend().uri()));
+    let dir = vm
+        .state_dir()
+        .join("ssh")
+        .join(sanitize(&vm.backend().uri()));
     std::fs::create_dir_all(&dir).map_err(|e| Error::io(ctx.clone(), &dir, e))?;
     let known_hosts = dir.join(format!("{}.known_hosts", vm.name()));
-    let body: String = keys.iter().map(|k| format!("{host_key_alias} {k}\n")).collect();
+    let body: String = keys
+        .iter()
+        .map(|k| format!("{host_key_alias} {k}\n"))
+        .collect();
     let tmp = known_hosts.with_extension("tmp");
     std::fs::write(&tmp, body)
         .and_then(|_| std::fs::rename(&tmp, &known_hosts))
         .map_err(|e| Error::io(ctx.clone(), &known_hosts, e))?;
 
-    let alias = opts.alias.clone().unwrap_or_else(|| format!("anyvm-{}", vm.name()));
+    let alias = opts
+        .alias
+        .clone()
+        .unwrap_or_else(|| format!("anyvm-{}", vm.name()));
     let user = opts.user.clone().unwrap_or_else(|| "root".into());
-    let host_name = if fwd.host_addr == "0.0.0.0" { "127.0.0.1".to_string() } else { fwd.host_addr.clone() };
+    let host_name = if fwd.host_addr == "0.0.0.0" {
+        "127.0.0.1".to_string()
+    } else {
+        fwd.host_addr.clone()
+    };
     let mut stanza = format!(
         "Host {alias}\n  HostName {host_name}\n  Port {}\n  User {user}\n  HostKeyAlias {host_key_alias}\n  UserKnownHostsFile {}\n  StrictHostKeyChecking yes\n  CheckHostIP no\n",
         fwd.host_port,
         quote(&known_hosts)
     );
     if let Some(id) = &opts.identity_file {
-        stanza.push_str(&format!("  IdentityFile {}\n  IdentitiesOnly yes\n", quote(id)));
+        stanza.push_str(&format!(
+            "  IdentityFile {}\n  IdentitiesOnly yes\n",
+            quote(id)
+        ));
     }
     Ok(SshConfig {
         alias,
@@ -141,7 +165,15 @@ pub(crate) async fn ssh_config(vm: &Vm, opts: &SshOptions) -> Result<SshConfig> 
 }
 
 fn sanitize(s: &str) -> String {
-    s.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '_' }).collect()
+    s.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
 }
 
 #[cfg(test)]

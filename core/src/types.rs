@@ -55,7 +55,9 @@ pub struct VmInfo {
     pub managed: bool,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default, PartialOrd, Ord)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default, PartialOrd, Ord,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     #[default]
@@ -78,7 +80,10 @@ impl std::str::FromStr for Protocol {
         match s {
             "tcp" => Ok(Protocol::Tcp),
             "udp" => Ok(Protocol::Udp),
-            _ => Err(Error::invalid_arg("protocol", format!("{s:?} is not tcp or udp"))),
+            _ => Err(Error::invalid_arg(
+                "protocol",
+                format!("{s:?} is not tcp or udp"),
+            )),
         }
     }
 }
@@ -109,7 +114,9 @@ impl<'de> Deserialize<'de> for HostPort {
             S(String),
         }
         match Raw::deserialize(d)? {
-            Raw::N(0) => Err(serde::de::Error::custom("port 0 is not valid; use \"auto\"")),
+            Raw::N(0) => Err(serde::de::Error::custom(
+                "port 0 is not valid; use \"auto\"",
+            )),
             Raw::N(p) => Ok(HostPort::Fixed(p)),
             Raw::S(s) if s == "auto" => Ok(HostPort::Auto),
             Raw::S(s) => s
@@ -117,7 +124,9 @@ impl<'de> Deserialize<'de> for HostPort {
                 .ok()
                 .filter(|p| *p != 0)
                 .map(HostPort::Fixed)
-                .ok_or_else(|| serde::de::Error::custom(format!("{s:?} is not a port number or \"auto\""))),
+                .ok_or_else(|| {
+                    serde::de::Error::custom(format!("{s:?} is not a port number or \"auto\""))
+                }),
         }
     }
 }
@@ -130,7 +139,10 @@ impl std::str::FromStr for HostPort {
         }
         match s.parse::<u16>() {
             Ok(p) if p != 0 => Ok(HostPort::Fixed(p)),
-            _ => Err(Error::invalid_arg("host port", format!("{s:?} is not a port number (1-65535) or 'auto'"))),
+            _ => Err(Error::invalid_arg(
+                "host port",
+                format!("{s:?} is not a port number (1-65535) or 'auto'"),
+            )),
         }
     }
 }
@@ -175,15 +187,24 @@ impl ForwardSpec {
     pub fn validate(&self) -> Result<()> {
         let what = format!("forward {:?}", self.name);
         if self.name.is_empty()
-            || !self.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            || !self
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
         {
-            return Err(Error::invalid_arg(what, "name must be non-empty letters, digits, '-' or '_'"));
+            return Err(Error::invalid_arg(
+                what,
+                "name must be non-empty letters, digits, '-' or '_'",
+            ));
         }
         if self.guest_port == 0 {
             return Err(Error::invalid_arg(what, "guest port must be 1-65535"));
         }
         if self.host_addr.parse::<std::net::IpAddr>().is_err() {
-            return Err(Error::invalid_arg(what, format!("host address {:?} is not an IP address", self.host_addr)));
+            return Err(Error::invalid_arg(
+                what,
+                format!("host address {:?} is not an IP address", self.host_addr),
+            ));
         }
         Ok(())
     }
@@ -232,7 +253,10 @@ pub struct StopOptions {
 
 impl Default for StopOptions {
     fn default() -> Self {
-        StopOptions { timeout: Duration::from_secs(60), force: false }
+        StopOptions {
+            timeout: Duration::from_secs(60),
+            force: false,
+        }
     }
 }
 
@@ -312,22 +336,35 @@ impl ExecRequest {
         }
         let nul = |s: &str| s.contains('\0');
         if nul(&self.program) || self.args.iter().any(|a| nul(a)) {
-            return Err(Error::invalid_arg("exec argv", "NUL bytes cannot be passed to a guest program"));
+            return Err(Error::invalid_arg(
+                "exec argv",
+                "NUL bytes cannot be passed to a guest program",
+            ));
         }
         for k in self.env.keys() {
             if k.is_empty() || k.contains('=') || nul(k) {
-                return Err(Error::invalid_arg(format!("exec env {k:?}"), "names must be non-empty without '=' or NUL"));
+                return Err(Error::invalid_arg(
+                    format!("exec env {k:?}"),
+                    "names must be non-empty without '=' or NUL",
+                ));
             }
         }
         if self.timeout.is_zero() {
-            return Err(Error::invalid_arg("exec timeout", "must be greater than zero"));
+            return Err(Error::invalid_arg(
+                "exec timeout",
+                "must be greater than zero",
+            ));
         }
         Ok(())
     }
 
     /// The command line for messages; arguments are shown, secrets never are part of it.
     pub fn display_argv(&self) -> String {
-        std::iter::once(&self.program).chain(&self.args).cloned().collect::<Vec<_>>().join(" ")
+        std::iter::once(&self.program)
+            .chain(&self.args)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join(" ")
     }
 }
 
@@ -367,7 +404,10 @@ mod lossy_bytes {
 }
 
 mod duration_secs {
-    pub fn serialize<S: serde::Serializer>(d: &std::time::Duration, s: S) -> Result<S::Ok, S::Error> {
+    pub fn serialize<S: serde::Serializer>(
+        d: &std::time::Duration,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
         s.serialize_f64(d.as_secs_f64())
     }
 }
@@ -377,7 +417,12 @@ mod duration_secs {
 #[serde(rename_all = "snake_case", tag = "kind")]
 pub enum Boot {
     /// Direct kernel boot.
-    Kernel { kernel: PathBuf, initrd: Option<PathBuf>, #[serde(default)] cmdline: String },
+    Kernel {
+        kernel: PathBuf,
+        initrd: Option<PathBuf>,
+        #[serde(default)]
+        cmdline: String,
+    },
     /// Boot from the first disk.
     Disk,
 }
@@ -475,27 +520,42 @@ impl VmSpec {
             return Err(Error::invalid_arg(what("cpus"), "must be 1-512"));
         }
         if self.memory_mib < 16 {
-            return Err(Error::invalid_arg(what("memory_mib"), "must be at least 16"));
+            return Err(Error::invalid_arg(
+                what("memory_mib"),
+                "must be at least 16",
+            ));
         }
         if let Boot::Kernel { kernel, initrd, .. } = &self.boot {
             for p in std::iter::once(kernel).chain(initrd.iter()) {
                 if !p.is_absolute() {
-                    return Err(Error::invalid_arg(what("boot"), format!("{} must be an absolute path", p.display())));
+                    return Err(Error::invalid_arg(
+                        what("boot"),
+                        format!("{} must be an absolute path", p.display()),
+                    ));
                 }
             }
         } else if self.disks.is_empty() {
-            return Err(Error::invalid_arg(what("boot"), "disk boot needs at least one disk"));
+            return Err(Error::invalid_arg(
+                what("boot"),
+                "disk boot needs at least one disk",
+            ));
         }
         for d in &self.disks {
             if !d.path.is_absolute() {
-                return Err(Error::invalid_arg(what("disks"), format!("{} must be an absolute path", d.path.display())));
+                return Err(Error::invalid_arg(
+                    what("disks"),
+                    format!("{} must be an absolute path", d.path.display()),
+                ));
             }
         }
         let mut names = std::collections::HashSet::new();
         for f in &self.forwards {
             f.validate()?;
             if !names.insert(&f.name) {
-                return Err(Error::invalid_arg(what("forwards"), format!("forward name {:?} is used twice", f.name)));
+                return Err(Error::invalid_arg(
+                    what("forwards"),
+                    format!("forward name {:?} is used twice", f.name),
+                ));
             }
         }
         Ok(())
@@ -516,8 +576,14 @@ mod tests {
         struct T {
             p: HostPort,
         }
-        assert_eq!(toml::from_str::<T>("p = 22").unwrap().p, HostPort::Fixed(22));
-        assert_eq!(toml::from_str::<T>("p = \"auto\"").unwrap().p, HostPort::Auto);
+        assert_eq!(
+            toml::from_str::<T>("p = 22").unwrap().p,
+            HostPort::Fixed(22)
+        );
+        assert_eq!(
+            toml::from_str::<T>("p = \"auto\"").unwrap().p,
+            HostPort::Auto
+        );
         assert!(toml::from_str::<T>("p = \"x\"").is_err());
     }
 
@@ -536,7 +602,11 @@ mod tests {
     fn spec_validation_names_the_problem() {
         let mut s = VmSpec::new(
             VmName::new("v").unwrap(),
-            Boot::Kernel { kernel: "/k".into(), initrd: None, cmdline: String::new() },
+            Boot::Kernel {
+                kernel: "/k".into(),
+                initrd: None,
+                cmdline: String::new(),
+            },
         );
         assert!(s.validate().is_ok());
         s.forwards = vec![ForwardSpec::new("ssh", 22), ForwardSpec::new("ssh", 23)];

@@ -11,8 +11,8 @@ use crate::ports::PortAllocator;
 use crate::readiness::{self, ReadyReport, ReadySpec};
 use crate::ssh::{self, SshConfig, SshOptions};
 use crate::types::{
-    ExecOutput, ExecRequest, ForwardSpec, HostPort, PortForward, SnapshotInfo, StopOptions, StopOutcome, VmSpec,
-    VmState,
+    ExecOutput, ExecRequest, ForwardSpec, HostPort, PortForward, SnapshotInfo, StopOptions,
+    StopOutcome, VmSpec, VmState,
 };
 
 /// A handle on one VM. Cheap to clone; all methods are async and cancel-safe at await points.
@@ -25,8 +25,18 @@ pub struct Vm {
 }
 
 impl Vm {
-    pub(crate) fn new(name: VmName, backend: Arc<dyn Backend>, ports: PortAllocator, state_dir: PathBuf) -> Self {
-        Vm { name, backend, ports, state_dir }
+    pub(crate) fn new(
+        name: VmName,
+        backend: Arc<dyn Backend>,
+        ports: PortAllocator,
+        state_dir: PathBuf,
+    ) -> Self {
+        Vm {
+            name,
+            backend,
+            ports,
+            state_dir,
+        }
     }
 
     pub fn name(&self) -> &VmName {
@@ -87,7 +97,9 @@ impl Vm {
                 }
                 tracing::warn!(vm = %self.name, timeout = ?opts.timeout, "graceful shutdown timed out; powering off");
             }
-            Err(e) => tracing::warn!(vm = %self.name, error = %e, "shutdown request failed; powering off"),
+            Err(e) => {
+                tracing::warn!(vm = %self.name, error = %e, "shutdown request failed; powering off")
+            }
         }
         match self.backend.power_off(&self.name).await {
             Ok(()) => Ok(StopOutcome::Forced),
@@ -122,7 +134,12 @@ impl Vm {
                     let stopped = async {
                         loop {
                             match rx.recv().await {
-                                Ok(ev) if ev.vm == self.name.as_str() && ev.kind == VmEventKind::Stopped => return,
+                                Ok(ev)
+                                    if ev.vm == self.name.as_str()
+                                        && ev.kind == VmEventKind::Stopped =>
+                                {
+                                    return
+                                }
                                 Ok(_) => {}
                                 Err(_) => futures::future::pending::<()>().await,
                             }
@@ -156,7 +173,8 @@ impl Vm {
             self.backend.power_off(&self.name).await?;
         }
         self.backend.undefine(&self.name).await?;
-        self.ports.release(&self.backend.uri(), self.name.as_str(), None)?;
+        self.ports
+            .release(&self.backend.uri(), self.name.as_str(), None)?;
         let kh = self
             .state_dir
             .join("ssh")
@@ -191,18 +209,28 @@ impl Vm {
             program: req.program.clone(),
             exit_code: out.exit_code,
             reason: match (out.exit_code, out.signal) {
-                (Some(c), _) => format!("exit code {c}: {}", out.stderr_str().trim().chars().take(500).collect::<String>()),
+                (Some(c), _) => format!(
+                    "exit code {c}: {}",
+                    out.stderr_str()
+                        .trim()
+                        .chars()
+                        .take(500)
+                        .collect::<String>()
+                ),
                 (None, Some(s)) => format!("killed by signal {s}"),
                 _ => "no exit status".into(),
             },
-            stderr: out.stderr,
+            stderr: out.stderr.into_boxed_slice(),
         })
     }
 
     pub async fn copy_to(&self, host: impl AsRef<Path>, guest: &str) -> Result<u64> {
         let host = host.as_ref();
         if !host.is_file() {
-            return Err(Error::NotFound { ctx: self.ctx("copy_to"), what: format!("host file {}", host.display()) });
+            return Err(Error::NotFound {
+                ctx: self.ctx("copy_to"),
+                what: format!("host file {}", host.display()),
+            });
         }
         check_guest_path(guest)?;
         self.backend.copy_to(&self.name, host, guest).await
@@ -210,7 +238,9 @@ impl Vm {
 
     pub async fn copy_from(&self, guest: &str, host: impl AsRef<Path>) -> Result<u64> {
         check_guest_path(guest)?;
-        self.backend.copy_from(&self.name, guest, host.as_ref()).await
+        self.backend
+            .copy_from(&self.name, guest, host.as_ref())
+            .await
     }
 
     pub async fn forwards(&self) -> Result<Vec<PortForward>> {
@@ -225,18 +255,41 @@ impl Vm {
         if existing.iter().any(|f| f.name == spec.name) {
             return Err(Error::invalid_arg(
                 format!("forward {:?}", spec.name),
-                format!("vm '{}' already has a forward with that name; remove it first", self.name),
+                format!(
+                    "vm '{}' already has a forward with that name; remove it first",
+                    self.name
+                ),
             ));
         }
         let uri = self.backend.uri();
         let purpose = format!("forward:{}", spec.name);
         let port = match spec.host_port {
-            HostPort::Auto => self.ports.allocate(&uri, self.name.as_str(), &purpose, &spec.host_addr, spec.proto)?,
+            HostPort::Auto => self.ports.allocate(
+                &uri,
+                self.name.as_str(),
+                &purpose,
+                &spec.host_addr,
+                spec.proto,
+            )?,
             HostPort::Fixed(p) => {
-                if let Some(f) = existing.iter().find(|f| f.host_port == p && f.proto == spec.proto) {
-                    return Err(Error::PortInUse { ctx, port: p, reason: format!("already forwarded by '{}'", f.name) });
+                if let Some(f) = existing
+                    .iter()
+                    .find(|f| f.host_port == p && f.proto == spec.proto)
+                {
+                    return Err(Error::PortInUse {
+                        ctx,
+                        port: p,
+                        reason: format!("already forwarded by '{}'", f.name),
+                    });
                 }
-                self.ports.reserve(&uri, self.name.as_str(), &purpose, &spec.host_addr, spec.proto, p)?;
+                self.ports.reserve(
+                    &uri,
+                    self.name.as_str(),
+                    &purpose,
+                    &spec.host_addr,
+                    spec.proto,
+                    p,
+                )?;
                 p
             }
         };
@@ -261,9 +314,16 @@ impl Vm {
             .await?
             .into_iter()
             .find(|f| f.name == name_or_port || f.host_port.to_string() == name_or_port)
-            .ok_or_else(|| Error::NotFound { ctx: self.ctx("forward remove"), what: format!("forward {name_or_port:?}") })?;
+            .ok_or_else(|| Error::NotFound {
+                ctx: self.ctx("forward remove"),
+                what: format!("forward {name_or_port:?}"),
+            })?;
         self.backend.forward_remove(&self.name, &fwd).await?;
-        self.ports.release(&self.backend.uri(), self.name.as_str(), Some(&format!("forward:{}", fwd.name)))?;
+        self.ports.release(
+            &self.backend.uri(),
+            self.name.as_str(),
+            Some(&format!("forward:{}", fwd.name)),
+        )?;
         Ok(fwd)
     }
 
@@ -278,7 +338,9 @@ impl Vm {
 
     pub async fn snapshot_take(&self, name: &str, description: &str) -> Result<()> {
         check_snapshot_name(name)?;
-        self.backend.snapshot_take(&self.name, name, description).await
+        self.backend
+            .snapshot_take(&self.name, name, description)
+            .await
     }
     pub async fn snapshot_restore(&self, name: &str) -> Result<()> {
         check_snapshot_name(name)?;
@@ -305,16 +367,29 @@ impl Vm {
                 hint: "choose another name or destroy the existing VM".into(),
             });
         }
-        let mut spec = self.backend.prepare_linked_clone(&self.name, snapshot.map(str::to_string), new_name).await?;
+        let mut spec = self
+            .backend
+            .prepare_linked_clone(&self.name, snapshot.map(str::to_string), new_name)
+            .await?;
         for f in &mut spec.forwards {
             f.host_port = HostPort::Auto;
         }
         if spec.console.vnc.is_some() {
             spec.console.vnc = Some(HostPort::Auto);
         }
-        let owned: Vec<PathBuf> = spec.disks.iter().filter(|d| d.owned).map(|d| d.path.clone()).collect();
+        let owned: Vec<PathBuf> = spec
+            .disks
+            .iter()
+            .filter(|d| d.owned)
+            .map(|d| d.path.clone())
+            .collect();
         match define_with_ports(&self.backend, &self.ports, spec).await {
-            Ok(()) => Ok(Vm::new(new_name.clone(), self.backend.clone(), self.ports.clone(), self.state_dir.clone())),
+            Ok(()) => Ok(Vm::new(
+                new_name.clone(),
+                self.backend.clone(),
+                self.ports.clone(),
+                self.state_dir.clone(),
+            )),
             Err(e) => {
                 for p in owned {
                     let _ = std::fs::remove_file(p);
@@ -331,20 +406,29 @@ impl Vm {
 
 fn check_snapshot_name(name: &str) -> Result<()> {
     VmName::new(name).map(|_| ()).map_err(|e| match e {
-        Error::InvalidArgument { reason, .. } => Error::invalid_arg(format!("snapshot name {name:?}"), reason),
+        Error::InvalidArgument { reason, .. } => {
+            Error::invalid_arg(format!("snapshot name {name:?}"), reason)
+        }
         e => e,
     })
 }
 
 fn check_guest_path(p: &str) -> Result<()> {
     if !p.starts_with('/') || p.contains('\0') {
-        return Err(Error::invalid_arg(format!("guest path {p:?}"), "must be absolute and contain no NUL"));
+        return Err(Error::invalid_arg(
+            format!("guest path {p:?}"),
+            "must be absolute and contain no NUL",
+        ));
     }
     Ok(())
 }
 
 /// Resolve `Auto` ports to leases, define, and give the leases back if defining fails.
-pub(crate) async fn define_with_ports(backend: &Arc<dyn Backend>, ports: &PortAllocator, mut spec: VmSpec) -> Result<()> {
+pub(crate) async fn define_with_ports(
+    backend: &Arc<dyn Backend>,
+    ports: &PortAllocator,
+    mut spec: VmSpec,
+) -> Result<()> {
     spec.validate()?;
     let uri = backend.uri();
     let vm = spec.name.to_string();

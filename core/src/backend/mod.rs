@@ -53,9 +53,14 @@ impl FromStr for BackendUri {
         };
         match scheme {
             "libvirt" | "qemu" | "kvm" => {
-                let uri = rest.filter(|r| !r.is_empty()).unwrap_or("qemu:///system").to_string();
+                let uri = rest
+                    .filter(|r| !r.is_empty())
+                    .unwrap_or("qemu:///system")
+                    .to_string();
                 if !uri.contains("://") {
-                    return Err(bad(format!("{uri:?} is not a libvirt URI like qemu:///system")));
+                    return Err(bad(format!(
+                        "{uri:?} is not a libvirt URI like qemu:///system"
+                    )));
                 }
                 Ok(BackendUri::Libvirt { uri })
             }
@@ -66,11 +71,15 @@ impl FromStr for BackendUri {
             "vmware" => {
                 let flavor = rest.filter(|r| !r.is_empty()).unwrap_or("ws").to_string();
                 if !matches!(flavor.as_str(), "ws" | "fusion" | "player") {
-                    return Err(bad(format!("VMware flavor {flavor:?} is not ws, fusion or player")));
+                    return Err(bad(format!(
+                        "VMware flavor {flavor:?} is not ws, fusion or player"
+                    )));
                 }
                 Ok(BackendUri::Vmware { flavor })
             }
-            _ => Err(bad("expected libvirt:URI, virtualbox or vmware:ws|fusion|player".into())),
+            _ => Err(bad(
+                "expected libvirt:URI, virtualbox or vmware:ws|fusion|player".into(),
+            )),
         }
     }
 }
@@ -120,7 +129,12 @@ pub trait Backend: Send + Sync + fmt::Debug {
     async fn snapshot_list(&self, vm: &VmName) -> Result<Vec<SnapshotInfo>>;
     /// Make copy-on-write disks for a linked clone of `base` (at `snapshot`, or its current
     /// disks when powered off) and return the clone's spec, not yet defined.
-    async fn prepare_linked_clone(&self, base: &VmName, snapshot: Option<String>, new: &VmName) -> Result<VmSpec>;
+    async fn prepare_linked_clone(
+        &self,
+        base: &VmName,
+        snapshot: Option<String>,
+        new: &VmName,
+    ) -> Result<VmSpec>;
 
     async fn exec(&self, vm: &VmName, req: &ExecRequest) -> Result<ExecOutput>;
     async fn copy_to(&self, vm: &VmName, host: &Path, guest: &str) -> Result<u64>;
@@ -148,15 +162,32 @@ mod tests {
     fn parses_backend_uris() {
         assert_eq!(
             "libvirt:qemu:///system".parse::<BackendUri>().unwrap(),
-            BackendUri::Libvirt { uri: "qemu:///system".into() }
+            BackendUri::Libvirt {
+                uri: "qemu:///system".into()
+            }
         );
-        assert_eq!("libvirt".parse::<BackendUri>().unwrap().to_string(), "libvirt:qemu:///system");
         assert_eq!(
-            "libvirt:qemu+ssh://u@h/system".parse::<BackendUri>().unwrap(),
-            BackendUri::Libvirt { uri: "qemu+ssh://u@h/system".into() }
+            "libvirt".parse::<BackendUri>().unwrap().to_string(),
+            "libvirt:qemu:///system"
         );
-        assert_eq!("virtualbox".parse::<BackendUri>().unwrap(), BackendUri::VirtualBox);
-        assert_eq!("vmware:fusion".parse::<BackendUri>().unwrap(), BackendUri::Vmware { flavor: "fusion".into() });
+        assert_eq!(
+            "libvirt:qemu+ssh://u@h/system"
+                .parse::<BackendUri>()
+                .unwrap(),
+            BackendUri::Libvirt {
+                uri: "qemu+ssh://u@h/system".into()
+            }
+        );
+        assert_eq!(
+            "virtualbox".parse::<BackendUri>().unwrap(),
+            BackendUri::VirtualBox
+        );
+        assert_eq!(
+            "vmware:fusion".parse::<BackendUri>().unwrap(),
+            BackendUri::Vmware {
+                flavor: "fusion".into()
+            }
+        );
         assert!("vmware:esx".parse::<BackendUri>().is_err());
         assert!("hyperv".parse::<BackendUri>().is_err());
         assert!("libvirt:nonsense".parse::<BackendUri>().is_err());

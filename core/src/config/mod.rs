@@ -95,8 +95,13 @@ pub struct Config {
 impl Config {
     pub fn load(path: impl AsRef<Path>) -> Result<Config> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| Error::config(Some(path.to_path_buf()), "(file)", format!("cannot read: {e}")))?;
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            Error::config(
+                Some(path.to_path_buf()),
+                "(file)",
+                format!("cannot read: {e}"),
+            )
+        })?;
         Config::parse(&text, Some(path))
     }
 
@@ -115,17 +120,39 @@ impl Config {
                     format!(" (line {line})")
                 })
                 .unwrap_or_default();
-            Error::config(file.clone(), if key == "." { "(top level)".into() } else { key }, format!("{msg}{at}"))
+            Error::config(
+                file.clone(),
+                if key == "." {
+                    "(top level)".into()
+                } else {
+                    key
+                },
+                format!("{msg}{at}"),
+            )
         })?;
-        let base = path.and_then(Path::parent).map(Path::to_path_buf).unwrap_or_default();
-        let abs = |p: PathBuf| if p.is_absolute() || base.as_os_str().is_empty() { p } else { base.join(p) };
+        let base = path
+            .and_then(Path::parent)
+            .map(Path::to_path_buf)
+            .unwrap_or_default();
+        let abs = |p: PathBuf| {
+            if p.is_absolute() || base.as_os_str().is_empty() {
+                p
+            } else {
+                base.join(p)
+            }
+        };
 
         if let Some(b) = &raw.backend {
-            b.parse::<crate::BackendUri>().map_err(|e| Error::config(file.clone(), "backend", e.to_string()))?;
+            b.parse::<crate::BackendUri>()
+                .map_err(|e| Error::config(file.clone(), "backend", e.to_string()))?;
         }
         let port_range = match raw.port_range {
             Some([a, b]) if a == 0 || a > b => {
-                return Err(Error::config(file, "port_range", format!("[{a}, {b}] must be [low, high] with 1 <= low <= high")))
+                return Err(Error::config(
+                    file,
+                    "port_range",
+                    format!("[{a}, {b}] must be [low, high] with 1 <= low <= high"),
+                ))
             }
             Some([a, b]) => Some(a..=b),
             None => None,
@@ -134,13 +161,26 @@ impl Config {
         let mut machines = BTreeMap::new();
         for (name, m) in raw.machines {
             let key = |k: &str| format!("machines.{name}.{k}");
-            let vm_name = VmName::new(&name).map_err(|e| Error::config(file.clone(), format!("machines.{name}"), e.to_string()))?;
+            let vm_name = VmName::new(&name).map_err(|e| {
+                Error::config(file.clone(), format!("machines.{name}"), e.to_string())
+            })?;
             if let Some(b) = &m.backend {
-                b.parse::<crate::BackendUri>().map_err(|e| Error::config(file.clone(), key("backend"), e.to_string()))?;
+                b.parse::<crate::BackendUri>()
+                    .map_err(|e| Error::config(file.clone(), key("backend"), e.to_string()))?;
             }
             let boot = match (m.kernel, m.initrd) {
-                (Some(k), initrd) => Boot::Kernel { kernel: abs(k), initrd: initrd.map(abs), cmdline: m.cmdline },
-                (None, Some(_)) => return Err(Error::config(file, key("initrd"), "an initrd needs a kernel")),
+                (Some(k), initrd) => Boot::Kernel {
+                    kernel: abs(k),
+                    initrd: initrd.map(abs),
+                    cmdline: m.cmdline,
+                },
+                (None, Some(_)) => {
+                    return Err(Error::config(
+                        file,
+                        key("initrd"),
+                        "an initrd needs a kernel",
+                    ))
+                }
                 (None, None) => Boot::Disk,
             };
             let mut spec = VmSpec::new(vm_name, boot);
@@ -151,31 +191,67 @@ impl Config {
                 spec.memory_mib = mem;
             }
             spec.accel = m.accel;
-            spec.disks = m.disks.into_iter().map(|d| DiskSpec { path: abs(d.path), owned: false, ..d }).collect();
+            spec.disks = m
+                .disks
+                .into_iter()
+                .map(|d| DiskSpec {
+                    path: abs(d.path),
+                    owned: false,
+                    ..d
+                })
+                .collect();
             spec.forwards = m.forwards;
             spec.console = m.console;
             spec.validate().map_err(|e| match e {
-                Error::InvalidArgument { what, reason } => Error::config(file.clone(), format!("machines.{name}"), format!("{what}: {reason}")),
+                Error::InvalidArgument { what, reason } => Error::config(
+                    file.clone(),
+                    format!("machines.{name}"),
+                    format!("{what}: {reason}"),
+                ),
                 e => e,
             })?;
             let credentials = match m.credentials {
                 None => None,
                 Some(c) => {
                     if c.password_file.is_some() && c.password_env.is_some() {
-                        return Err(Error::config(file, key("credentials"), "give password_file or password_env, not both"));
+                        return Err(Error::config(
+                            file,
+                            key("credentials"),
+                            "give password_file or password_env, not both",
+                        ));
                     }
                     let password = c
                         .password_file
                         .map(|p| SecretSource::File(abs(p)))
                         .or(c.password_env.map(SecretSource::Env));
-                    Some(Credentials { user: c.user, password, identity_file: c.identity_file.map(abs) })
+                    Some(Credentials {
+                        user: c.user,
+                        password,
+                        identity_file: c.identity_file.map(abs),
+                    })
                 }
             };
             let ready = m.ready.unwrap_or_default();
-            ready.validate().map_err(|e| Error::config(file.clone(), key("ready"), e.to_string()))?;
-            machines.insert(name, MachineConfig { backend: m.backend, spec, credentials, ready });
+            ready
+                .validate()
+                .map_err(|e| Error::config(file.clone(), key("ready"), e.to_string()))?;
+            machines.insert(
+                name,
+                MachineConfig {
+                    backend: m.backend,
+                    spec,
+                    credentials,
+                    ready,
+                },
+            );
         }
-        Ok(Config { path: file, backend: raw.backend, state_dir: raw.state_dir.map(abs), port_range, machines })
+        Ok(Config {
+            path: file,
+            backend: raw.backend,
+            state_dir: raw.state_dir.map(abs),
+            port_range,
+            machines,
+        })
     }
 
     pub fn machine(&self, name: &str) -> Result<&MachineConfig> {
@@ -184,7 +260,14 @@ impl Config {
             Error::config(
                 self.path.clone(),
                 format!("machines.{name}"),
-                format!("no such machine (known: {})", if known.is_empty() { "none".into() } else { known.join(", ") }),
+                format!(
+                    "no such machine (known: {})",
+                    if known.is_empty() {
+                        "none".into()
+                    } else {
+                        known.join(", ")
+                    }
+                ),
             )
         })
     }
@@ -220,38 +303,62 @@ ready = { timeout_s = 30, probes = [{ kind = "agent" }, { kind = "ssh_banner", g
         assert_eq!(m.spec.accel, Accel::Tcg);
         assert_eq!(
             m.spec.boot,
-            Boot::Kernel { kernel: "/etc/anyvm/vmlinuz".into(), initrd: Some("/abs/initrd.img".into()), cmdline: "console=ttyS0".into() }
+            Boot::Kernel {
+                kernel: "/etc/anyvm/vmlinuz".into(),
+                initrd: Some("/abs/initrd.img".into()),
+                cmdline: "console=ttyS0".into()
+            }
         );
         assert_eq!(m.spec.disks[0].path, PathBuf::from("/etc/anyvm/data.qcow2"));
         assert_eq!(m.spec.forwards[0].host_port, HostPort::Auto);
         assert_eq!(m.spec.forwards[1].host_port, HostPort::Fixed(8080));
-        assert_eq!(m.ready.probes, vec![Probe::Agent, Probe::SshBanner { guest_port: 22 }]);
+        assert_eq!(
+            m.ready.probes,
+            vec![Probe::Agent, Probe::SshBanner { guest_port: 22 }]
+        );
         assert_eq!(m.ready.timeout, std::time::Duration::from_secs(30));
         assert_eq!(c.port_range, Some(41000..=41099));
-        assert!(c.machine("nope").unwrap_err().to_string().contains("known: build"));
+        assert!(c
+            .machine("nope")
+            .unwrap_err()
+            .to_string()
+            .contains("known: build"));
     }
 
     fn err(text: &str) -> String {
-        Config::parse(text, Some(Path::new("/x/anyvm.toml"))).unwrap_err().to_string()
+        Config::parse(text, Some(Path::new("/x/anyvm.toml")))
+            .unwrap_err()
+            .to_string()
     }
 
     #[test]
     fn errors_name_file_key_and_reason() {
         let e = err("[machines.a]\nmemory_mib = \"lots\"\n");
-        assert!(e.starts_with("configuration error in /x/anyvm.toml: machines.a.memory_mib:"), "{e}");
+        assert!(
+            e.starts_with("configuration error in /x/anyvm.toml: machines.a.memory_mib:"),
+            "{e}"
+        );
         let e = err("[machines.a]\nmemroy_mib = 1\n");
         assert!(e.contains("unknown field `memroy_mib`"), "{e}");
         let e = err("[machines.\"a;b\"]\nkernel=\"/k\"\n");
-        assert!(e.contains("machines.a;b") && e.contains("not allowed"), "{e}");
+        assert!(
+            e.contains("machines.a;b") && e.contains("not allowed"),
+            "{e}"
+        );
         let e = err("[machines.a]\nkernel=\"/k\"\nforwards=[{name=\"s\", guest_port=22, host_port=\"x\"}]\n");
         assert!(e.contains("machines.a.forwards[0].host_port"), "{e}");
         let e = err("[machines.a]\nkernel=\"/k\"\nready={probes=[{kind=\"psychic\"}]}\n");
         assert!(e.contains("machines.a.ready.probes[0]"), "{e}");
         let e = err("backend = \"hyperv\"\n");
-        assert!(e.contains("backend") && e.contains("expected libvirt"), "{e}");
+        assert!(
+            e.contains("backend") && e.contains("expected libvirt"),
+            "{e}"
+        );
         let e = err("port_range = [5, 1]\n");
         assert!(e.contains("port_range"), "{e}");
-        let e = err("[machines.a]\ncredentials = { user = \"u\", password = \"plain\" }\nkernel=\"/k\"\n");
+        let e = err(
+            "[machines.a]\ncredentials = { user = \"u\", password = \"plain\" }\nkernel=\"/k\"\n",
+        );
         assert!(e.contains("unknown field `password`"), "{e}");
         let e = err("[machines.a]\nmemory_mib = 4\nkernel=\"/k\"\n");
         assert!(e.contains("machines.a") && e.contains("memory_mib"), "{e}");

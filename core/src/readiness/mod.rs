@@ -79,7 +79,9 @@ mod secs {
     pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         let v = <f64 as serde::Deserialize>::deserialize(d)?;
         if !(v > 0.0 && v.is_finite()) {
-            return Err(serde::de::Error::custom("timeout_s must be a positive number of seconds"));
+            return Err(serde::de::Error::custom(
+                "timeout_s must be a positive number of seconds",
+            ));
         }
         Ok(Duration::from_secs_f64(v))
     }
@@ -87,14 +89,21 @@ mod secs {
 
 impl Default for ReadySpec {
     fn default() -> Self {
-        ReadySpec { probes: default_probes(), mode: Mode::All, timeout: default_timeout() }
+        ReadySpec {
+            probes: default_probes(),
+            mode: Mode::All,
+            timeout: default_timeout(),
+        }
     }
 }
 
 impl ReadySpec {
     /// No probes yet; add them with [`ReadySpec::probe`].
     pub fn empty() -> Self {
-        ReadySpec { probes: Vec::new(), ..Default::default() }
+        ReadySpec {
+            probes: Vec::new(),
+            ..Default::default()
+        }
     }
     pub fn probe(mut self, p: Probe) -> Self {
         self.probes.push(p);
@@ -115,10 +124,16 @@ impl ReadySpec {
         for p in &self.probes {
             match p {
                 Probe::Command { argv } if argv.is_empty() => {
-                    return Err(Error::invalid_arg("command probe", "argv must name a program"))
+                    return Err(Error::invalid_arg(
+                        "command probe",
+                        "argv must name a program",
+                    ))
                 }
                 Probe::Tcp { guest_port: 0 } | Probe::SshBanner { guest_port: 0 } => {
-                    return Err(Error::invalid_arg(format!("probe {p}"), "guest port must be 1-65535"))
+                    return Err(Error::invalid_arg(
+                        format!("probe {p}"),
+                        "guest port must be 1-65535",
+                    ))
                 }
                 _ => {}
             }
@@ -143,7 +158,11 @@ struct ProbeStatus {
     passed_at: Option<Duration>,
 }
 
-pub(crate) async fn wait_ready(backend: Arc<dyn Backend>, vm: &VmName, spec: &ReadySpec) -> Result<ReadyReport> {
+pub(crate) async fn wait_ready(
+    backend: Arc<dyn Backend>,
+    vm: &VmName,
+    spec: &ReadySpec,
+) -> Result<ReadyReport> {
     spec.validate()?;
     let ctx = Ctx::vm("wait_ready", vm);
     let started = Instant::now();
@@ -159,13 +178,24 @@ pub(crate) async fn wait_ready(backend: Arc<dyn Backend>, vm: &VmName, spec: &Re
             hint: format!("start it first (anyvm start {vm})"),
         });
     }
-    let needs_ports = spec.probes.iter().any(|p| matches!(p, Probe::Tcp { .. } | Probe::SshBanner { .. }));
-    let forwards = if needs_ports { backend.forwards(vm).await? } else { Vec::new() };
+    let needs_ports = spec
+        .probes
+        .iter()
+        .any(|p| matches!(p, Probe::Tcp { .. } | Probe::SshBanner { .. }));
+    let forwards = if needs_ports {
+        backend.forwards(vm).await?
+    } else {
+        Vec::new()
+    };
 
     let statuses: Arc<Mutex<Vec<ProbeStatus>>> = Arc::new(Mutex::new(
         spec.probes
             .iter()
-            .map(|p| ProbeStatus { name: p.to_string(), last_error: "not tried yet".into(), passed_at: None })
+            .map(|p| ProbeStatus {
+                name: p.to_string(),
+                last_error: "not tried yet".into(),
+                passed_at: None,
+            })
             .collect(),
     ));
 
@@ -202,7 +232,12 @@ pub(crate) async fn wait_ready(backend: Arc<dyn Backend>, vm: &VmName, spec: &Re
         }
     };
 
-    let watchdog = watch_state(backend.clone(), vm.clone(), events.map(|e| e.resubscribe()), ctx.clone());
+    let watchdog = watch_state(
+        backend.clone(),
+        vm.clone(),
+        events.map(|e| e.resubscribe()),
+        ctx.clone(),
+    );
 
     tokio::select! {
         _ = probes_done => {
@@ -234,14 +269,20 @@ async fn watch_state(
         hint: "the VM stopped while waiting for it to become ready; see its console log".into(),
     };
     // Events give an immediate answer; a slow poll covers backends without them and lost events.
-    let poll_every = if events.is_some() { Duration::from_secs(2) } else { Duration::from_millis(500) };
+    let poll_every = if events.is_some() {
+        Duration::from_secs(2)
+    } else {
+        Duration::from_millis(500)
+    };
     loop {
         let wake = async {
             match events.as_mut() {
                 Some(rx) => loop {
                     match rx.recv().await {
                         Ok(ev) if ev.vm == vm.as_str() => match ev.kind {
-                            VmEventKind::Stopped | VmEventKind::Crashed | VmEventKind::Paused => return,
+                            VmEventKind::Stopped | VmEventKind::Crashed | VmEventKind::Paused => {
+                                return
+                            }
                             _ => {}
                         },
                         Ok(_) => {}

@@ -37,10 +37,16 @@ impl ProbeCtx {
             .iter()
             .find(|f| f.guest_port == guest_port && f.proto == Protocol::Tcp)
             .map(|f| {
-                let addr = if f.host_addr == "0.0.0.0" { "127.0.0.1".to_string() } else { f.host_addr.clone() };
+                let addr = if f.host_addr == "0.0.0.0" {
+                    "127.0.0.1".to_string()
+                } else {
+                    f.host_addr.clone()
+                };
                 (addr, f.host_port)
             })
-            .ok_or_else(|| format!("no TCP forward to guest port {guest_port}; add one (anyvm forward add)"))
+            .ok_or_else(|| {
+                format!("no TCP forward to guest port {guest_port}; add one (anyvm forward add)")
+            })
     }
 }
 
@@ -62,10 +68,17 @@ pub(super) async fn run_until_pass(ctx: &ProbeCtx, probe: &Probe, mut on_fail: i
                 let connected = async {
                     loop {
                         match rx.recv().await {
-                            Ok(ev) if ev.vm == ctx.vm.as_str() && ev.kind == VmEventKind::AgentConnected => return,
+                            Ok(ev)
+                                if ev.vm == ctx.vm.as_str()
+                                    && ev.kind == VmEventKind::AgentConnected =>
+                            {
+                                return
+                            }
                             Ok(_) => {}
                             Err(broadcast::error::RecvError::Lagged(_)) => return,
-                            Err(broadcast::error::RecvError::Closed) => futures::future::pending::<()>().await,
+                            Err(broadcast::error::RecvError::Closed) => {
+                                futures::future::pending::<()>().await
+                            }
                         }
                     }
                 };
@@ -82,7 +95,11 @@ pub(super) async fn run_until_pass(ctx: &ProbeCtx, probe: &Probe, mut on_fail: i
 async fn check(ctx: &ProbeCtx, probe: &Probe) -> Result<(), String> {
     let t = ctx.attempt_timeout();
     match probe {
-        Probe::Agent => ctx.backend.agent_ping(&ctx.vm, t).await.map_err(|e| e.to_string()),
+        Probe::Agent => ctx
+            .backend
+            .agent_ping(&ctx.vm, t)
+            .await
+            .map_err(|e| e.to_string()),
         Probe::Tcp { guest_port } => {
             let (addr, port) = ctx.host_side(*guest_port)?;
             connect(&addr, port, t).await.map(|_| ())
@@ -111,19 +128,28 @@ async fn check(ctx: &ProbeCtx, probe: &Probe) -> Result<(), String> {
                     if text.lines().any(|l| l.starts_with("SSH-")) {
                         Ok(())
                     } else {
-                        Err(format!("{addr}:{port} answered without an SSH banner: {:?}", text.trim()))
+                        Err(format!(
+                            "{addr}:{port} answered without an SSH banner: {:?}",
+                            text.trim()
+                        ))
                     }
                 }
             }
         }
         Probe::Command { argv } => {
-            let req = ExecRequest::from_argv(argv).map_err(|e| e.to_string())?.timeout(t);
+            let req = ExecRequest::from_argv(argv)
+                .map_err(|e| e.to_string())?
+                .timeout(t);
             match ctx.backend.exec(&ctx.vm, &req).await {
                 Ok(out) if out.success() => Ok(()),
                 Ok(out) => Err(format!(
                     "exit code {:?}, stderr: {}",
                     out.exit_code,
-                    out.stderr_str().trim().chars().take(200).collect::<String>()
+                    out.stderr_str()
+                        .trim()
+                        .chars()
+                        .take(200)
+                        .collect::<String>()
                 )),
                 Err(e) => Err(e.to_string()),
             }

@@ -49,10 +49,21 @@ impl ToolCommand {
         let program = program.into();
         let args: Vec<OsString> = args.into_iter().map(Into::into).collect();
         let display = std::iter::once(program.display().to_string())
-            .chain(args.iter().take(2).map(|a| a.to_string_lossy().into_owned()))
+            .chain(
+                args.iter()
+                    .take(2)
+                    .map(|a| a.to_string_lossy().into_owned()),
+            )
             .collect::<Vec<_>>()
             .join(" ");
-        ToolCommand { program, args, env: Vec::new(), stdin: None, timeout, display }
+        ToolCommand {
+            program,
+            args,
+            env: Vec::new(),
+            stdin: None,
+            timeout,
+            display,
+        }
     }
 
     /// Run to completion or kill the process group at the deadline.
@@ -62,7 +73,11 @@ impl ToolCommand {
         cmd.args(&self.args)
             .env("LC_ALL", "C")
             .env("LANG", "C")
-            .stdin(if self.stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+            .stdin(if self.stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .process_group(0)
@@ -75,7 +90,8 @@ impl ToolCommand {
                 Error::BackendUnavailable {
                     ctx: ctx.clone(),
                     backend: self.program.display().to_string(),
-                    reason: "program not found; install it or set its path in the configuration".into(),
+                    reason: "program not found; install it or set its path in the configuration"
+                        .into(),
                 }
             } else {
                 Error::io(ctx.clone(), &self.program, e)
@@ -94,7 +110,11 @@ impl ToolCommand {
             };
             let mut out = Vec::new();
             let mut err = Vec::new();
-            let (_, r1, r2) = tokio::join!(feed, stdout.read_to_end(&mut out), stderr.read_to_end(&mut err));
+            let (_, r1, r2) = tokio::join!(
+                feed,
+                stdout.read_to_end(&mut out),
+                stderr.read_to_end(&mut err)
+            );
             r1.and(r2).map(|_| (out, err))
         };
         let waited = tokio::time::timeout(self.timeout, async {
@@ -132,10 +152,14 @@ mod tests {
 
     #[tokio::test]
     async fn captures_output_and_exit_code() {
-        let out = ToolCommand::new("/bin/sh", ["-c", "echo out; echo err >&2; exit 3"], Duration::from_secs(5))
-            .run(&Ctx::new("t"))
-            .await
-            .unwrap();
+        let out = ToolCommand::new(
+            "/bin/sh",
+            ["-c", "echo out; echo err >&2; exit 3"],
+            Duration::from_secs(5),
+        )
+        .run(&Ctx::new("t"))
+        .await
+        .unwrap();
         assert_eq!(out.code, Some(3));
         assert_eq!(out.stdout_str(), "out\n");
         assert_eq!(out.stderr_str(), "err\n");
@@ -143,7 +167,11 @@ mod tests {
 
     #[tokio::test]
     async fn feeds_stdin_and_forces_c_locale() {
-        let mut c = ToolCommand::new("/bin/sh", ["-c", "cat; echo $LC_ALL"], Duration::from_secs(5));
+        let mut c = ToolCommand::new(
+            "/bin/sh",
+            ["-c", "cat; echo $LC_ALL"],
+            Duration::from_secs(5),
+        );
         c.stdin = Some(b"abc\n".to_vec());
         let out = c.run(&Ctx::new("t")).await.unwrap();
         assert_eq!(out.stdout_str(), "abc\nC\n");
@@ -154,13 +182,21 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let pidfile = dir.path().join("child.pid");
         let script = format!("sleep 300 & echo $! > {}; wait", pidfile.display());
-        let e = ToolCommand::new("/bin/sh", ["-c", script.as_str()], Duration::from_millis(300))
-            .run(&Ctx::vm("stop", "v"))
-            .await
-            .unwrap_err();
+        let e = ToolCommand::new(
+            "/bin/sh",
+            ["-c", script.as_str()],
+            Duration::from_millis(300),
+        )
+        .run(&Ctx::vm("stop", "v"))
+        .await
+        .unwrap_err();
         assert!(matches!(e, Error::Timeout { .. }), "{e}");
         assert!(e.to_string().contains("vm 'v': stop: timed out"), "{e}");
-        let pid: i32 = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
+        let pid: i32 = std::fs::read_to_string(&pidfile)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
         // The grandchild must be gone (or a zombie about to be reaped by init).
         let mut gone = false;
         for _ in 0..50 {

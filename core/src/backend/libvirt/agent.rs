@@ -21,7 +21,12 @@ pub fn exec(req: &ExecRequest) -> String {
     let (path, args): (String, Vec<String>) = match &req.cwd {
         None => (req.program.clone(), req.args.clone()),
         Some(dir) => {
-            let mut a = vec!["-c".to_string(), "cd -- \"$1\" || exit 127; shift; exec \"$@\"".into(), "sh".into(), dir.clone()];
+            let mut a = vec![
+                "-c".to_string(),
+                "cd -- \"$1\" || exit 127; shift; exec \"$@\"".into(),
+                "sh".into(),
+                dir.clone(),
+            ];
             a.push(req.program.clone());
             a.extend(req.args.iter().cloned());
             ("/bin/sh".into(), a)
@@ -53,7 +58,8 @@ pub fn file_open(path: &str, mode: &str) -> String {
     json!({"execute": "guest-file-open", "arguments": {"path": path, "mode": mode}}).to_string()
 }
 pub fn file_read(handle: i64, count: usize) -> String {
-    json!({"execute": "guest-file-read", "arguments": {"handle": handle, "count": count}}).to_string()
+    json!({"execute": "guest-file-read", "arguments": {"handle": handle, "count": count}})
+        .to_string()
 }
 pub fn file_write(handle: i64, data: &[u8]) -> String {
     json!({"execute": "guest-file-write", "arguments": {"handle": handle, "buf-b64": B64.encode(data)}}).to_string()
@@ -64,15 +70,23 @@ pub fn file_close(handle: i64) -> String {
 
 /// The `return` member of a reply.
 pub fn ret(reply: &str) -> Result<Value, String> {
-    let v: Value = serde_json::from_str(reply).map_err(|e| format!("malformed agent reply ({e}): {reply:.200}"))?;
+    let v: Value = serde_json::from_str(reply)
+        .map_err(|e| format!("malformed agent reply ({e}): {reply:.200}"))?;
     if let Some(err) = v.get("error") {
-        return Err(format!("agent error: {}", err.get("desc").and_then(Value::as_str).unwrap_or("unknown")));
+        return Err(format!(
+            "agent error: {}",
+            err.get("desc").and_then(Value::as_str).unwrap_or("unknown")
+        ));
     }
-    v.get("return").cloned().ok_or_else(|| format!("agent reply without 'return': {reply:.200}"))
+    v.get("return")
+        .cloned()
+        .ok_or_else(|| format!("agent reply without 'return': {reply:.200}"))
 }
 
 pub fn int_field(v: &Value, key: &str) -> Result<i64, String> {
-    v.get(key).and_then(Value::as_i64).ok_or_else(|| format!("agent reply lacks integer '{key}'"))
+    v.get(key)
+        .and_then(Value::as_i64)
+        .ok_or_else(|| format!("agent reply lacks integer '{key}'"))
 }
 
 /// A finished `guest-exec-status`.
@@ -94,7 +108,9 @@ pub fn parse_exec_status(v: &Value) -> Result<Option<ExecStatus>, String> {
     let data = |k: &str| -> Result<Vec<u8>, String> {
         match v.get(k).and_then(Value::as_str) {
             None => Ok(Vec::new()),
-            Some(s) => B64.decode(s).map_err(|e| format!("bad base64 in '{k}': {e}")),
+            Some(s) => B64
+                .decode(s)
+                .map_err(|e| format!("bad base64 in '{k}': {e}")),
         }
     };
     let flag = |k: &str| v.get(k).and_then(Value::as_bool).unwrap_or(false);
@@ -111,8 +127,15 @@ pub fn parse_exec_status(v: &Value) -> Result<Option<ExecStatus>, String> {
 /// Bytes and end-of-file flag from `guest-file-read`.
 pub fn parse_read(v: &Value) -> Result<(Vec<u8>, bool), String> {
     let buf = v.get("buf-b64").and_then(Value::as_str).unwrap_or("");
-    let data = B64.decode(buf).map_err(|e| format!("bad base64 in guest-file-read: {e}"))?;
-    Ok((data, v.get("eof").and_then(Value::as_bool).unwrap_or(data_is_empty(buf))))
+    let data = B64
+        .decode(buf)
+        .map_err(|e| format!("bad base64 in guest-file-read: {e}"))?;
+    Ok((
+        data,
+        v.get("eof")
+            .and_then(Value::as_bool)
+            .unwrap_or(data_is_empty(buf)),
+    ))
 }
 
 fn data_is_empty(b: &str) -> bool {
@@ -125,7 +148,11 @@ mod tests {
 
     #[test]
     fn exec_with_cwd_passes_directory_as_a_parameter() {
-        let req = ExecRequest::new("ls").arg("-l").cwd("/tmp/$(rm -rf /)").env("A", "1").stdin(b"x".to_vec());
+        let req = ExecRequest::new("ls")
+            .arg("-l")
+            .cwd("/tmp/$(rm -rf /)")
+            .env("A", "1")
+            .stdin(b"x".to_vec());
         let v: Value = serde_json::from_str(&exec(&req)).unwrap();
         let a = &v["arguments"];
         assert_eq!(a["path"], "/bin/sh");
@@ -143,7 +170,10 @@ mod tests {
         assert_eq!(parse_exec_status(&v).unwrap(), None);
         let v = json!({"exited": true, "exitcode": 3, "out-data": "aGkK", "err-truncated": true});
         let s = parse_exec_status(&v).unwrap().unwrap();
-        assert_eq!((s.exit_code, s.stdout.as_slice(), s.stderr_truncated), (Some(3), &b"hi\n"[..], true));
+        assert_eq!(
+            (s.exit_code, s.stdout.as_slice(), s.stderr_truncated),
+            (Some(3), &b"hi\n"[..], true)
+        );
         let v = json!({"exited": true, "signal": 9});
         assert_eq!(parse_exec_status(&v).unwrap().unwrap().signal, Some(9));
         assert!(parse_exec_status(&json!({"exited": true, "out-data": "!!"})).is_err());
@@ -152,7 +182,9 @@ mod tests {
     #[test]
     fn reply_errors_are_reported() {
         assert_eq!(ret(r#"{"return":{"pid":5}}"#).unwrap()["pid"], 5);
-        assert!(ret(r#"{"error":{"class":"GenericError","desc":"boom"}}"#).unwrap_err().contains("boom"));
+        assert!(ret(r#"{"error":{"class":"GenericError","desc":"boom"}}"#)
+            .unwrap_err()
+            .contains("boom"));
         assert!(ret("not json").is_err());
     }
 }

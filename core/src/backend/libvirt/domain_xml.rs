@@ -25,7 +25,11 @@ pub fn resolve_accel(a: Accel) -> &'static str {
             Ok("tcg") => "qemu",
             Ok("kvm") => "kvm",
             _ => {
-                let kvm_ok = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok();
+                let kvm_ok = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open("/dev/kvm")
+                    .is_ok();
                 if kvm_ok {
                     "kvm"
                 } else {
@@ -38,7 +42,10 @@ pub fn resolve_accel(a: Accel) -> &'static str {
 
 pub fn metadata_element(spec: &VmSpec) -> String {
     let json = serde_json::to_string(spec).expect("spec serializes");
-    format!("<{META_KEY}:spec xmlns:{META_KEY}='{META_NS}'>{}</{META_KEY}:spec>", escape(&json))
+    format!(
+        "<{META_KEY}:spec xmlns:{META_KEY}='{META_NS}'>{}</{META_KEY}:spec>",
+        escape(&json)
+    )
 }
 
 /// The spec from a `virDomainGetMetadata` reply (`<spec>JSON</spec>`, any prefix).
@@ -47,9 +54,10 @@ pub fn spec_from_metadata(xml: &str) -> Result<VmSpec, String> {
     let mut text = String::new();
     loop {
         match reader.read_event() {
-            Ok(quick_xml::events::Event::Text(t)) => {
-                text.push_str(&t.unescape().map_err(|e| format!("bad metadata text: {e}"))?)
-            }
+            Ok(quick_xml::events::Event::Text(t)) => text.push_str(
+                &t.unescape()
+                    .map_err(|e| format!("bad metadata text: {e}"))?,
+            ),
             Ok(quick_xml::events::Event::Eof) => break,
             Ok(_) => {}
             Err(e) => return Err(format!("bad metadata XML: {e}")),
@@ -68,16 +76,29 @@ pub fn domain_xml(spec: &VmSpec, uuid: Option<&str>, console_log: &Path) -> Stri
     if let Some(u) = uuid {
         x.push_str(&format!("  <uuid>{}</uuid>\n", escape(u)));
     }
-    x.push_str(&format!("  <metadata>{}</metadata>\n", metadata_element(spec)));
+    x.push_str(&format!(
+        "  <metadata>{}</metadata>\n",
+        metadata_element(spec)
+    ));
     x.push_str(&format!(
         "  <memory unit='MiB'>{}</memory>\n  <vcpu>{}</vcpu>\n  <os>\n    <type arch='x86_64'>hvm</type>\n",
         spec.memory_mib, spec.cpus
     ));
     match &spec.boot {
-        Boot::Kernel { kernel, initrd, cmdline } => {
-            x.push_str(&format!("    <kernel>{}</kernel>\n", escape(&kernel.display().to_string())));
+        Boot::Kernel {
+            kernel,
+            initrd,
+            cmdline,
+        } => {
+            x.push_str(&format!(
+                "    <kernel>{}</kernel>\n",
+                escape(&kernel.display().to_string())
+            ));
             if let Some(i) = initrd {
-                x.push_str(&format!("    <initrd>{}</initrd>\n", escape(&i.display().to_string())));
+                x.push_str(&format!(
+                    "    <initrd>{}</initrd>\n",
+                    escape(&i.display().to_string())
+                ));
             }
             x.push_str(&format!("    <cmdline>{}</cmdline>\n", escape(cmdline)));
         }
@@ -111,7 +132,10 @@ pub fn domain_xml(spec: &VmSpec, uuid: Option<&str>, console_log: &Path) -> Stri
     let mut netdev = format!("user,id={NETDEV_ID}");
     for f in &spec.forwards {
         if let HostPort::Fixed(p) = f.host_port {
-            netdev.push_str(&format!(",hostfwd={}", hostfwd_rule(f.proto, &f.host_addr, p, f.guest_port)));
+            netdev.push_str(&format!(
+                ",hostfwd={}",
+                hostfwd_rule(f.proto, &f.host_addr, p, f.guest_port)
+            ));
         }
     }
     x.push_str(&format!(
@@ -130,11 +154,21 @@ mod tests {
     fn spec() -> VmSpec {
         let mut s = VmSpec::new(
             VmName::new("t1").unwrap(),
-            Boot::Kernel { kernel: "/k/vmlinuz".into(), initrd: Some("/k/initrd".into()), cmdline: "console=ttyS0 a=<b>".into() },
+            Boot::Kernel {
+                kernel: "/k/vmlinuz".into(),
+                initrd: Some("/k/initrd".into()),
+                cmdline: "console=ttyS0 a=<b>".into(),
+            },
         );
         s.accel = Accel::Tcg;
-        s.disks.push(DiskSpec { path: "/d/data.qcow2".into(), format: Default::default(), readonly: false, owned: false });
-        s.forwards.push(ForwardSpec::new("ssh", 22).host_port(HostPort::Fixed(40022)));
+        s.disks.push(DiskSpec {
+            path: "/d/data.qcow2".into(),
+            format: Default::default(),
+            readonly: false,
+            owned: false,
+        });
+        s.forwards
+            .push(ForwardSpec::new("ssh", 22).host_port(HostPort::Fixed(40022)));
         s
     }
 

@@ -18,6 +18,8 @@ static EVENT_LOOP: OnceLock<Result<(), String>> = OnceLock::new();
 pub fn ensure_event_loop() -> Result<(), String> {
     EVENT_LOOP
         .get_or_init(|| {
+            // libvirt prints every error to stderr by default; anyvm reports them as typed errors.
+            virt::error::clear_error_callback();
             virt::event::event_register_default_impl().map_err(|e| e.to_string())?;
             std::thread::Builder::new()
                 .name("anyvm-libvirt-events".into())
@@ -52,7 +54,9 @@ unsafe extern "C" fn on_lifecycle(
         sys::VIR_DOMAIN_EVENT_STARTED => VmEventKind::Started,
         sys::VIR_DOMAIN_EVENT_SUSPENDED => VmEventKind::Paused,
         sys::VIR_DOMAIN_EVENT_RESUMED => VmEventKind::Resumed,
-        sys::VIR_DOMAIN_EVENT_STOPPED if detail as u32 == sys::VIR_DOMAIN_EVENT_STOPPED_CRASHED => VmEventKind::Crashed,
+        sys::VIR_DOMAIN_EVENT_STOPPED if detail as u32 == sys::VIR_DOMAIN_EVENT_STOPPED_CRASHED => {
+            VmEventKind::Crashed
+        }
         sys::VIR_DOMAIN_EVENT_STOPPED => VmEventKind::Stopped,
         sys::VIR_DOMAIN_EVENT_CRASHED => VmEventKind::Crashed,
         _ => return,
@@ -71,8 +75,12 @@ unsafe extern "C" fn on_agent(
 ) {
     let tx = &*(opaque as *const Tx);
     let kind = match state as u32 {
-        sys::VIR_CONNECT_DOMAIN_EVENT_AGENT_LIFECYCLE_STATE_CONNECTED => VmEventKind::AgentConnected,
-        sys::VIR_CONNECT_DOMAIN_EVENT_AGENT_LIFECYCLE_STATE_DISCONNECTED => VmEventKind::AgentDisconnected,
+        sys::VIR_CONNECT_DOMAIN_EVENT_AGENT_LIFECYCLE_STATE_CONNECTED => {
+            VmEventKind::AgentConnected
+        }
+        sys::VIR_CONNECT_DOMAIN_EVENT_AGENT_LIFECYCLE_STATE_DISCONNECTED => {
+            VmEventKind::AgentDisconnected
+        }
         _ => return,
     };
     if let Some(vm) = dom_name(dom) {
@@ -91,7 +99,14 @@ pub fn register(conn: &Connect, tx: &Tx) -> Result<(), String> {
         // SAFETY: the callback types match the event IDs (libvirt's documented casting
         // convention); `opaque` is freed by `free_tx` when libvirt drops the registration.
         let rc = unsafe {
-            sys::virConnectDomainEventRegisterAny(conn.as_ptr(), std::ptr::null_mut(), id as c_int, cb, opaque, Some(free_tx))
+            sys::virConnectDomainEventRegisterAny(
+                conn.as_ptr(),
+                std::ptr::null_mut(),
+                id as c_int,
+                cb,
+                opaque,
+                Some(free_tx),
+            )
         };
         if rc < 0 {
             unsafe { free_tx(opaque) };
@@ -104,14 +119,26 @@ pub fn register(conn: &Connect, tx: &Tx) -> Result<(), String> {
         reg(
             sys::VIR_DOMAIN_EVENT_ID_LIFECYCLE,
             std::mem::transmute::<
-                unsafe extern "C" fn(sys::virConnectPtr, sys::virDomainPtr, c_int, c_int, *mut c_void),
+                unsafe extern "C" fn(
+                    sys::virConnectPtr,
+                    sys::virDomainPtr,
+                    c_int,
+                    c_int,
+                    *mut c_void,
+                ),
                 sys::virConnectDomainEventGenericCallback,
             >(on_lifecycle),
         )?;
         reg(
             sys::VIR_DOMAIN_EVENT_ID_AGENT_LIFECYCLE,
             std::mem::transmute::<
-                unsafe extern "C" fn(sys::virConnectPtr, sys::virDomainPtr, c_int, c_int, *mut c_void),
+                unsafe extern "C" fn(
+                    sys::virConnectPtr,
+                    sys::virDomainPtr,
+                    c_int,
+                    c_int,
+                    *mut c_void,
+                ),
                 sys::virConnectDomainEventGenericCallback,
             >(on_agent),
         )?;

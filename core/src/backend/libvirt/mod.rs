@@ -25,7 +25,8 @@ use super::{Backend, VmEvent};
 use crate::error::{Ctx, Error, Result};
 use crate::name::VmName;
 use crate::types::{
-    DiskFormat, ExecOutput, ExecRequest, ForwardSpec, HostPort, PortForward, SnapshotInfo, VmInfo, VmSpec, VmState,
+    DiskFormat, ExecOutput, ExecRequest, ForwardSpec, HostPort, PortForward, SnapshotInfo, VmInfo,
+    VmSpec, VmState,
 };
 use crate::util::command::ToolCommand;
 
@@ -44,8 +45,11 @@ pub struct LibvirtOptions {
     pub agent_timeout: Duration,
     /// Bound on qemu-img (exports copy whole disks).
     pub qemu_img_timeout: Duration,
-    /// Chunk size for guest file transfer.
-    pub file_chunk: usize,
+    /// Bytes per guest-file-write. qemu-ga stops answering on requests much above 200 KB
+    /// (seen with QEMU 7.2's agent), so writes go in small pieces.
+    pub write_chunk: usize,
+    /// Bytes per guest-file-read.
+    pub read_chunk: usize,
 }
 
 impl Default for LibvirtOptions {
@@ -57,7 +61,8 @@ impl Default for LibvirtOptions {
             call_timeout: Duration::from_secs(60),
             agent_timeout: Duration::from_secs(10),
             qemu_img_timeout: Duration::from_secs(600),
-            file_chunk: 1024 * 1024,
+            write_chunk: 96 * 1024,
+            read_chunk: 1024 * 1024,
         }
     }
 }
@@ -72,7 +77,9 @@ pub struct LibvirtBackend {
 
 impl std::fmt::Debug for LibvirtBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LibvirtBackend").field("uri", &self.uri).finish()
+        f.debug_struct("LibvirtBackend")
+            .field("uri", &self.uri)
+            .finish()
     }
 }
 
@@ -80,11 +87,21 @@ fn map_err(ctx: &Ctx, e: virt::error::Error) -> Error {
     let msg = e.message().to_string();
     let known = |n: ErrorNumber| e.code() == virt::error::ErrorNumberEnum::Known(n);
     if known(ErrorNumber::NoDomain) {
-        Error::NotFound { ctx: ctx.clone(), what: "no such domain".into() }
+        Error::NotFound {
+            ctx: ctx.clone(),
+            what: "no such domain".into(),
+        }
     } else if known(ErrorNumber::NoDomainSnapshot) {
-        Error::NotFound { ctx: ctx.clone(), what: format!("snapshot ({msg})") }
+        Error::NotFound {
+            ctx: ctx.clone(),
+            what: format!("snapshot ({msg})"),
+        }
     } else if known(ErrorNumber::OperationInvalid) {
-        Error::InvalidState { ctx: ctx.clone(), state: msg, hint: String::new() }
+        Error::InvalidState {
+            ctx: ctx.clone(),
+            state: msg,
+            hint: String::new(),
+        }
     } else if known(ErrorNumber::AgentUnresponsive) || known(ErrorNumber::AgentUnsynced) {
         Error::NotReady {
             ctx: ctx.clone(),
@@ -93,15 +110,32 @@ fn map_err(ctx: &Ctx, e: virt::error::Error) -> Error {
             last_error: format!("{msg}; is qemu-guest-agent running in the guest?"),
         }
     } else if known(ErrorNumber::OperationTimeout) {
-        Error::Timeout { ctx: ctx.clone(), after: Duration::ZERO, what: msg }
+        Error::Timeout {
+            ctx: ctx.clone(),
+            after: Duration::ZERO,
+            what: msg,
+        }
     } else if known(ErrorNumber::AuthFailed) {
-        Error::Auth { ctx: ctx.clone(), reason: msg }
+        Error::Auth {
+            ctx: ctx.clone(),
+            reason: msg,
+        }
     } else if known(ErrorNumber::NoConnect) || known(ErrorNumber::SystemError) {
-        Error::BackendUnavailable { ctx: ctx.clone(), backend: ID.into(), reason: msg }
+        Error::BackendUnavailable {
+            ctx: ctx.clone(),
+            backend: ID.into(),
+            reason: msg,
+        }
     } else if known(ErrorNumber::ResourceBusy) {
-        Error::Busy { ctx: ctx.clone(), reason: msg }
+        Error::Busy {
+            ctx: ctx.clone(),
+            reason: msg,
+        }
     } else if msg.contains("No such file or directory") {
-        Error::NotFound { ctx: ctx.clone(), what: msg }
+        Error::NotFound {
+            ctx: ctx.clone(),
+            what: msg,
+        }
     } else {
         Error::backend(ctx.clone(), ID, msg)
     }
@@ -124,14 +158,21 @@ impl LibvirtBackend {
         let call = tokio::task::spawn_blocking(move || Connect::open(Some(&u)));
         let conn = match tokio::time::timeout(opts.call_timeout, call).await {
             Err(_) => {
-                return Err(Error::Timeout { ctx, after: opts.call_timeout, what: "libvirtd to answer".into() })
+                return Err(Error::Timeout {
+                    ctx,
+                    after: opts.call_timeout,
+                    what: "libvirtd to answer".into(),
+                })
             }
             Ok(Err(join)) => return Err(Error::backend(ctx, ID, join.to_string())),
             Ok(Ok(Err(e))) => {
                 return Err(Error::BackendUnavailable {
                     ctx,
                     backend: ID.into(),
-                    reason: format!("{}; is libvirtd running (scripts/setup-host.sh)?", e.message()),
+                    reason: format!(
+                        "{}; is libvirtd running (scripts/setup-host.sh)?",
+                        e.message()
+                    ),
                 })
             }
             Ok(Ok(Ok(c))) => c,
@@ -142,7 +183,12 @@ impl LibvirtBackend {
         if let Err(e) = events::register(&conn, &tx) {
             tracing::warn!(error = %e, "libvirt events unavailable; readiness falls back to polling");
         }
-        Ok(LibvirtBackend { uri: uri.to_string(), conn: Arc::new(conn), events: tx, opts })
+        Ok(LibvirtBackend {
+            uri: uri.to_string(),
+            conn: Arc::new(conn),
+            events: tx,
+            opts,
+        })
     }
 
     pub fn options(&self) -> &LibvirtOptions {
@@ -159,8 +205,16 @@ impl LibvirtBackend {
         let task = tokio::task::spawn_blocking(move || f(&conn));
         match tokio::time::timeout(timeout, task).await {
             Ok(Ok(r)) => r,
-            Ok(Err(join)) => Err(Error::backend(ctx.clone(), ID, format!("libvirt call panicked: {join}"))),
-            Err(_) => Err(Error::Timeout { ctx: ctx.clone(), after: timeout, what: "libvirt to answer".into() }),
+            Ok(Err(join)) => Err(Error::backend(
+                ctx.clone(),
+                ID,
+                format!("libvirt call panicked: {join}"),
+            )),
+            Err(_) => Err(Error::Timeout {
+                ctx: ctx.clone(),
+                after: timeout,
+                what: "libvirt to answer".into(),
+            }),
         }
     }
 
@@ -173,22 +227,33 @@ impl LibvirtBackend {
         let name = vm.to_string();
         let c = ctx.clone();
         self.call(ctx, self.opts.call_timeout, move |conn| {
-            let d = conn.lookup_domain_by_name(&name).map_err(|e| map_err(&c, e))?;
+            let d = conn
+                .lookup_domain_by_name(&name)
+                .map_err(|e| map_err(&c, e))?;
             f(&d, &c)
         })
         .await
     }
 
     /// One guest-agent command; returns the reply's `return` value.
-    async fn agent(&self, ctx: &Ctx, vm: &VmName, cmd: String, timeout: Duration) -> Result<serde_json::Value> {
+    async fn agent(
+        &self,
+        ctx: &Ctx,
+        vm: &VmName,
+        cmd: String,
+        timeout: Duration,
+    ) -> Result<serde_json::Value> {
         let secs = timeout.as_secs().clamp(1, i32::MAX as u64) as i32;
         let reply = self
             .call(ctx, timeout + Duration::from_secs(2), {
                 let name = vm.to_string();
                 let c = ctx.clone();
                 move |conn| {
-                    let d = conn.lookup_domain_by_name(&name).map_err(|e| map_err(&c, e))?;
-                    d.qemu_agent_command(&cmd, secs, 0).map_err(|e| map_err(&c, e))
+                    let d = conn
+                        .lookup_domain_by_name(&name)
+                        .map_err(|e| map_err(&c, e))?;
+                    d.qemu_agent_command(&cmd, secs, 0)
+                        .map_err(|e| map_err(&c, e))
                 }
             })
             .await?;
@@ -200,7 +265,12 @@ impl LibvirtBackend {
     }
 
     fn is_local(&self) -> bool {
-        !self.uri.contains("://") || self.uri.split("://").nth(1).is_some_and(|r| r.starts_with('/'))
+        !self.uri.contains("://")
+            || self
+                .uri
+                .split("://")
+                .nth(1)
+                .is_some_and(|r| r.starts_with('/'))
     }
 
     async fn stored_spec(&self, ctx: &Ctx, vm: &VmName) -> Result<VmSpec> {
@@ -218,10 +288,14 @@ impl LibvirtBackend {
         self.call(ctx, self.opts.call_timeout, {
             let c = ctx.clone();
             move |conn| {
-                let d = conn.lookup_domain_by_name(&name).map_err(|e| map_err(&c, e))?;
+                let d = conn
+                    .lookup_domain_by_name(&name)
+                    .map_err(|e| map_err(&c, e))?;
                 let uuid = d.uuid_string().map_err(|e| map_err(&c, e))?;
                 let xml = domain_xml::domain_xml(&spec, Some(&uuid), &log);
-                conn.define_domain_xml(&xml).map(|_| ()).map_err(|e| map_err(&c, e))
+                conn.define_domain_xml(&xml)
+                    .map(|_| ())
+                    .map_err(|e| map_err(&c, e))
             }
         })
         .await
@@ -229,15 +303,22 @@ impl LibvirtBackend {
 
     async fn monitor(&self, ctx: &Ctx, vm: &VmName, cmd: String) -> Result<String> {
         self.dom(ctx, vm, move |d, c| {
-            d.qemu_monitor_command(&cmd, sys::VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP).map_err(|e| map_err(c, e))
+            d.qemu_monitor_command(&cmd, sys::VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP)
+                .map_err(|e| map_err(c, e))
         })
         .await
     }
 
     async fn qemu_img(&self, ctx: &Ctx, args: Vec<String>) -> Result<()> {
-        let out = ToolCommand::new("qemu-img", args, self.opts.qemu_img_timeout).run(ctx).await?;
+        let out = ToolCommand::new("qemu-img", args, self.opts.qemu_img_timeout)
+            .run(ctx)
+            .await?;
         if out.code != Some(0) {
-            return Err(Error::backend(ctx.clone(), "qemu-img", out.stderr_str().trim().to_string()));
+            return Err(Error::backend(
+                ctx.clone(),
+                "qemu-img",
+                out.stderr_str().trim().to_string(),
+            ));
         }
         Ok(())
     }
@@ -253,7 +334,10 @@ impl LibvirtBackend {
         }
         for p in paths {
             if !p.exists() {
-                return Err(Error::NotFound { ctx: ctx.clone(), what: format!("host file {}", p.display()) });
+                return Err(Error::NotFound {
+                    ctx: ctx.clone(),
+                    what: format!("host file {}", p.display()),
+                });
             }
         }
         Ok(())
@@ -264,9 +348,13 @@ fn map_state(d: &Domain, ctx: &Ctx) -> Result<VmState> {
     use virt::domain::DomainState as S;
     let (st, _) = d.state().map_err(|e| map_err(ctx, e))?;
     Ok(match st {
-        virt::enumutil::Enum::Known(S::Running) | virt::enumutil::Enum::Known(S::Blocked) => VmState::Running,
+        virt::enumutil::Enum::Known(S::Running) | virt::enumutil::Enum::Known(S::Blocked) => {
+            VmState::Running
+        }
         virt::enumutil::Enum::Known(S::Shutdown) => VmState::Running,
-        virt::enumutil::Enum::Known(S::Paused) | virt::enumutil::Enum::Known(S::PMSuspended) => VmState::Paused,
+        virt::enumutil::Enum::Known(S::Paused) | virt::enumutil::Enum::Known(S::PMSuspended) => {
+            VmState::Paused
+        }
         virt::enumutil::Enum::Known(S::Shutoff) => {
             if d.has_managed_save(0).unwrap_or(false) {
                 VmState::Saved
@@ -302,8 +390,12 @@ fn xml_text(xml: &str, tag: &str) -> Option<String> {
     let mut inside = false;
     loop {
         match r.read_event().ok()? {
-            quick_xml::events::Event::Start(e) if e.name().as_ref() == tag.as_bytes() => inside = true,
-            quick_xml::events::Event::Text(t) if inside => return t.unescape().ok().map(|s| s.into_owned()),
+            quick_xml::events::Event::Start(e) if e.name().as_ref() == tag.as_bytes() => {
+                inside = true
+            }
+            quick_xml::events::Event::Text(t) if inside => {
+                return t.unescape().ok().map(|s| s.into_owned())
+            }
             quick_xml::events::Event::End(_) if inside => return Some(String::new()),
             quick_xml::events::Event::Eof => return None,
             _ => {}
@@ -330,7 +422,11 @@ impl Backend for LibvirtBackend {
                 for d in doms {
                     let name = d.name().map_err(|e| map_err(&c, e))?;
                     let state = map_state(&d, &c).unwrap_or(VmState::Unknown);
-                    out.push(VmInfo { name, state, managed: read_spec(&d).is_some() });
+                    out.push(VmInfo {
+                        name,
+                        state,
+                        managed: read_spec(&d).is_some(),
+                    });
                 }
                 out.sort_by(|a, b| a.name.cmp(&b.name));
                 Ok(out)
@@ -348,23 +444,32 @@ impl Backend for LibvirtBackend {
     }
 
     async fn spec(&self, vm: &VmName) -> Result<Option<VmSpec>> {
-        self.dom(&Ctx::vm("read spec", vm), vm, |d, _| Ok(read_spec(d))).await
+        self.dom(&Ctx::vm("read spec", vm), vm, |d, _| Ok(read_spec(d)))
+            .await
     }
 
     async fn define(&self, spec: &VmSpec) -> Result<()> {
         let ctx = Ctx::vm("define", &spec.name);
         spec.validate()?;
         if spec.forwards.iter().any(|f| f.host_port == HostPort::Auto) {
-            return Err(Error::invalid_arg("forwards", "host ports must be resolved before define (use Client::define)"));
+            return Err(Error::invalid_arg(
+                "forwards",
+                "host ports must be resolved before define (use Client::define)",
+            ));
         }
         self.check_host_paths(&ctx, spec)?;
         if self.is_local() {
-            std::fs::create_dir_all(&self.opts.console_dir).map_err(|e| Error::io(ctx.clone(), &self.opts.console_dir, e))?;
+            std::fs::create_dir_all(&self.opts.console_dir)
+                .map_err(|e| Error::io(ctx.clone(), &self.opts.console_dir, e))?;
         }
         let xml = domain_xml::domain_xml(spec, None, &self.console_path(&spec.name));
         self.call(&ctx, self.opts.call_timeout, {
             let c = ctx.clone();
-            move |conn| conn.define_domain_xml(&xml).map(|_| ()).map_err(|e| map_err(&c, e))
+            move |conn| {
+                conn.define_domain_xml(&xml)
+                    .map(|_| ())
+                    .map_err(|e| map_err(&c, e))
+            }
         })
         .await
     }
@@ -395,7 +500,10 @@ impl Backend for LibvirtBackend {
     }
 
     async fn start(&self, vm: &VmName) -> Result<()> {
-        self.dom(&Ctx::vm("start", vm), vm, |d, c| d.create().map(|_| ()).map_err(|e| map_err(c, e))).await
+        self.dom(&Ctx::vm("start", vm), vm, |d, c| {
+            d.create().map(|_| ()).map_err(|e| map_err(c, e))
+        })
+        .await
     }
 
     async fn request_shutdown(&self, vm: &VmName) -> Result<()> {
@@ -405,7 +513,9 @@ impl Backend for LibvirtBackend {
                 Ok(_) => Ok(()),
                 Err(e) => {
                     tracing::debug!(error = %e, "agent shutdown failed; trying ACPI");
-                    d.shutdown_flags(sys::VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN).map(|_| ()).map_err(|e| map_err(c, e))
+                    d.shutdown_flags(sys::VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN)
+                        .map(|_| ())
+                        .map_err(|e| map_err(c, e))
                 }
             }
         })
@@ -422,15 +532,24 @@ impl Backend for LibvirtBackend {
     }
 
     async fn pause(&self, vm: &VmName) -> Result<()> {
-        self.dom(&Ctx::vm("pause", vm), vm, |d, c| d.suspend().map_err(|e| map_err(c, e))).await
+        self.dom(&Ctx::vm("pause", vm), vm, |d, c| {
+            d.suspend().map_err(|e| map_err(c, e))
+        })
+        .await
     }
 
     async fn resume(&self, vm: &VmName) -> Result<()> {
-        self.dom(&Ctx::vm("resume", vm), vm, |d, c| d.resume().map_err(|e| map_err(c, e))).await
+        self.dom(&Ctx::vm("resume", vm), vm, |d, c| {
+            d.resume().map_err(|e| map_err(c, e))
+        })
+        .await
     }
 
     async fn save_state(&self, vm: &VmName) -> Result<()> {
-        self.dom(&Ctx::vm("save state", vm), vm, |d, c| d.managed_save(0).map_err(|e| map_err(c, e))).await
+        self.dom(&Ctx::vm("save state", vm), vm, |d, c| {
+            d.managed_save(0).map_err(|e| map_err(c, e))
+        })
+        .await
     }
 
     async fn snapshot_take(&self, vm: &VmName, name: &str, description: &str) -> Result<()> {
@@ -439,27 +558,41 @@ impl Backend for LibvirtBackend {
             crate::util::xml::escape(name),
             crate::util::xml::escape(description)
         );
-        self.dom(&Ctx::vm(format!("snapshot take {name}"), vm), vm, move |d, c| {
-            d.create_snapshot_xml(&xml, 0).map(|_| ()).map_err(|e| map_err(c, e))
-        })
+        self.dom(
+            &Ctx::vm(format!("snapshot take {name}"), vm),
+            vm,
+            move |d, c| {
+                d.create_snapshot_xml(&xml, 0)
+                    .map(|_| ())
+                    .map_err(|e| map_err(c, e))
+            },
+        )
         .await
     }
 
     async fn snapshot_restore(&self, vm: &VmName, name: &str) -> Result<()> {
         let n = name.to_string();
-        self.dom(&Ctx::vm(format!("snapshot restore {name}"), vm), vm, move |d, c| {
-            let s = Domain::lookup_snapshot_by_name(d, &n, 0).map_err(|e| map_err(c, e))?;
-            s.revert(0).map_err(|e| map_err(c, e))
-        })
+        self.dom(
+            &Ctx::vm(format!("snapshot restore {name}"), vm),
+            vm,
+            move |d, c| {
+                let s = Domain::lookup_snapshot_by_name(d, &n, 0).map_err(|e| map_err(c, e))?;
+                s.revert(0).map_err(|e| map_err(c, e))
+            },
+        )
         .await
     }
 
     async fn snapshot_delete(&self, vm: &VmName, name: &str) -> Result<()> {
         let n = name.to_string();
-        self.dom(&Ctx::vm(format!("snapshot delete {name}"), vm), vm, move |d, c| {
-            let s = Domain::lookup_snapshot_by_name(d, &n, 0).map_err(|e| map_err(c, e))?;
-            s.delete(0).map_err(|e| map_err(c, e))
-        })
+        self.dom(
+            &Ctx::vm(format!("snapshot delete {name}"), vm),
+            vm,
+            move |d, c| {
+                let s = Domain::lookup_snapshot_by_name(d, &n, 0).map_err(|e| map_err(c, e))?;
+                s.delete(0).map_err(|e| map_err(c, e))
+            },
+        )
         .await
     }
 
@@ -482,7 +615,12 @@ impl Backend for LibvirtBackend {
         .await
     }
 
-    async fn prepare_linked_clone(&self, base: &VmName, snapshot: Option<String>, new: &VmName) -> Result<VmSpec> {
+    async fn prepare_linked_clone(
+        &self,
+        base: &VmName,
+        snapshot: Option<String>,
+        new: &VmName,
+    ) -> Result<VmSpec> {
         let snapshot = snapshot.as_deref();
         let ctx = Ctx::vm(format!("clone to {new}"), base);
         if !self.is_local() {
@@ -496,10 +634,13 @@ impl Backend for LibvirtBackend {
         let tag = match snapshot {
             Some(s) => {
                 let snaps = self.snapshot_list(base).await?;
-                let info = snaps.iter().find(|i| i.name == s).ok_or_else(|| Error::NotFound {
-                    ctx: ctx.clone(),
-                    what: format!("snapshot '{s}'"),
-                })?;
+                let info = snaps
+                    .iter()
+                    .find(|i| i.name == s)
+                    .ok_or_else(|| Error::NotFound {
+                        ctx: ctx.clone(),
+                        what: format!("snapshot '{s}'"),
+                    })?;
                 format!("{s}-{}", info.created.unwrap_or(0))
             }
             None => {
@@ -511,11 +652,14 @@ impl Backend for LibvirtBackend {
                         hint: "stop the base VM or name a snapshot to clone from".into(),
                     });
                 }
-                let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+                let t = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default();
                 format!("current-{}", t.as_nanos())
             }
         };
-        std::fs::create_dir_all(&self.opts.images_dir).map_err(|e| Error::io(ctx.clone(), &self.opts.images_dir, e))?;
+        std::fs::create_dir_all(&self.opts.images_dir)
+            .map_err(|e| Error::io(ctx.clone(), &self.opts.images_dir, e))?;
         let mut clone = spec.clone();
         clone.name = new.clone();
         let mut created: Vec<PathBuf> = Vec::new();
@@ -530,10 +674,20 @@ impl Backend for LibvirtBackend {
                 }
                 // Freeze the base disk at the snapshot once; every clone then layers on that file,
                 // so the base VM keeps running and changing without touching its clones.
-                let frozen = self.opts.images_dir.join(format!("{base}-{tag}-{i}.base.qcow2"));
+                let frozen = self
+                    .opts
+                    .images_dir
+                    .join(format!("{base}-{tag}-{i}.base.qcow2"));
                 if !frozen.exists() {
                     let tmp = frozen.with_extension("tmp");
-                    let mut args = vec!["convert".to_string(), "-U".into(), "-f".into(), "qcow2".into(), "-O".into(), "qcow2".into()];
+                    let mut args = vec![
+                        "convert".to_string(),
+                        "-U".into(),
+                        "-f".into(),
+                        "qcow2".into(),
+                        "-O".into(),
+                        "qcow2".into(),
+                    ];
                     if let Some(s) = snapshot {
                         args.push("-l".into());
                         args.push(format!("snapshot.name={s}"));
@@ -541,7 +695,8 @@ impl Backend for LibvirtBackend {
                     args.push(disk.path.display().to_string());
                     args.push(tmp.display().to_string());
                     self.qemu_img(&ctx, args).await?;
-                    std::fs::rename(&tmp, &frozen).map_err(|e| Error::io(ctx.clone(), &frozen, e))?;
+                    std::fs::rename(&tmp, &frozen)
+                        .map_err(|e| Error::io(ctx.clone(), &frozen, e))?;
                 }
                 let overlay = self.opts.images_dir.join(format!("{new}-{i}.qcow2"));
                 if overlay.exists() {
@@ -589,12 +744,16 @@ impl Backend for LibvirtBackend {
         }
         let started = Instant::now();
         let deadline = started + req.timeout;
-        let reply = self.agent(&ctx, vm, agent::exec(req), self.opts.agent_timeout).await?;
+        let reply = self
+            .agent(&ctx, vm, agent::exec(req), self.opts.agent_timeout)
+            .await?;
         let pid = agent::int_field(&reply, "pid").map_err(|m| agent_err(&ctx, m))?;
         // Short programs finish in a few ms: poll fast at first, then back off.
         let mut delay = Duration::from_millis(1);
         loop {
-            let st = self.agent(&ctx, vm, agent::exec_status(pid), self.opts.agent_timeout).await?;
+            let st = self
+                .agent(&ctx, vm, agent::exec_status(pid), self.opts.agent_timeout)
+                .await?;
             if let Some(s) = agent::parse_exec_status(&st).map_err(|m| agent_err(&ctx, m))? {
                 return Ok(ExecOutput {
                     exit_code: s.exit_code,
@@ -608,7 +767,10 @@ impl Backend for LibvirtBackend {
             }
             let now = Instant::now();
             if now >= deadline {
-                if let Err(e) = self.agent(&ctx, vm, agent::kill(pid), self.opts.agent_timeout).await {
+                if let Err(e) = self
+                    .agent(&ctx, vm, agent::kill(pid), self.opts.agent_timeout)
+                    .await
+                {
                     tracing::warn!(vm = %vm, pid, error = %e, "could not kill timed-out guest program");
                 }
                 return Err(Error::Timeout {
@@ -624,27 +786,53 @@ impl Backend for LibvirtBackend {
 
     async fn copy_to(&self, vm: &VmName, host: &Path, guest: &str) -> Result<u64> {
         let ctx = Ctx::vm(format!("copy {} to {guest}", host.display()), vm);
-        let mut f = tokio::fs::File::open(host).await.map_err(|e| Error::io(ctx.clone(), host, e))?;
-        let reply = self.agent(&ctx, vm, agent::file_open(guest, "wb"), self.opts.agent_timeout).await?;
-        let handle = reply.as_i64().ok_or_else(|| agent_err(&ctx, format!("guest-file-open returned {reply}")))?;
+        let mut f = tokio::fs::File::open(host)
+            .await
+            .map_err(|e| Error::io(ctx.clone(), host, e))?;
+        let reply = self
+            .agent(
+                &ctx,
+                vm,
+                agent::file_open(guest, "wb"),
+                self.opts.agent_timeout,
+            )
+            .await?;
+        let handle = reply
+            .as_i64()
+            .ok_or_else(|| agent_err(&ctx, format!("guest-file-open returned {reply}")))?;
         let mut total = 0u64;
-        let mut buf = vec![0u8; self.opts.file_chunk];
+        let mut buf = vec![0u8; self.opts.write_chunk];
         let res: Result<()> = async {
             loop {
-                let n = f.read(&mut buf).await.map_err(|e| Error::io(ctx.clone(), host, e))?;
+                let n = f
+                    .read(&mut buf)
+                    .await
+                    .map_err(|e| Error::io(ctx.clone(), host, e))?;
                 if n == 0 {
                     return Ok(());
                 }
-                let r = self.agent(&ctx, vm, agent::file_write(handle, &buf[..n]), self.opts.agent_timeout).await?;
+                let r = self
+                    .agent(
+                        &ctx,
+                        vm,
+                        agent::file_write(handle, &buf[..n]),
+                        self.opts.agent_timeout,
+                    )
+                    .await?;
                 let written = agent::int_field(&r, "count").map_err(|m| agent_err(&ctx, m))?;
                 if written as usize != n {
-                    return Err(agent_err(&ctx, format!("short write in guest: {written} of {n} bytes")));
+                    return Err(agent_err(
+                        &ctx,
+                        format!("short write in guest: {written} of {n} bytes"),
+                    ));
                 }
                 total += n as u64;
             }
         }
         .await;
-        let closed = self.agent(&ctx, vm, agent::file_close(handle), self.opts.agent_timeout).await;
+        let closed = self
+            .agent(&ctx, vm, agent::file_close(handle), self.opts.agent_timeout)
+            .await;
         res?;
         closed?;
         Ok(total)
@@ -652,33 +840,61 @@ impl Backend for LibvirtBackend {
 
     async fn copy_from(&self, vm: &VmName, guest: &str, host: &Path) -> Result<u64> {
         let ctx = Ctx::vm(format!("copy {guest} to {}", host.display()), vm);
-        let reply = self.agent(&ctx, vm, agent::file_open(guest, "rb"), self.opts.agent_timeout).await?;
-        let handle = reply.as_i64().ok_or_else(|| agent_err(&ctx, format!("guest-file-open returned {reply}")))?;
+        let reply = self
+            .agent(
+                &ctx,
+                vm,
+                agent::file_open(guest, "rb"),
+                self.opts.agent_timeout,
+            )
+            .await?;
+        let handle = reply
+            .as_i64()
+            .ok_or_else(|| agent_err(&ctx, format!("guest-file-open returned {reply}")))?;
         let tmp = host.with_file_name(format!(
             ".{}.anyvm-part",
-            host.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "copy".into())
+            host.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "copy".into())
         ));
         let res: Result<u64> = async {
-            let mut f = tokio::fs::File::create(&tmp).await.map_err(|e| Error::io(ctx.clone(), &tmp, e))?;
+            let mut f = tokio::fs::File::create(&tmp)
+                .await
+                .map_err(|e| Error::io(ctx.clone(), &tmp, e))?;
             let mut total = 0u64;
             loop {
-                let r = self.agent(&ctx, vm, agent::file_read(handle, self.opts.file_chunk), self.opts.agent_timeout).await?;
+                let r = self
+                    .agent(
+                        &ctx,
+                        vm,
+                        agent::file_read(handle, self.opts.read_chunk),
+                        self.opts.agent_timeout,
+                    )
+                    .await?;
                 let (data, eof) = agent::parse_read(&r).map_err(|m| agent_err(&ctx, m))?;
-                f.write_all(&data).await.map_err(|e| Error::io(ctx.clone(), &tmp, e))?;
+                f.write_all(&data)
+                    .await
+                    .map_err(|e| Error::io(ctx.clone(), &tmp, e))?;
                 total += data.len() as u64;
                 if eof || data.is_empty() {
                     break;
                 }
             }
-            f.flush().await.map_err(|e| Error::io(ctx.clone(), &tmp, e))?;
+            f.flush()
+                .await
+                .map_err(|e| Error::io(ctx.clone(), &tmp, e))?;
             Ok(total)
         }
         .await;
-        let closed = self.agent(&ctx, vm, agent::file_close(handle), self.opts.agent_timeout).await;
+        let closed = self
+            .agent(&ctx, vm, agent::file_close(handle), self.opts.agent_timeout)
+            .await;
         match res {
             Ok(n) => {
                 closed?;
-                tokio::fs::rename(&tmp, host).await.map_err(|e| Error::io(ctx.clone(), host, e))?;
+                tokio::fs::rename(&tmp, host)
+                    .await
+                    .map_err(|e| Error::io(ctx.clone(), host, e))?;
                 Ok(n)
             }
             Err(e) => {
@@ -690,12 +906,28 @@ impl Backend for LibvirtBackend {
 
     async fn read_file(&self, vm: &VmName, guest: &str, limit: usize) -> Result<Vec<u8>> {
         let ctx = Ctx::vm(format!("read {guest}"), vm);
-        let reply = self.agent(&ctx, vm, agent::file_open(guest, "r"), self.opts.agent_timeout).await?;
-        let handle = reply.as_i64().ok_or_else(|| agent_err(&ctx, format!("guest-file-open returned {reply}")))?;
+        let reply = self
+            .agent(
+                &ctx,
+                vm,
+                agent::file_open(guest, "r"),
+                self.opts.agent_timeout,
+            )
+            .await?;
+        let handle = reply
+            .as_i64()
+            .ok_or_else(|| agent_err(&ctx, format!("guest-file-open returned {reply}")))?;
         let mut out = Vec::new();
         let res: Result<()> = async {
             while out.len() < limit {
-                let r = self.agent(&ctx, vm, agent::file_read(handle, limit - out.len()), self.opts.agent_timeout).await?;
+                let r = self
+                    .agent(
+                        &ctx,
+                        vm,
+                        agent::file_read(handle, limit - out.len()),
+                        self.opts.agent_timeout,
+                    )
+                    .await?;
                 let (data, eof) = agent::parse_read(&r).map_err(|m| agent_err(&ctx, m))?;
                 out.extend_from_slice(&data);
                 if eof || data.is_empty() {
@@ -705,7 +937,9 @@ impl Backend for LibvirtBackend {
             Ok(())
         }
         .await;
-        let _ = self.agent(&ctx, vm, agent::file_close(handle), self.opts.agent_timeout).await;
+        let _ = self
+            .agent(&ctx, vm, agent::file_close(handle), self.opts.agent_timeout)
+            .await;
         res.map(|_| out)
     }
 
@@ -733,10 +967,21 @@ impl Backend for LibvirtBackend {
         let mut spec = self.stored_spec(&ctx, vm).await?;
         let running = self.state(vm).await? != VmState::ShutOff;
         if running {
-            let rule = domain_xml::hostfwd_rule(fwd.proto, &fwd.host_addr, fwd.host_port, fwd.guest_port);
-            let out = self.monitor(&ctx, vm, format!("hostfwd_add {} {rule}", domain_xml::NETDEV_ID)).await?;
+            let rule =
+                domain_xml::hostfwd_rule(fwd.proto, &fwd.host_addr, fwd.host_port, fwd.guest_port);
+            let out = self
+                .monitor(
+                    &ctx,
+                    vm,
+                    format!("hostfwd_add {} {rule}", domain_xml::NETDEV_ID),
+                )
+                .await?;
             if !out.trim().is_empty() {
-                return Err(Error::PortInUse { ctx, port: fwd.host_port, reason: format!("QEMU refused the rule: {}", out.trim()) });
+                return Err(Error::PortInUse {
+                    ctx,
+                    port: fwd.host_port,
+                    reason: format!("QEMU refused the rule: {}", out.trim()),
+                });
             }
         }
         spec.forwards.push(ForwardSpec {
@@ -749,7 +994,17 @@ impl Backend for LibvirtBackend {
         if let Err(e) = self.redefine(&ctx, spec).await {
             if running {
                 let _ = self
-                    .monitor(&ctx, vm, format!("hostfwd_remove {} {}:{}:{}", domain_xml::NETDEV_ID, fwd.proto, fwd.host_addr, fwd.host_port))
+                    .monitor(
+                        &ctx,
+                        vm,
+                        format!(
+                            "hostfwd_remove {} {}:{}:{}",
+                            domain_xml::NETDEV_ID,
+                            fwd.proto,
+                            fwd.host_addr,
+                            fwd.host_port
+                        ),
+                    )
                     .await;
             }
             return Err(e);
@@ -762,7 +1017,17 @@ impl Backend for LibvirtBackend {
         let mut spec = self.stored_spec(&ctx, vm).await?;
         if self.state(vm).await? != VmState::ShutOff {
             let out = self
-                .monitor(&ctx, vm, format!("hostfwd_remove {} {}:{}:{}", domain_xml::NETDEV_ID, fwd.proto, fwd.host_addr, fwd.host_port))
+                .monitor(
+                    &ctx,
+                    vm,
+                    format!(
+                        "hostfwd_remove {} {}:{}:{}",
+                        domain_xml::NETDEV_ID,
+                        fwd.proto,
+                        fwd.host_addr,
+                        fwd.host_port
+                    ),
+                )
                 .await?;
             if !out.contains("removed") {
                 tracing::warn!(vm = %vm, reply = %out.trim(), "QEMU did not confirm the forward removal");
@@ -773,7 +1038,9 @@ impl Backend for LibvirtBackend {
     }
 
     async fn agent_ping(&self, vm: &VmName, timeout: Duration) -> Result<()> {
-        self.agent(&Ctx::vm("agent ping", vm), vm, agent::ping(), timeout).await.map(|_| ())
+        self.agent(&Ctx::vm("agent ping", vm), vm, agent::ping(), timeout)
+            .await
+            .map(|_| ())
     }
 
     fn subscribe(&self) -> Option<broadcast::Receiver<VmEvent>> {

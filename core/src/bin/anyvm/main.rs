@@ -1,1 +1,644 @@
-fn main(){}
+//! `anyvm`: the operator's command line over the same API the bindings use.
+
+mod progress;
+
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyvm::{
+    Client, ClientOptions, Config, Error, ExecRequest, ForwardSpec, HostPort, Protocol, ReadySpec,
+    SshOptions, StopOptions, VmName,
+};
+use clap::{Parser, Subcommand};
+use serde_json::json;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "anyvm",
+    version,
+    about = "Drive VMs on libvirt/QEMU, VirtualBox and VMware through one interface"
+)]
+struct Cli {
+    /// Backend URI: libvirt:qemu:///system, virtualbox, vmware:ws (default: config, then libvirt).
+    #[arg(long, global = true, env = "ANYVM_BACKEND")]
+    backend: Option<String>,
+    /// Configuration file (default: ./anyvm.toml when present).
+    #[arg(long, short = 'c', global = true, env = "ANYVM_CONFIG")]
+    config: Option<PathBuf>,
+    /// Machine-readable JSON output.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// List VMs.
+    List,
+    /// State, forwards and snapshots of one VM.
+    Status {
+        name: String,
+    },
+    /// Define (from the config) if needed, start, and wait until ready.
+    Up {
+        name: String,
+        /// Override the readiness timeout from the config, in seconds.
+        #[arg(long)]
+        timeout: Option<f64>,
+    },
+    /// Define a VM from the config without starting it.
+    Define {
+        name: String,
+    },
+    Start {
+        name: String,
+    },
+    /// Graceful shutdown with a deadline, then power off.
+    Stop {
+        name: String,
+        #[arg(long)]
+        force: bool,
+        /// Seconds allowed for the graceful shutdown.
+        #[arg(long, default_value_t = 60.0)]
+        timeout: f64,
+    },
+    Pause {
+        name: String,
+    },
+    Resume {
+        name: String,
+    },
+    /// Save memory to disk and stop; the next start resumes.
+    Save {
+        name: String,
+    },
+    /// Power off and remove the VM, its snapshots, clone disks and port leases.
+    Destroy {
+        name: String,
+    },
+    /// Wait until the VM passes its readiness probes (from the config, or the guest agent).
+    WaitReady {
+        name: String,
+        #[arg(long)]
+        timeout: Option<f64>,
+    },
+    /// Run a program in the guest; its exit code becomes anyvm's.
+    Exec {
+        name: String,
+        /// KEY=VALUE, repeatable.
+        #[arg(long = "env", short = 'e')]
+        env: Vec<String>,
+        #[arg(long)]
+        cwd: Option<String>,
+        /// Seconds before the guest program is killed.
+        #[arg(long, default_value_t = 300.0)]
+        timeout: f64,
+        /// Pass this process's standard input to the program.
+        #[arg(long)]
+        stdin: bool,
+        #[arg(last = true, required = true)]
+        argv: Vec<String>,
+    },
+    /// Copy a file: `anyvm cp VM:/guest/path host/path` or `anyvm cp host/path VM:/guest/path`.
+    Cp {
+        src: String,
+        dst: String,
+    },
+    /// Port forwards.
+    #[command(subcommand)]
+    Forward(ForwardCmd),
+    /// List a VM's forwards (or every lease with --all).
+    Ports {
+        name: Option<String>,
+        #[arg(long)]
+        all: bool,
+    },
+    #[command(subcommand)]
+    Snapshot(SnapshotCmd),
+    /// Linked (copy-on-write) clone.
+    Clone {
+        base: String,
+        new: String,
+        #[arg(long)]
+        snapshot: Option<String>,
+    },
+    /// Print an OpenSSH config block with the guest's host key pinned.
+    SshConfig {
+        name: String,
+        #[arg(long)]
+        user: Option<String>,
+        #[arg(long)]
+        identity: Option<PathBuf>,
+        #[arg(long, default_value_t = 22)]
+        guest_port: u16,
+    },
+    /// Path of the serial console log.
+    Console {
+        name: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ForwardCmd {
+    Add {
+        name: String,
+        #[arg(long)]
+        guest_port: u16,
+        /// A port number or "auto".
+        #[arg(long, default_value = "auto")]
+        host_port: String,
+        /// Label of the forward (default: proto-guestport).
+        #[arg(long = "name")]
+        label: Option<String>,
+        #[arg(long, default_value = "tcp")]
+        proto: String,
+        #[arg(long, default_value = "127.0.0.1")]
+        host_addr: String,
+    },
+    Remove {
+        name: String,
+        /// Label or host port.
+        forward: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum SnapshotCmd {
+    Take {
+        name: String,
+        snapshot: String,
+        #[arg(long, default_value = "")]
+        description: String,
+    },
+    Restore {
+        name: String,
+        snapshot: String,
+    },
+    Delete {
+        name: String,
+        snapshot: String,
+    },
+    List {
+        name: String,
+    },
+}
+
+struct App {
+    client: Client,
+    config: Option<Config>,
+    json: bool,
+}
+
+fn secs(s: f64, what: &str) -> anyvm::Result<Duration> {
+    if s.is_finite() && s > 0.0 {
+        Ok(Duration::from_secs_f64(s))
+    } else {
+        Err(Error::invalid_arg(
+            what,
+            format!("{s} is not a positive number of seconds"),
+        ))
+    }
+}
+
+impl App {
+    fn out(&self, value: serde_json::Value, text: impl FnOnce() -> String) {
+        if self.json {
+            println!("{}", serde_json::to_string_pretty(&value).expect("json"));
+        } else {
+            let t = text();
+            if !t.is_empty() {
+                println!("{t}");
+            }
+        }
+    }
+
+    fn ready_spec(&self, name: &str) -> ReadySpec {
+        self.config
+            .as_ref()
+            .and_then(|c| c.machines.get(name))
+            .map(|m| m.ready.clone())
+            .unwrap_or_default()
+    }
+
+    fn machine(&self, name: &str) -> anyvm::Result<&anyvm::MachineConfig> {
+        match &self.config {
+            Some(c) => c.machine(name),
+            None => Err(Error::config(
+                None,
+                format!("machines.{name}"),
+                "no configuration file; pass --config or create ./anyvm.toml",
+            )),
+        }
+    }
+
+    async fn run(&self, cmd: Cmd) -> anyvm::Result<u8> {
+        let c = &self.client;
+        match cmd {
+            Cmd::List => {
+                let vms = c.list().await?;
+                self.out(json!(vms), || {
+                    vms.iter()
+                        .map(|v| {
+                            format!(
+                                "{:<24} {:<10}{}",
+                                v.name,
+                                v.state.to_string(),
+                                if v.managed {
+                                    ""
+                                } else {
+                                    " (not defined by anyvm)"
+                                }
+                            )
+                        })
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                });
+            }
+            Cmd::Status { name } => {
+                let vm = c.vm(&name).await?;
+                let state = vm.state().await?;
+                let forwards = vm.forwards().await.unwrap_or_default();
+                let snaps = vm.snapshots().await.unwrap_or_default();
+                self.out(
+                    json!({"name": name, "state": state, "forwards": forwards, "snapshots": snaps}),
+                    || {
+                        let mut s = format!("{name}: {state}");
+                        for f in &forwards {
+                            s.push_str(&format!("\n  forward {f}"));
+                        }
+                        for sn in &snaps {
+                            s.push_str(&format!(
+                                "\n  snapshot {}{}",
+                                sn.name,
+                                if sn.current { " (current)" } else { "" }
+                            ));
+                        }
+                        s
+                    },
+                );
+            }
+            Cmd::Define { name } => {
+                let m = self.machine(&name)?;
+                c.define(m.spec.clone()).await?;
+                self.out(json!({"name": name, "defined": true}), || {
+                    format!("{name}: defined")
+                });
+            }
+            Cmd::Up { name, timeout } => {
+                let m = self.machine(&name)?;
+                let mut ready = m.ready.clone();
+                if let Some(t) = timeout {
+                    ready.timeout = secs(t, "--timeout")?;
+                }
+                let spinner = progress::Spinner::start(format!("bringing up {name}"));
+                let res = c.up(m.spec.clone(), &ready).await;
+                spinner.stop();
+                let vm = res?;
+                let forwards = vm.forwards().await?;
+                self.out(
+                    json!({"name": name, "state": "running", "ready": true, "forwards": forwards}),
+                    || {
+                        let mut s = format!("{name}: running and ready");
+                        for f in &forwards {
+                            s.push_str(&format!("\n  forward {f}"));
+                        }
+                        s
+                    },
+                );
+            }
+            Cmd::Start { name } => {
+                c.vm(&name).await?.start().await?;
+                self.out(json!({"name": name, "state": "running"}), || {
+                    format!("{name}: started")
+                });
+            }
+            Cmd::Stop {
+                name,
+                force,
+                timeout,
+            } => {
+                let vm = c.vm(&name).await?;
+                let spinner = progress::Spinner::start(format!("stopping {name}"));
+                let res = vm
+                    .stop(StopOptions {
+                        force,
+                        timeout: secs(timeout, "--timeout")?,
+                    })
+                    .await;
+                spinner.stop();
+                let outcome = res?;
+                self.out(json!({"name": name, "outcome": outcome}), || {
+                    format!("{name}: stopped ({outcome:?})").to_lowercase()
+                });
+            }
+            Cmd::Pause { name } => {
+                c.vm(&name).await?.pause().await?;
+                self.out(json!({"name": name, "state": "paused"}), || {
+                    format!("{name}: paused")
+                });
+            }
+            Cmd::Resume { name } => {
+                c.vm(&name).await?.resume().await?;
+                self.out(json!({"name": name, "state": "running"}), || {
+                    format!("{name}: resumed")
+                });
+            }
+            Cmd::Save { name } => {
+                c.vm(&name).await?.save_state().await?;
+                self.out(json!({"name": name, "state": "saved"}), || {
+                    format!("{name}: saved")
+                });
+            }
+            Cmd::Destroy { name } => {
+                c.vm(&name).await?.destroy().await?;
+                self.out(json!({"name": name, "destroyed": true}), || {
+                    format!("{name}: destroyed")
+                });
+            }
+            Cmd::WaitReady { name, timeout } => {
+                let vm = c.vm(&name).await?;
+                let mut spec = self.ready_spec(&name);
+                if let Some(t) = timeout {
+                    spec.timeout = secs(t, "--timeout")?;
+                }
+                let spinner = progress::Spinner::start(format!("waiting for {name}"));
+                let res = vm.wait_ready(&spec).await;
+                spinner.stop();
+                let report = res?;
+                self.out(json!(report), || {
+                    format!("{name}: ready after {:.2}s", report.elapsed.as_secs_f64())
+                });
+            }
+            Cmd::Exec {
+                name,
+                env,
+                cwd,
+                timeout,
+                stdin,
+                argv,
+            } => {
+                let vm = c.vm(&name).await?;
+                let mut req = ExecRequest::from_argv(&argv)?.timeout(secs(timeout, "--timeout")?);
+                for kv in env {
+                    let (k, v) = kv.split_once('=').ok_or_else(|| {
+                        Error::invalid_arg(format!("--env {kv:?}"), "expected KEY=VALUE")
+                    })?;
+                    req = req.env(k, v);
+                }
+                if let Some(d) = cwd {
+                    req = req.cwd(d);
+                }
+                if stdin {
+                    let mut buf = Vec::new();
+                    std::io::stdin()
+                        .read_to_end(&mut buf)
+                        .map_err(|e| Error::io(anyvm::Ctx::new("read stdin"), "<stdin>", e))?;
+                    req = req.stdin(buf);
+                }
+                let out = vm.exec(&req).await?;
+                if self.json {
+                    self.out(json!(out), String::new);
+                } else {
+                    std::io::stdout().write_all(&out.stdout).ok();
+                    std::io::stderr().write_all(&out.stderr).ok();
+                    if out.stdout_truncated || out.stderr_truncated {
+                        eprintln!(
+                            "anyvm: warning: output truncated by the guest agent's capture limit"
+                        );
+                    }
+                }
+                return Ok(match (out.exit_code, out.signal) {
+                    (Some(code), _) => code.clamp(0, 255) as u8,
+                    (None, Some(sig)) => (128 + sig).clamp(0, 255) as u8,
+                    _ => 1,
+                });
+            }
+            Cmd::Cp { src, dst } => {
+                let split = |s: &str| -> Option<(String, String)> {
+                    let (vm, path) = s.split_once(':')?;
+                    (path.starts_with('/') && VmName::new(vm).is_ok())
+                        .then(|| (vm.to_string(), path.to_string()))
+                };
+                let (n, dir) = match (split(&src), split(&dst)) {
+                    (Some((vm, g)), None) => (c.vm(&vm).await?.copy_from(&g, &dst).await?, "from"),
+                    (None, Some((vm, g))) => (c.vm(&vm).await?.copy_to(&src, &g).await?, "to"),
+                    _ => {
+                        return Err(Error::invalid_arg(
+                            "cp",
+                            "exactly one side must be VM:/absolute/path",
+                        ))
+                    }
+                };
+                self.out(json!({"bytes": n}), || {
+                    format!("copied {n} bytes ({dir} guest)")
+                });
+            }
+            Cmd::Forward(ForwardCmd::Add {
+                name,
+                guest_port,
+                host_port,
+                label,
+                proto,
+                host_addr,
+            }) => {
+                let proto: Protocol = proto.parse()?;
+                let hp: HostPort = host_port.parse()?;
+                let mut spec = ForwardSpec::new(
+                    label.unwrap_or_else(|| format!("{proto}-{guest_port}")),
+                    guest_port,
+                )
+                .host_port(hp)
+                .proto(proto);
+                spec.host_addr = host_addr;
+                let f = c.vm(&name).await?.forward_add(&spec).await?;
+                self.out(json!(f), || format!("{name}: forward {f}"));
+            }
+            Cmd::Forward(ForwardCmd::Remove { name, forward }) => {
+                let f = c.vm(&name).await?.forward_remove(&forward).await?;
+                self.out(json!(f), || format!("{name}: removed forward {f}"));
+            }
+            Cmd::Ports { name, all } => {
+                if all || name.is_none() {
+                    let leases = c.ports().leases()?;
+                    self.out(json!(leases), || {
+                        leases
+                            .iter()
+                            .map(|l| {
+                                format!(
+                                    "{:<6} {:<4} {:<20} {:<16} {}",
+                                    l.port,
+                                    l.proto.to_string(),
+                                    l.vm,
+                                    l.purpose,
+                                    l.backend
+                                )
+                            })
+                            .collect::<Vec<_>>()
+                            .join("\n")
+                    });
+                } else if let Some(n) = name {
+                    let f = c.vm(&n).await?.forwards().await?;
+                    self.out(json!(f), || {
+                        f.iter()
+                            .map(|f| f.to_string())
+                            .collect::<Vec<_>>()
+                            .join("\n")
+                    });
+                }
+            }
+            Cmd::Snapshot(s) => match s {
+                SnapshotCmd::Take {
+                    name,
+                    snapshot,
+                    description,
+                } => {
+                    c.vm(&name)
+                        .await?
+                        .snapshot_take(&snapshot, &description)
+                        .await?;
+                    self.out(json!({"name": name, "snapshot": snapshot}), || {
+                        format!("{name}: snapshot {snapshot} taken")
+                    });
+                }
+                SnapshotCmd::Restore { name, snapshot } => {
+                    c.vm(&name).await?.snapshot_restore(&snapshot).await?;
+                    self.out(json!({"name": name, "snapshot": snapshot}), || {
+                        format!("{name}: restored {snapshot}")
+                    });
+                }
+                SnapshotCmd::Delete { name, snapshot } => {
+                    c.vm(&name).await?.snapshot_delete(&snapshot).await?;
+                    self.out(json!({"name": name, "snapshot": snapshot}), || {
+                        format!("{name}: deleted {snapshot}")
+                    });
+                }
+                SnapshotCmd::List { name } => {
+                    let l = c.vm(&name).await?.snapshots().await?;
+                    self.out(json!(l), || {
+                        l.iter()
+                            .map(|s| {
+                                format!("{}{}", s.name, if s.current { " (current)" } else { "" })
+                            })
+                            .collect::<Vec<_>>()
+                            .join("\n")
+                    });
+                }
+            },
+            Cmd::Clone {
+                base,
+                new,
+                snapshot,
+            } => {
+                let new_name = VmName::new(new)?;
+                let vm = c
+                    .vm(&base)
+                    .await?
+                    .clone_linked(&new_name, snapshot.as_deref())
+                    .await?;
+                let f = vm.forwards().await?;
+                self.out(
+                    json!({"name": new_name, "base": base, "forwards": f}),
+                    || format!("{new_name}: linked clone of {base}"),
+                );
+            }
+            Cmd::SshConfig {
+                name,
+                user,
+                identity,
+                guest_port,
+            } => {
+                let cred = self
+                    .config
+                    .as_ref()
+                    .and_then(|c| c.machines.get(&name))
+                    .and_then(|m| m.credentials.clone());
+                let opts = SshOptions {
+                    user: user.or(cred.as_ref().map(|c| c.user.clone())),
+                    identity_file: identity.or(cred.and_then(|c| c.identity_file)),
+                    guest_port: Some(guest_port),
+                    alias: None,
+                };
+                let cfg = c.vm(&name).await?.ssh_config(&opts).await?;
+                self.out(json!(cfg), || cfg.stanza.trim_end().to_string());
+            }
+            Cmd::Console { name } => {
+                let p = c.vm(&name).await?.console_log().await?;
+                self.out(json!({"console_log": p}), || {
+                    p.map(|p| p.display().to_string())
+                        .unwrap_or_else(|| "(none)".into())
+                });
+            }
+        }
+        Ok(0)
+    }
+}
+
+async fn build(cli: &Cli) -> anyvm::Result<App> {
+    let config = match &cli.config {
+        Some(p) => Some(Config::load(p)?),
+        None if std::path::Path::new("anyvm.toml").exists() => Some(Config::load("anyvm.toml")?),
+        None => None,
+    };
+    let backend = cli
+        .backend
+        .clone()
+        .or_else(|| config.as_ref().and_then(|c| c.backend.clone()))
+        .unwrap_or_else(|| "libvirt:qemu:///system".into());
+    let mut opts = ClientOptions::default();
+    if let Some(c) = &config {
+        if let Some(d) = &c.state_dir {
+            opts = opts.state_dir(d);
+        }
+        if let Some(r) = &c.port_range {
+            opts = opts.port_range(r.clone());
+        }
+    }
+    let client = Client::connect_with(&backend, opts).await?;
+    Ok(App {
+        client,
+        config,
+        json: cli.json,
+    })
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("ANYVM_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("anyvm: error: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let json = cli.json;
+    let res = rt.block_on(async move {
+        let app = build(&cli).await?;
+        app.run(cli.cmd).await
+    });
+    match res {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            if json {
+                println!(
+                    "{}",
+                    json!({"error": {"kind": e.kind(), "message": e.to_string()}})
+                );
+            }
+            eprintln!("anyvm: error: {e}");
+            ExitCode::from(1)
+        }
+    }
+}

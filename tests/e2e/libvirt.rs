@@ -1,0 +1,496 @@
+//! End-to-end tests against the real libvirtd and the test guest (QEMU, software emulation).
+//! Run with `cargo test -p anyvm --test e2e_libvirt` after `scripts/setup-host.sh`.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyvm::{
+    Error, ExecRequest, ForwardSpec, HostPort, Probe, ReadySpec, SshOptions, StopOptions,
+    StopOutcome, VmName, VmState,
+};
+use common::*;
+
+fn ready() -> ReadySpec {
+    ReadySpec::default().timeout(Duration::from_secs(120))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lifecycle_exec_copy_and_ssh() {
+    let env = env().await;
+    let name = "e2e-main";
+    env.fresh(name).await;
+    let _c = Cleanup(env.client.clone(), name.into());
+    let vm = env.client.define(env.spec(name, "")).await.unwrap();
+    assert_eq!(vm.state().await.unwrap(), VmState::ShutOff);
+    // Defining twice is refused and changes nothing.
+    let e = env.client.define(env.spec(name, "")).await.unwrap_err();
+    assert!(matches!(e, Error::InvalidState { .. }), "{e}");
+
+    vm.start().await.unwrap();
+    let rep = vm
+        .wait_ready(&ready().probe(Probe::SshBanner { guest_port: 22 }))
+        .await
+        .unwrap();
+    assert_eq!(rep.passed.len(), 2);
+
+    // exit codes, stdout, stderr
+    let out = vm
+        .exec(&ExecRequest::new("sh").args(["-c", "echo out; echo err >&2; exit 7"]))
+        .await
+        .unwrap();
+    assert_eq!(out.exit_code, Some(7));
+    assert_eq!(out.stdout, b"out\n");
+    assert_eq!(out.stderr, b"err\n");
+    let e = vm
+        .exec_checked(&ExecRequest::new("false"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::GuestCommand {
+                exit_code: Some(1),
+                ..
+            }
+        ),
+        "{e}"
+    );
+    // stdin, env, cwd
+    let out = vm
+        .exec(&ExecRequest::new("cat").stdin(b"from stdin\x00\xff".to_vec()))
+        .await
+        .unwrap();
+    assert_eq!(out.stdout, b"from stdin\x00\xff");
+    let out = vm
+        .exec(
+            &ExecRequest::new("sh")
+                .args(["-c", "echo \"$GREETING\"; pwd"])
+                .env("GREETING", "hi there")
+                .cwd("/tmp"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(out.stdout_str(), "hi there\n/tmp\n");
+    // a cwd with shell metacharacters is a directory name, never code
+    let out = vm
+        .exec(&ExecRequest::new("true").cwd("/nonexistent;touch /tmp/pwned"))
+        .await
+        .unwrap();
+    assert_ne!(out.exit_code, Some(0));
+    assert_ne!(
+        vm.exec(&ExecRequest::new("ls").arg("/tmp/pwned"))
+            .await
+            .unwrap()
+            .exit_code,
+        Some(0)
+    );
+    // 1 MiB of stdout intact
+    let out = vm
+        .exec(&ExecRequest::new("sh").args([
+            "-c",
+            "head -c 1048576 /dev/urandom | tee /tmp/big | sha256sum",
+        ]))
+        .await
+        .unwrap();
+    let guest_sum = out
+        .stdout_str()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string();
+    let big = vm
+        .exec(&ExecRequest::new("cat").arg("/tmp/big"))
+        .await
+        .unwrap();
+    assert_eq!(big.stdout.len(), 1 << 20);
+    assert!(!big.stdout_truncated);
+    assert_eq!(sha256(&big.stdout), guest_sum);
+    // timeout kills the guest program
+    let t = Instant::now();
+    let e = vm
+        .exec(
+            &ExecRequest::new("sleep")
+                .arg("600")
+                .timeout(Duration::from_secs(1)),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::Timeout { .. }), "{e}");
+    assert!(t.elapsed() < Duration::from_secs(15));
+    let ps = vm.exec(&ExecRequest::new("ps")).await.unwrap().stdout_str();
+    assert!(!ps.contains("sleep 600"), "{ps}");
+
+    // file copy round trip (3 MiB + a bit, several chunks)
+    let data: Vec<u8> = (0..(3 * 1024 * 1024 + 12345u32))
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    let src = env.dir.path().join("in.bin");
+    std::fs::write(&src, &data).unwrap();
+    assert_eq!(
+        vm.copy_to(&src, "/tmp/in.bin").await.unwrap(),
+        data.len() as u64
+    );
+    let sum = vm
+        .exec(&ExecRequest::new("sha256sum").arg("/tmp/in.bin"))
+        .await
+        .unwrap()
+        .stdout_str();
+    assert!(sum.starts_with(&sha256(&data)), "{sum}");
+    let back = env.dir.path().join("out.bin");
+    vm.copy_from("/tmp/in.bin", &back).await.unwrap();
+    assert_eq!(sha256(&std::fs::read(&back).unwrap()), sha256(&data));
+    let e = vm
+        .copy_from("/no/such/file", env.dir.path().join("x"))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::NotFound { .. }), "{e}");
+    assert!(!env.dir.path().join("x").exists());
+
+    // ssh through the forward with the pinned host key
+    let cfg = vm
+        .ssh_config(&SshOptions {
+            identity_file: Some(guest().client_key()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(cfg.stanza.contains("StrictHostKeyChecking yes"));
+    assert!(!cfg.stanza.contains("StrictHostKeyChecking no"));
+    let kh = std::fs::read_to_string(&cfg.known_hosts).unwrap();
+    assert!(
+        kh.contains(guest().host_key().split_whitespace().nth(1).unwrap()),
+        "{kh}"
+    );
+    let cfg_file = env.dir.path().join("ssh_config");
+    std::fs::write(&cfg_file, &cfg.stanza).unwrap();
+    let ssh = |file: &std::path::Path| {
+        Command::new("ssh")
+            .args([
+                "-F",
+                file.to_str().unwrap(),
+                "-o",
+                "BatchMode=yes",
+                "-o",
+                "ConnectTimeout=20",
+                &cfg.alias,
+                "echo",
+                "via-ssh",
+            ])
+            .output()
+            .unwrap()
+    };
+    let out = ssh(&cfg_file);
+    assert!(
+        out.status.success(),
+        "ssh failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "via-ssh\n");
+    // A wrong pinned key must be refused.
+    std::fs::write(
+        &cfg.known_hosts,
+        format!(
+            "{} ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBm4fE4vRrG4yWq2uEJ3Y1bW0bQf7V2k5mJ3d9dQ8Zx1\n",
+            cfg.host_key_alias
+        ),
+    )
+    .unwrap();
+    let out = ssh(&cfg_file);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("Host key verification failed")
+            || err.contains("HOST IDENTIFICATION HAS CHANGED"),
+        "{err}"
+    );
+
+    // pause / resume
+    vm.pause().await.unwrap();
+    assert_eq!(vm.state().await.unwrap(), VmState::Paused);
+    vm.resume().await.unwrap();
+    assert_eq!(vm.state().await.unwrap(), VmState::Running);
+
+    // graceful stop, then destroy removes everything
+    assert_eq!(
+        vm.stop(StopOptions {
+            timeout: Duration::from_secs(60),
+            force: false
+        })
+        .await
+        .unwrap(),
+        StopOutcome::Graceful
+    );
+    assert_eq!(
+        vm.stop(StopOptions::default()).await.unwrap(),
+        StopOutcome::AlreadyOff
+    );
+    vm.destroy().await.unwrap();
+    assert!(matches!(
+        env.client.vm(name).await.unwrap_err(),
+        Error::NotFound { .. }
+    ));
+    assert_eq!(leases_of(&env.client, name), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runtime_forward_add_and_remove() {
+    let env = env().await;
+    let name = "e2e-fwd";
+    env.fresh(name).await;
+    let _c = Cleanup(env.client.clone(), name.into());
+    let mut spec = env.spec(name, "");
+    spec.forwards.clear();
+    let vm = env.client.define(spec).await.unwrap();
+    vm.start().await.unwrap();
+    vm.wait_ready(&ready()).await.unwrap();
+
+    let f = vm
+        .forward_add(&ForwardSpec::new("ssh2", 22).host_port(HostPort::Auto))
+        .await
+        .unwrap();
+    let banner = |port: u16| -> std::io::Result<String> {
+        let mut s = TcpStream::connect(("127.0.0.1", port))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let mut b = [0u8; 64];
+        let n = s.read(&mut b)?;
+        Ok(String::from_utf8_lossy(&b[..n]).into_owned())
+    };
+    assert!(banner(f.host_port).unwrap().starts_with("SSH-"));
+    assert_eq!(vm.forwards().await.unwrap(), vec![f.clone()]);
+    // duplicate label refused, nothing changes
+    assert!(vm.forward_add(&ForwardSpec::new("ssh2", 22)).await.is_err());
+    vm.forward_remove("ssh2").await.unwrap();
+    assert!(vm.forwards().await.unwrap().is_empty());
+    let gone = banner(f.host_port);
+    assert!(gone.is_err() || gone.unwrap().is_empty());
+
+    // a forward added while running survives a restart (it was persisted)
+    let f = vm.forward_add(&ForwardSpec::new("ssh3", 22)).await.unwrap();
+    vm.stop(StopOptions {
+        timeout: Duration::from_secs(60),
+        force: false,
+    })
+    .await
+    .unwrap();
+    vm.start().await.unwrap();
+    vm.wait_ready(&ready().probe(Probe::SshBanner { guest_port: 22 }))
+        .await
+        .unwrap();
+    assert!(banner(f.host_port).unwrap().starts_with("SSH-"));
+    vm.destroy().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_stop_falls_back_to_power_off() {
+    let env = env().await;
+    let name = "e2e-stubborn";
+    env.fresh(name).await;
+    let _c = Cleanup(env.client.clone(), name.into());
+    let vm = env
+        .client
+        .define(env.spec(name, "anyvm.ignore_shutdown=1"))
+        .await
+        .unwrap();
+    vm.start().await.unwrap();
+    vm.wait_ready(&ready()).await.unwrap();
+    let t = Instant::now();
+    let outcome = vm
+        .stop(StopOptions {
+            timeout: Duration::from_secs(3),
+            force: false,
+        })
+        .await
+        .unwrap();
+    assert_eq!(outcome, StopOutcome::Forced);
+    assert!(t.elapsed() >= Duration::from_secs(3));
+    assert_eq!(vm.state().await.unwrap(), VmState::ShutOff);
+    vm.destroy().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_ready_times_out_naming_the_probe_on_a_guest_without_agent() {
+    let env = env().await;
+    let name = "e2e-noagent";
+    env.fresh(name).await;
+    let _c = Cleanup(env.client.clone(), name.into());
+    let vm = env
+        .client
+        .define(env.spec(name, "anyvm.noagent=1"))
+        .await
+        .unwrap();
+    vm.start().await.unwrap();
+    let t = Instant::now();
+    let e = vm
+        .wait_ready(&ReadySpec::default().timeout(Duration::from_secs(8)))
+        .await
+        .unwrap_err();
+    let el = t.elapsed();
+    assert!(
+        el >= Duration::from_secs(8) && el < Duration::from_secs(14),
+        "{el:?}"
+    );
+    match &e {
+        Error::NotReady {
+            probe, last_error, ..
+        } => {
+            assert_eq!(probe, "agent");
+            assert!(last_error.contains("agent"), "{last_error}");
+        }
+        other => panic!("expected NotReady, got {other}"),
+    }
+    assert!(
+        e.to_string().contains("vm 'e2e-noagent': wait_ready"),
+        "{e}"
+    );
+    // ssh comes up even without the agent: an `any` spec passes
+    vm.wait_ready(
+        &ReadySpec::empty()
+            .probe(Probe::Agent)
+            .probe(Probe::SshBanner { guest_port: 22 })
+            .any()
+            .timeout(Duration::from_secs(60)),
+    )
+    .await
+    .unwrap();
+    // A VM that stops while someone waits fails the wait at once.
+    let vm2 = vm.clone();
+    let waiter = tokio::spawn(async move {
+        vm2.wait_ready(&ReadySpec::default().timeout(Duration::from_secs(60)))
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let t = Instant::now();
+    vm.power_off().await.unwrap();
+    let e = waiter.await.unwrap().unwrap_err();
+    assert!(matches!(e, Error::InvalidState { .. }), "{e}");
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    vm.destroy().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_restore_brings_back_disk_data_and_clone_boots_beside_base() {
+    let env = env().await;
+    let (name, clone_name) = ("e2e-snap", "e2e-snap-clone");
+    env.fresh(clone_name).await;
+    env.fresh(name).await;
+    let _c = Cleanup(env.client.clone(), name.into());
+    let _c2 = Cleanup(env.client.clone(), clone_name.into());
+    let vm = env.client.define(env.spec(name, "")).await.unwrap();
+    let write = |text: &'static str| {
+        ExecRequest::new("sh").args([
+            "-c",
+            "printf '%s' \"$1\" | dd of=/dev/vda bs=512 conv=notrunc,fsync 2>/dev/null",
+            "sh",
+            text,
+        ])
+    };
+    let read = ExecRequest::new("sh").args(["-c", "head -c 8 /dev/vda"]);
+
+    vm.start().await.unwrap();
+    vm.wait_ready(&ready()).await.unwrap();
+    assert!(vm.exec(&write("BEFORE-1")).await.unwrap().success());
+    vm.stop(StopOptions::default()).await.unwrap();
+    vm.snapshot_take("s1", "clean state").await.unwrap();
+    let snaps = vm.snapshots().await.unwrap();
+    assert_eq!(
+        snaps.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(),
+        ["s1"]
+    );
+
+    vm.start().await.unwrap();
+    vm.wait_ready(&ready()).await.unwrap();
+    assert!(vm.exec(&write("AFTER--2")).await.unwrap().success());
+    assert_eq!(vm.exec(&read).await.unwrap().stdout, b"AFTER--2");
+    vm.stop(StopOptions::default()).await.unwrap();
+
+    vm.snapshot_restore("s1").await.unwrap();
+    vm.start().await.unwrap();
+    vm.wait_ready(&ready()).await.unwrap();
+    assert_eq!(vm.exec(&read).await.unwrap().stdout, b"BEFORE-1");
+    assert!(matches!(
+        vm.snapshot_restore("nope").await.unwrap_err(),
+        Error::NotFound { .. }
+    ));
+
+    // Linked clone from the snapshot boots beside its running base, with its own ports.
+    let clone = vm
+        .clone_linked(&VmName::new(clone_name).unwrap(), Some("s1"))
+        .await
+        .unwrap();
+    let spec = clone.spec().await.unwrap().unwrap();
+    assert!(spec.disks[0].owned);
+    let overlay = spec.disks[0].path.clone();
+    let info = Command::new("qemu-img")
+        .args(["info", "-U", overlay.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&info.stdout).contains("backing file"),
+        "not a linked clone"
+    );
+    clone.start().await.unwrap();
+    clone
+        .wait_ready(&ready().probe(Probe::SshBanner { guest_port: 22 }))
+        .await
+        .unwrap();
+    assert_eq!(clone.exec(&read).await.unwrap().stdout, b"BEFORE-1");
+    assert_ne!(
+        clone.forwards().await.unwrap()[0].host_port,
+        vm.forwards().await.unwrap()[0].host_port
+    );
+    // writes to the clone do not reach the base
+    assert!(clone.exec(&write("CLONE--3")).await.unwrap().success());
+    assert_eq!(vm.exec(&read).await.unwrap().stdout, b"BEFORE-1");
+    clone.destroy().await.unwrap();
+    assert!(!overlay.exists(), "clone overlay left behind");
+
+    vm.snapshot_delete("s1").await.unwrap();
+    assert!(vm.snapshots().await.unwrap().is_empty());
+    vm.destroy().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gives_clear_errors_and_changes_nothing() {
+    let env = env().await;
+    for bad in ["a;rm -rf /", "-x", "a/b", "", "$(id)"] {
+        let e = env.client.vm(bad).await.unwrap_err();
+        assert!(matches!(e, Error::InvalidArgument { .. }), "{bad:?}: {e}");
+    }
+    let e = env.client.vm("no-such-vm-anyvm").await.unwrap_err();
+    assert!(matches!(e, Error::NotFound { .. }));
+    assert!(e.to_string().contains("vm 'no-such-vm-anyvm'"), "{e}");
+    // A spec whose kernel is missing is refused before anything is defined or leased.
+    let mut spec = env.spec("e2e-bad", "");
+    spec.boot = anyvm::Boot::Kernel {
+        kernel: "/nonexistent/vmlinuz".into(),
+        initrd: None,
+        cmdline: String::new(),
+    };
+    let e = env.client.define(spec).await.unwrap_err();
+    assert!(e.to_string().contains("/nonexistent/vmlinuz"), "{e}");
+    assert_eq!(leases_of(&env.client, "e2e-bad"), 0);
+    assert!(!env
+        .client
+        .list()
+        .await
+        .unwrap()
+        .iter()
+        .any(|v| v.name == "e2e-bad"));
+    // Bad config names the file and key.
+    let p = env.dir.path().join("anyvm.toml");
+    let mut f = std::fs::File::create(&p).unwrap();
+    writeln!(
+        f,
+        "[machines.x]\nkernel = \"/k\"\nforwards = [{{ name = \"ssh\", guest_port = 99999 }}]"
+    )
+    .unwrap();
+    let e = anyvm::Config::load(&p).unwrap_err().to_string();
+    assert!(
+        e.contains(p.to_str().unwrap()) && e.contains("machines.x.forwards[0].guest_port"),
+        "{e}"
+    );
+}
