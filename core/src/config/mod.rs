@@ -364,3 +364,16 @@ ready = { timeout_s = 30, probes = [{ kind = "agent" }, { kind = "ssh_banner", g
         assert!(e.contains("machines.a") && e.contains("memory_mib"), "{e}");
     }
 }
+
+#[cfg(test)]
+mod example_file {
+    #[test]
+    fn shipped_example_config_parses() {
+        let text = include_str!("../../../examples/anyvm.toml");
+        let c = super::Config::parse(text, Some(std::path::Path::new("/etc/anyvm/anyvm.toml")))
+            .unwrap();
+        let m = c.machine("sl6-build").unwrap();
+        assert_eq!(m.ready.probes.len(), 3);
+        assert_eq!(m.spec.forwards.len(), 2);
+    }
+}
