@@ -12,4 +12,8 @@ command -v cargo-clippy >/dev/null 2>&1 || rustup component add clippy rustfmt >
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 # Guests run under software emulation on 2 cores: two tests at a time.
-cargo test --workspace -- --test-threads=2
+log=$(mktemp)
+cargo test --workspace -- --test-threads=2 2>&1 | tee "$log"
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed/) p += $(i-1); if ($i ~ /^failed/) f += $(i-1) } }
+     END { printf "all tests: %d passed, %d failed\n", p, f }' "$log"
+rm -f "$log"
