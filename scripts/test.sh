@@ -15,5 +15,5 @@ cargo clippy --workspace --all-targets --quiet -- -D warnings
 log=$(mktemp)
 cargo test --workspace -- --test-threads=2 2>&1 | tee "$log"
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed/) p += $(i-1); if ($i ~ /^failed/) f += $(i-1) } }
-     END { printf "all tests: %d passed, %d failed\n", p, f }' "$log"
+     END { printf "summary: %d passed, %d failed\n", p, f }' "$log"
 rm -f "$log"
