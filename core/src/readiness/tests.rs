@@ -1,1 +1,141 @@
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
+use super::*;
+use crate::backend::MockBackend;
+use crate::error::Error;
+
+fn name() -> VmName {
+    VmName::new("r1").unwrap()
+}
+
+#[tokio::test]
+async fn agent_probe_retries_until_it_answers() {
+    let mut b = MockBackend::new();
+    b.expect_subscribe().returning(|| None);
+    b.expect_state().returning(|_| Ok(VmState::Running));
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c = calls.clone();
+    b.expect_agent_ping().returning(move |vm, _| {
+        if c.fetch_add(1, Ordering::SeqCst) < 3 {
+            Err(Error::backend(
+                Ctx::vm("agent ping", vm),
+                "mock",
+                "not connected",
+            ))
+        } else {
+            Ok(())
+        }
+    });
+    let rep = wait_ready(
+        Arc::new(b),
+        &name(),
+        &ReadySpec::default().timeout(Duration::from_secs(5)),
+    )
+    .await
+    .unwrap();
+    assert_eq!(calls.load(Ordering::SeqCst), 4);
+    assert_eq!(rep.passed[0].0, "agent");
+}
+
+#[tokio::test]
+async fn timeout_names_the_failing_probe_and_its_last_error() {
+    let mut b = MockBackend::new();
+    b.expect_subscribe().returning(|| None);
+    b.expect_state().returning(|_| Ok(VmState::Running));
+    b.expect_agent_ping().returning(|_, _| Ok(()));
+    b.expect_forwards().returning(|_| Ok(vec![]));
+    let spec = ReadySpec::default()
+        .probe(Probe::Tcp { guest_port: 22 })
+        .timeout(Duration::from_millis(300));
+    let e = wait_ready(Arc::new(b), &name(), &spec).await.unwrap_err();
+    match e {
+        Error::NotReady {
+            probe, last_error, ..
+        } => {
+            assert_eq!(probe, "tcp(22)");
+            assert!(
+                last_error.contains("no TCP forward to guest port 22"),
+                "{last_error}"
+            );
+        }
+        e => panic!("{e}"),
+    }
+}
+
+#[tokio::test]
+async fn any_mode_passes_on_the_first_probe() {
+    let mut b = MockBackend::new();
+    b.expect_subscribe().returning(|| None);
+    b.expect_state().returning(|_| Ok(VmState::Running));
+    b.expect_agent_ping()
+        .returning(|vm, _| Err(Error::backend(Ctx::vm("p", vm), "mock", "down")));
+    b.expect_exec().returning(|_, _| {
+        Ok(crate::types::ExecOutput {
+            exit_code: Some(0),
+            signal: None,
+            stdout: vec![],
+            stderr: vec![],
+            duration: Duration::ZERO,
+            stdout_truncated: false,
+            stderr_truncated: false,
+        })
+    });
+    let spec = ReadySpec::empty()
+        .probe(Probe::Agent)
+        .probe(Probe::Command {
+            argv: vec!["true".into()],
+        })
+        .any()
+        .timeout(Duration::from_secs(5));
+    let rep = wait_ready(Arc::new(b), &name(), &spec).await.unwrap();
+    assert_eq!(rep.passed.len(), 1);
+    assert_eq!(rep.passed[0].0, "command(true)");
+}
+
+#[tokio::test]
+async fn a_vm_that_stops_fails_the_wait_at_once() {
+    let mut b = MockBackend::new();
+    b.expect_subscribe().returning(|| None);
+    let n = Arc::new(AtomicUsize::new(0));
+    let c = n.clone();
+    b.expect_state().returning(move |_| {
+        Ok(if c.fetch_add(1, Ordering::SeqCst) == 0 {
+            VmState::Running
+        } else {
+            VmState::ShutOff
+        })
+    });
+    b.expect_agent_ping()
+        .returning(|vm, _| Err(Error::backend(Ctx::vm("p", vm), "mock", "down")));
+    let t = std::time::Instant::now();
+    let e = wait_ready(
+        Arc::new(b),
+        &name(),
+        &ReadySpec::default().timeout(Duration::from_secs(30)),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(e, Error::InvalidState { ref state, .. } if state == "shut off"),
+        "{e}"
+    );
+    assert!(t.elapsed() < Duration::from_secs(3));
+}
+
+#[tokio::test]
+async fn refuses_a_vm_that_is_not_running_and_bad_specs() {
+    let mut b = MockBackend::new();
+    b.expect_subscribe().returning(|| None);
+    b.expect_state().returning(|_| Ok(VmState::ShutOff));
+    let b = Arc::new(b);
+    let e = wait_ready(b.clone(), &name(), &ReadySpec::default())
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("start it first"), "{e}");
+    let e = wait_ready(b, &name(), &ReadySpec::empty())
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::InvalidArgument { .. }));
+}
