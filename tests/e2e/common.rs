@@ -125,7 +125,16 @@ impl TestEnv {
 }
 
 /// Destroys the VM when the test ends, pass or fail.
-pub struct Cleanup(pub Client, pub String);
+pub struct Cleanup(pub Option<Client>, pub String);
+
+impl Cleanup {
+    pub fn new(c: &Client, name: &str) -> Self {
+        Cleanup(Some(c.clone()), name.into())
+    }
+    pub fn named(name: &str) -> Self {
+        Cleanup(None, name.into())
+    }
+}
 
 impl Drop for Cleanup {
     fn drop(&mut self) {

@@ -23,7 +23,7 @@ async fn lifecycle_exec_copy_and_ssh() {
     let env = env().await;
     let name = "e2e-main";
     env.fresh(name).await;
-    let _c = Cleanup(env.client.clone(), name.into());
+    let _c = Cleanup::new(&env.client, name);
     let vm = env.client.define(env.spec(name, "")).await.unwrap();
     assert_eq!(vm.state().await.unwrap(), VmState::ShutOff);
     // Defining twice is refused and changes nothing.
@@ -241,7 +241,7 @@ async fn runtime_forward_add_and_remove() {
     let env = env().await;
     let name = "e2e-fwd";
     env.fresh(name).await;
-    let _c = Cleanup(env.client.clone(), name.into());
+    let _c = Cleanup::new(&env.client, name);
     let mut spec = env.spec(name, "");
     spec.forwards.clear();
     let vm = env.client.define(spec).await.unwrap();
@@ -289,7 +289,7 @@ async fn graceful_stop_falls_back_to_power_off() {
     let env = env().await;
     let name = "e2e-stubborn";
     env.fresh(name).await;
-    let _c = Cleanup(env.client.clone(), name.into());
+    let _c = Cleanup::new(&env.client, name);
     let vm = env
         .client
         .define(env.spec(name, "anyvm.ignore_shutdown=1"))
@@ -316,7 +316,7 @@ async fn wait_ready_times_out_naming_the_probe_on_a_guest_without_agent() {
     let env = env().await;
     let name = "e2e-noagent";
     env.fresh(name).await;
-    let _c = Cleanup(env.client.clone(), name.into());
+    let _c = Cleanup::new(&env.client, name);
     let vm = env
         .client
         .define(env.spec(name, "anyvm.noagent=1"))
@@ -377,8 +377,8 @@ async fn snapshot_restore_brings_back_disk_data_and_clone_boots_beside_base() {
     let (name, clone_name) = ("e2e-snap", "e2e-snap-clone");
     env.fresh(clone_name).await;
     env.fresh(name).await;
-    let _c = Cleanup(env.client.clone(), name.into());
-    let _c2 = Cleanup(env.client.clone(), clone_name.into());
+    let _c = Cleanup::new(&env.client, name);
+    let _c2 = Cleanup::new(&env.client, clone_name);
     let vm = env.client.define(env.spec(name, "")).await.unwrap();
     let write = |text: &'static str| {
         ExecRequest::new("sh").args([
@@ -493,4 +493,33 @@ async fn bad_input_gives_clear_errors_and_changes_nothing() {
         e.contains(p.to_str().unwrap()) && e.contains("machines.x.forwards[0].guest_port"),
         "{e}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn save_state_keeps_guest_memory() {
+    let env = env().await;
+    let name = "e2e-save";
+    env.fresh(name).await;
+    let _c = Cleanup::new(&env.client, name);
+    let vm = env.client.define(env.spec(name, "")).await.unwrap();
+    vm.start().await.unwrap();
+    vm.wait_ready(&ready()).await.unwrap();
+    // /run is a tmpfs: the marker survives only if memory is saved and restored.
+    let marker = ExecRequest::new("sh").args(["-c", "echo $$ > /run/marker; cat /run/marker"]);
+    let pid = vm.exec(&marker).await.unwrap().stdout_str();
+    vm.save_state().await.unwrap();
+    assert_eq!(vm.state().await.unwrap(), VmState::Saved);
+    assert_eq!(
+        vm.stop(StopOptions::default()).await.unwrap(),
+        StopOutcome::AlreadyOff
+    );
+    vm.start().await.unwrap();
+    vm.wait_ready(&ready()).await.unwrap();
+    let again = vm
+        .exec(&ExecRequest::new("cat").arg("/run/marker"))
+        .await
+        .unwrap()
+        .stdout_str();
+    assert_eq!(again, pid);
+    vm.destroy().await.unwrap();
 }
