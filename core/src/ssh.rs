@@ -93,7 +93,11 @@ pub(crate) async fn ssh_config(vm: &Vm, opts: &SshOptions) -> Result<SshConfig> 
     let mut keys = Vec::new();
     let mut last_err = None;
     for path in HOST_KEY_PATHS {
-        match vm.backend().read_file(vm.name(), path, 16 * 1024).await {
+        match vm
+            .backend()
+            .read_file(vm.name(), path, 16 * 1024, vm.credentials().cloned())
+            .await
+        {
             Ok(bytes) => {
                 let text = String::from_utf8_lossy(&bytes);
                 keys.extend(text.lines().filter_map(parse_public_key));

@@ -51,8 +51,9 @@ impl fmt::Display for VmState {
 pub struct VmInfo {
     pub name: String,
     pub state: VmState,
-    /// True when anyvm defined the VM (and so knows its spec).
-    pub managed: bool,
+    /// Whether anyvm defined the VM (and so knows its spec); `None` when the backend cannot
+    /// tell without extra calls per VM.
+    pub managed: Option<bool>,
 }
 
 #[derive(

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::backend::{Backend, VmEventKind};
+use crate::credentials::Credentials;
 use crate::error::{Ctx, Error, Result};
 use crate::name::VmName;
 use crate::ports::PortAllocator;
@@ -22,6 +23,7 @@ pub struct Vm {
     backend: Arc<dyn Backend>,
     ports: PortAllocator,
     state_dir: PathBuf,
+    credentials: Option<Credentials>,
 }
 
 impl Vm {
@@ -36,7 +38,23 @@ impl Vm {
             backend,
             ports,
             state_dir,
+            credentials: None,
         }
+    }
+
+    /// Use this guest account for exec (when a request names none) and file transfer, on
+    /// backends whose tools log in to the guest (VirtualBox, VMware).
+    pub fn with_credentials(self, c: Credentials) -> Self {
+        self.with_credentials_opt(Some(c))
+    }
+
+    fn with_credentials_opt(mut self, c: Option<Credentials>) -> Self {
+        self.credentials = c;
+        self
+    }
+
+    pub fn credentials(&self) -> Option<&Credentials> {
+        self.credentials.as_ref()
     }
 
     pub fn name(&self) -> &VmName {
@@ -191,7 +209,14 @@ impl Vm {
 
     pub async fn exec(&self, req: &ExecRequest) -> Result<ExecOutput> {
         req.validate()?;
-        let out = self.backend.exec(&self.name, req).await?;
+        let out = match (&req.credentials, &self.credentials) {
+            (None, Some(c)) => {
+                let mut r = req.clone();
+                r.credentials = Some(c.clone());
+                self.backend.exec(&self.name, &r).await?
+            }
+            _ => self.backend.exec(&self.name, req).await?,
+        };
         if out.stdout_truncated || out.stderr_truncated {
             tracing::warn!(vm = %self.name, program = %req.program, "guest output was truncated by the backend's capture limit");
         }
@@ -233,13 +258,15 @@ impl Vm {
             });
         }
         check_guest_path(guest)?;
-        self.backend.copy_to(&self.name, host, guest).await
+        self.backend
+            .copy_to(&self.name, host, guest, self.credentials.clone())
+            .await
     }
 
     pub async fn copy_from(&self, guest: &str, host: impl AsRef<Path>) -> Result<u64> {
         check_guest_path(guest)?;
         self.backend
-            .copy_from(&self.name, guest, host.as_ref())
+            .copy_from(&self.name, guest, host.as_ref(), self.credentials.clone())
             .await
     }
 
@@ -367,36 +394,37 @@ impl Vm {
                 hint: "choose another name or destroy the existing VM".into(),
             });
         }
+        let ctx = Ctx::vm(format!("clone to {new_name}"), &self.name);
         let mut spec = self
             .backend
-            .prepare_linked_clone(&self.name, snapshot.map(str::to_string), new_name)
-            .await?;
+            .spec(&self.name)
+            .await?
+            .ok_or_else(|| Error::InvalidState {
+                ctx: ctx.clone(),
+                state: "not defined by anyvm".into(),
+                hint: "only VMs defined through anyvm carry the spec a clone is made from".into(),
+            })?;
+        spec.name = new_name.clone();
         for f in &mut spec.forwards {
             f.host_port = HostPort::Auto;
         }
         if spec.console.vnc.is_some() {
             spec.console.vnc = Some(HostPort::Auto);
         }
-        let owned: Vec<PathBuf> = spec
-            .disks
-            .iter()
-            .filter(|d| d.owned)
-            .map(|d| d.path.clone())
-            .collect();
-        match define_with_ports(&self.backend, &self.ports, spec).await {
-            Ok(()) => Ok(Vm::new(
-                new_name.clone(),
-                self.backend.clone(),
-                self.ports.clone(),
-                self.state_dir.clone(),
-            )),
-            Err(e) => {
-                for p in owned {
-                    let _ = std::fs::remove_file(p);
-                }
-                Err(e)
-            }
-        }
+        let backend = self.backend.clone();
+        let snapshot = snapshot.map(str::to_string);
+        let base = self.name.clone();
+        with_ports(&self.backend, &self.ports, spec, move |spec| async move {
+            backend.clone_linked(&base, snapshot, &spec).await
+        })
+        .await?;
+        Ok(Vm::new(
+            new_name.clone(),
+            self.backend.clone(),
+            self.ports.clone(),
+            self.state_dir.clone(),
+        )
+        .with_credentials_opt(self.credentials.clone()))
     }
 
     pub async fn console_log(&self) -> Result<Option<PathBuf>> {
@@ -427,8 +455,27 @@ fn check_guest_path(p: &str) -> Result<()> {
 pub(crate) async fn define_with_ports(
     backend: &Arc<dyn Backend>,
     ports: &PortAllocator,
-    mut spec: VmSpec,
+    spec: VmSpec,
 ) -> Result<()> {
+    let b = backend.clone();
+    with_ports(backend, ports, spec, move |spec| async move {
+        b.define(&spec).await
+    })
+    .await
+}
+
+/// Resolve `Auto` ports to leases, run `create` with the concrete spec, and give the leases back
+/// if it fails.
+async fn with_ports<F, Fut>(
+    backend: &Arc<dyn Backend>,
+    ports: &PortAllocator,
+    mut spec: VmSpec,
+    create: F,
+) -> Result<()>
+where
+    F: FnOnce(VmSpec) -> Fut,
+    Fut: std::future::Future<Output = Result<()>>,
+{
     spec.validate()?;
     let uri = backend.uri();
     let vm = spec.name.to_string();
@@ -458,7 +505,7 @@ pub(crate) async fn define_with_ports(
         Ok(())
     };
     let res = match resolve(&mut spec) {
-        Ok(()) => backend.define(&spec).await,
+        Ok(()) => create(spec).await,
         Err(e) => Err(e),
     };
     if res.is_err() {

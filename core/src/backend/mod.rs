@@ -10,6 +10,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::sync::broadcast;
 
+use crate::credentials::Credentials;
 use crate::error::{Error, Result};
 use crate::name::VmName;
 use crate::types::{ExecOutput, ExecRequest, PortForward, SnapshotInfo, VmInfo, VmSpec, VmState};
@@ -129,18 +130,40 @@ pub trait Backend: Send + Sync + fmt::Debug {
     async fn snapshot_list(&self, vm: &VmName) -> Result<Vec<SnapshotInfo>>;
     /// Make copy-on-write disks for a linked clone of `base` (at `snapshot`, or its current
     /// disks when powered off) and return the clone's spec, not yet defined.
-    async fn prepare_linked_clone(
+    /// Create and define a linked (copy-on-write) clone of `base`, at `snapshot` or, when none is
+    /// named, at its current disks (the base must be off). `clone` is the base's spec renamed with
+    /// fresh host ports; the backend chooses disk locations.
+    async fn clone_linked(
         &self,
         base: &VmName,
         snapshot: Option<String>,
-        new: &VmName,
-    ) -> Result<VmSpec>;
+        clone: &VmSpec,
+    ) -> Result<()>;
 
     async fn exec(&self, vm: &VmName, req: &ExecRequest) -> Result<ExecOutput>;
-    async fn copy_to(&self, vm: &VmName, host: &Path, guest: &str) -> Result<u64>;
-    async fn copy_from(&self, vm: &VmName, guest: &str, host: &Path) -> Result<u64>;
+    /// Guest file operations take the guest account for backends whose tools need one.
+    async fn copy_to(
+        &self,
+        vm: &VmName,
+        host: &Path,
+        guest: &str,
+        creds: Option<Credentials>,
+    ) -> Result<u64>;
+    async fn copy_from(
+        &self,
+        vm: &VmName,
+        guest: &str,
+        host: &Path,
+        creds: Option<Credentials>,
+    ) -> Result<u64>;
     /// Read a small guest file into memory (at most `limit` bytes).
-    async fn read_file(&self, vm: &VmName, guest: &str, limit: usize) -> Result<Vec<u8>>;
+    async fn read_file(
+        &self,
+        vm: &VmName,
+        guest: &str,
+        limit: usize,
+        creds: Option<Credentials>,
+    ) -> Result<Vec<u8>>;
 
     async fn forwards(&self, vm: &VmName) -> Result<Vec<PortForward>>;
     async fn forward_add(&self, vm: &VmName, fwd: &PortForward) -> Result<()>;

@@ -22,6 +22,7 @@ use virt::error::ErrorNumber;
 use virt::sys;
 
 use super::{Backend, VmEvent};
+use crate::credentials::Credentials;
 use crate::error::{Ctx, Error, Result};
 use crate::name::VmName;
 use crate::types::{
@@ -425,7 +426,7 @@ impl Backend for LibvirtBackend {
                     out.push(VmInfo {
                         name,
                         state,
-                        managed: read_spec(&d).is_some(),
+                        managed: Some(read_spec(&d).is_some()),
                     });
                 }
                 out.sort_by(|a, b| a.name.cmp(&b.name));
@@ -615,13 +616,14 @@ impl Backend for LibvirtBackend {
         .await
     }
 
-    async fn prepare_linked_clone(
+    async fn clone_linked(
         &self,
         base: &VmName,
         snapshot: Option<String>,
-        new: &VmName,
-    ) -> Result<VmSpec> {
+        clone_spec: &VmSpec,
+    ) -> Result<()> {
         let snapshot = snapshot.as_deref();
+        let new = &clone_spec.name;
         let ctx = Ctx::vm(format!("clone to {new}"), base);
         if !self.is_local() {
             return Err(Error::InvalidState {
@@ -660,8 +662,8 @@ impl Backend for LibvirtBackend {
         };
         std::fs::create_dir_all(&self.opts.images_dir)
             .map_err(|e| Error::io(ctx.clone(), &self.opts.images_dir, e))?;
-        let mut clone = spec.clone();
-        clone.name = new.clone();
+        let mut clone = clone_spec.clone();
+        clone.disks = spec.disks.clone();
         let mut created: Vec<PathBuf> = Vec::new();
         let result: Result<()> = async {
             for (i, disk) in clone.disks.iter_mut().enumerate() {
@@ -728,13 +730,16 @@ impl Backend for LibvirtBackend {
             Ok(())
         }
         .await;
-        if let Err(e) = result {
+        let result = match result {
+            Ok(()) => self.define(&clone).await,
+            Err(e) => Err(e),
+        };
+        if result.is_err() {
             for p in created {
                 let _ = std::fs::remove_file(p);
             }
-            return Err(e);
         }
-        Ok(clone)
+        result
     }
 
     async fn exec(&self, vm: &VmName, req: &ExecRequest) -> Result<ExecOutput> {
@@ -784,7 +789,13 @@ impl Backend for LibvirtBackend {
         }
     }
 
-    async fn copy_to(&self, vm: &VmName, host: &Path, guest: &str) -> Result<u64> {
+    async fn copy_to(
+        &self,
+        vm: &VmName,
+        host: &Path,
+        guest: &str,
+        _creds: Option<Credentials>,
+    ) -> Result<u64> {
         let ctx = Ctx::vm(format!("copy {} to {guest}", host.display()), vm);
         let mut f = tokio::fs::File::open(host)
             .await
@@ -838,7 +849,13 @@ impl Backend for LibvirtBackend {
         Ok(total)
     }
 
-    async fn copy_from(&self, vm: &VmName, guest: &str, host: &Path) -> Result<u64> {
+    async fn copy_from(
+        &self,
+        vm: &VmName,
+        guest: &str,
+        host: &Path,
+        _creds: Option<Credentials>,
+    ) -> Result<u64> {
         let ctx = Ctx::vm(format!("copy {guest} to {}", host.display()), vm);
         let reply = self
             .agent(
@@ -904,7 +921,13 @@ impl Backend for LibvirtBackend {
         }
     }
 
-    async fn read_file(&self, vm: &VmName, guest: &str, limit: usize) -> Result<Vec<u8>> {
+    async fn read_file(
+        &self,
+        vm: &VmName,
+        guest: &str,
+        limit: usize,
+        _creds: Option<Credentials>,
+    ) -> Result<Vec<u8>> {
         let ctx = Ctx::vm(format!("read {guest}"), vm);
         let reply = self
             .agent(

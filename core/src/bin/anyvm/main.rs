@@ -223,6 +223,20 @@ impl App {
             .unwrap_or_default()
     }
 
+    /// A VM handle carrying the guest account from the config, if the config has one.
+    async fn open(&self, name: &str) -> anyvm::Result<anyvm::Vm> {
+        let vm = self.client.vm(name).await?;
+        let creds = self
+            .config
+            .as_ref()
+            .and_then(|c| c.machines.get(name))
+            .and_then(|m| m.credentials.clone());
+        Ok(match creds {
+            Some(c) => vm.with_credentials(c),
+            None => vm,
+        })
+    }
+
     fn machine(&self, name: &str) -> anyvm::Result<&anyvm::MachineConfig> {
         match &self.config {
             Some(c) => c.machine(name),
@@ -246,7 +260,7 @@ impl App {
                                 "{:<24} {:<10}{}",
                                 v.name,
                                 v.state.to_string(),
-                                if v.managed {
+                                if v.managed != Some(false) {
                                     ""
                                 } else {
                                     " (not defined by anyvm)"
@@ -258,7 +272,7 @@ impl App {
                 });
             }
             Cmd::Status { name } => {
-                let vm = c.vm(&name).await?;
+                let vm = self.open(&name).await?;
                 let state = vm.state().await?;
                 let forwards = vm.forwards().await.unwrap_or_default();
                 let snaps = vm.snapshots().await.unwrap_or_default();
@@ -310,7 +324,7 @@ impl App {
                 );
             }
             Cmd::Start { name } => {
-                c.vm(&name).await?.start().await?;
+                self.open(&name).await?.start().await?;
                 self.out(json!({"name": name, "state": "running"}), || {
                     format!("{name}: started")
                 });
@@ -320,7 +334,7 @@ impl App {
                 force,
                 timeout,
             } => {
-                let vm = c.vm(&name).await?;
+                let vm = self.open(&name).await?;
                 let spinner = progress::Spinner::start(format!("stopping {name}"));
                 let res = vm
                     .stop(StopOptions {
@@ -335,31 +349,31 @@ impl App {
                 });
             }
             Cmd::Pause { name } => {
-                c.vm(&name).await?.pause().await?;
+                self.open(&name).await?.pause().await?;
                 self.out(json!({"name": name, "state": "paused"}), || {
                     format!("{name}: paused")
                 });
             }
             Cmd::Resume { name } => {
-                c.vm(&name).await?.resume().await?;
+                self.open(&name).await?.resume().await?;
                 self.out(json!({"name": name, "state": "running"}), || {
                     format!("{name}: resumed")
                 });
             }
             Cmd::Save { name } => {
-                c.vm(&name).await?.save_state().await?;
+                self.open(&name).await?.save_state().await?;
                 self.out(json!({"name": name, "state": "saved"}), || {
                     format!("{name}: saved")
                 });
             }
             Cmd::Destroy { name } => {
-                c.vm(&name).await?.destroy().await?;
+                self.open(&name).await?.destroy().await?;
                 self.out(json!({"name": name, "destroyed": true}), || {
                     format!("{name}: destroyed")
                 });
             }
             Cmd::WaitReady { name, timeout } => {
-                let vm = c.vm(&name).await?;
+                let vm = self.open(&name).await?;
                 let mut spec = self.ready_spec(&name);
                 if let Some(t) = timeout {
                     spec.timeout = secs(t, "--timeout")?;
@@ -380,7 +394,7 @@ impl App {
                 stdin,
                 argv,
             } => {
-                let vm = c.vm(&name).await?;
+                let vm = self.open(&name).await?;
                 let mut req = ExecRequest::from_argv(&argv)?.timeout(secs(timeout, "--timeout")?);
                 for kv in env {
                     let (k, v) = kv.split_once('=').ok_or_else(|| {
@@ -423,8 +437,10 @@ impl App {
                         .then(|| (vm.to_string(), path.to_string()))
                 };
                 let (n, dir) = match (split(&src), split(&dst)) {
-                    (Some((vm, g)), None) => (c.vm(&vm).await?.copy_from(&g, &dst).await?, "from"),
-                    (None, Some((vm, g))) => (c.vm(&vm).await?.copy_to(&src, &g).await?, "to"),
+                    (Some((vm, g)), None) => {
+                        (self.open(&vm).await?.copy_from(&g, &dst).await?, "from")
+                    }
+                    (None, Some((vm, g))) => (self.open(&vm).await?.copy_to(&src, &g).await?, "to"),
                     _ => {
                         return Err(Error::invalid_arg(
                             "cp",
@@ -453,11 +469,11 @@ impl App {
                 .host_port(hp)
                 .proto(proto);
                 spec.host_addr = host_addr;
-                let f = c.vm(&name).await?.forward_add(&spec).await?;
+                let f = self.open(&name).await?.forward_add(&spec).await?;
                 self.out(json!(f), || format!("{name}: forward {f}"));
             }
             Cmd::Forward(ForwardCmd::Remove { name, forward }) => {
-                let f = c.vm(&name).await?.forward_remove(&forward).await?;
+                let f = self.open(&name).await?.forward_remove(&forward).await?;
                 self.out(json!(f), || format!("{name}: removed forward {f}"));
             }
             Cmd::Ports { name, all } => {
@@ -480,7 +496,7 @@ impl App {
                             .join("\n")
                     });
                 } else if let Some(n) = name {
-                    let f = c.vm(&n).await?.forwards().await?;
+                    let f = self.open(&n).await?.forwards().await?;
                     self.out(json!(f), || {
                         f.iter()
                             .map(|f| f.to_string())
@@ -504,19 +520,19 @@ impl App {
                     });
                 }
                 SnapshotCmd::Restore { name, snapshot } => {
-                    c.vm(&name).await?.snapshot_restore(&snapshot).await?;
+                    self.open(&name).await?.snapshot_restore(&snapshot).await?;
                     self.out(json!({"name": name, "snapshot": snapshot}), || {
                         format!("{name}: restored {snapshot}")
                     });
                 }
                 SnapshotCmd::Delete { name, snapshot } => {
-                    c.vm(&name).await?.snapshot_delete(&snapshot).await?;
+                    self.open(&name).await?.snapshot_delete(&snapshot).await?;
                     self.out(json!({"name": name, "snapshot": snapshot}), || {
                         format!("{name}: deleted {snapshot}")
                     });
                 }
                 SnapshotCmd::List { name } => {
-                    let l = c.vm(&name).await?.snapshots().await?;
+                    let l = self.open(&name).await?.snapshots().await?;
                     self.out(json!(l), || {
                         l.iter()
                             .map(|s| {
@@ -561,11 +577,11 @@ impl App {
                     guest_port: Some(guest_port),
                     alias: None,
                 };
-                let cfg = c.vm(&name).await?.ssh_config(&opts).await?;
+                let cfg = self.open(&name).await?.ssh_config(&opts).await?;
                 self.out(json!(cfg), || cfg.stanza.trim_end().to_string());
             }
             Cmd::Console { name } => {
-                let p = c.vm(&name).await?.console_log().await?;
+                let p = self.open(&name).await?.console_log().await?;
                 self.out(json!({"console_log": p}), || {
                     p.map(|p| p.display().to_string())
                         .unwrap_or_else(|| "(none)".into())
