@@ -83,6 +83,13 @@ impl Client {
                 };
                 Arc::new(crate::backend::libvirt::LibvirtBackend::open(&uri, o).await?)
             }
+            BackendUri::VirtualBox => {
+                let o = crate::backend::virtualbox::VirtualBoxOptions {
+                    console_dir: opts.state_dir.join("console"),
+                    ..Default::default()
+                };
+                Arc::new(crate::backend::virtualbox::VirtualBoxBackend::new(o)?)
+            }
             other => {
                 return Err(Error::BackendUnavailable {
                     ctx: Ctx::new("connect"),

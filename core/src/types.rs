@@ -426,6 +426,8 @@ pub enum Boot {
     },
     /// Boot from the first disk.
     Disk,
+    /// Import an OVA/OVF appliance (VirtualBox, VMware); its disks come from the appliance.
+    Appliance { path: PathBuf },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]

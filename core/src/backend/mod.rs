@@ -17,6 +17,8 @@ use crate::types::{ExecOutput, ExecRequest, PortForward, SnapshotInfo, VmInfo, V
 
 #[cfg(feature = "libvirt")]
 pub mod libvirt;
+pub mod tool;
+pub mod virtualbox;
 
 /// Something that happened to a VM, pushed by backends that have events.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -10,7 +10,8 @@
 //! cpus = 1
 //! memory_mib = 256
 //! accel = "tcg"                       # auto | kvm | tcg
-//! kernel = "/path/vmlinuz"            # direct kernel boot; omit to boot from the first disk
+//! kernel = "/path/vmlinuz"            # direct kernel boot (libvirt); or appliance = "x.ova";
+//!                                     # omit both to boot from the first disk
 //! initrd = "/path/initrd.img"
 //! cmdline = "console=ttyS0"
 //! disks = [{ path = "/path/data.qcow2", format = "qcow2" }]
@@ -51,6 +52,8 @@ struct RawMachine {
     accel: Accel,
     kernel: Option<PathBuf>,
     initrd: Option<PathBuf>,
+    /// OVA/OVF to import (VirtualBox, VMware).
+    appliance: Option<PathBuf>,
     #[serde(default)]
     cmdline: String,
     #[serde(default)]
@@ -168,7 +171,13 @@ impl Config {
                 b.parse::<crate::BackendUri>()
                     .map_err(|e| Error::config(file.clone(), key("backend"), e.to_string()))?;
             }
+            if m.appliance.is_some() && m.kernel.is_some() {
+                return Err(Error::config(file, key("appliance"), "give a kernel or an appliance, not both"));
+            }
             let boot = match (m.kernel, m.initrd) {
+                (None, None) if m.appliance.is_some() => Boot::Appliance {
+                    path: abs(m.appliance.clone().expect("checked")),
+                },
                 (Some(k), initrd) => Boot::Kernel {
                     kernel: abs(k),
                     initrd: initrd.map(abs),

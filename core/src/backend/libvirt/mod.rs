@@ -458,6 +458,13 @@ impl Backend for LibvirtBackend {
                 "host ports must be resolved before define (use Client::define)",
             ));
         }
+        if let crate::types::Boot::Appliance { path } = &spec.boot {
+            return Err(Error::InvalidState {
+                ctx,
+                state: format!("appliance {}", path.display()),
+                hint: "libvirt does not import OVA/OVF appliances; convert the disk (qemu-img convert) and boot from it".into(),
+            });
+        }
         self.check_host_paths(&ctx, spec)?;
         if self.is_local() {
             std::fs::create_dir_all(&self.opts.console_dir)

@@ -1,0 +1,646 @@
+//! VirtualBox backend, driven through `VBoxManage` with the hardened [`ToolRunner`].
+//!
+//! What this adds over calling VBoxManage by hand: C locale, argv only, every call under a
+//! deadline with the process group killed on expiry, "already locked" retried with backoff,
+//! `VBoxManage: error:` treated as failure even on exit 0, the guest password passed through a
+//! private `--passwordfile` (never argv), readiness from `guestproperty wait` on the Guest
+//! Additions run level instead of sleeps, and NAT forwards that use the shared port allocator.
+
+mod errors;
+mod parse;
+
+use std::ffi::OsString;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use tokio::sync::{broadcast, OnceCell};
+
+use super::tool::{resolve_binary, ToolRunner};
+use super::{Backend, VmEvent};
+use crate::credentials::Credentials;
+use crate::error::{Ctx, Error, Result};
+use crate::name::VmName;
+use crate::types::{Boot, ExecOutput, ExecRequest, HostPort, PortForward, SnapshotInfo, VmInfo, VmSpec, VmState};
+use crate::util::command::ToolOutput;
+pub use errors::Failure;
+
+const SPEC_KEY: &str = "anyvm/spec";
+const RUN_LEVEL: &str = "/VirtualBox/GuestAdd/RunLevel";
+const CONTROLLER: &str = "anyvm-sata";
+
+/// How the VirtualBox backend finds and runs VBoxManage.
+#[derive(Debug, Clone)]
+pub struct VirtualBoxOptions {
+    /// VBoxManage path; `ANYVM_VBOXMANAGE`, then `PATH`, when unset.
+    pub vboxmanage: Option<PathBuf>,
+    /// Deadline for ordinary calls.
+    pub call_timeout: Duration,
+    /// Deadline for calls that copy disks (clone, import).
+    pub long_timeout: Duration,
+    /// How often an "already locked" call is retried before giving up.
+    pub lock_retries: u32,
+    /// `headless`, `gui` or `separate`.
+    pub start_type: String,
+    /// Guest Additions run level that counts as ready (2 = services, 3 = desktop session).
+    pub ready_run_level: u32,
+    /// Where serial console logs are written.
+    pub console_dir: PathBuf,
+}
+
+impl Default for VirtualBoxOptions {
+    fn default() -> Self {
+        VirtualBoxOptions {
+            vboxmanage: None,
+            call_timeout: Duration::from_secs(60),
+            long_timeout: Duration::from_secs(1800),
+            lock_retries: 5,
+            start_type: "headless".into(),
+            ready_run_level: 2,
+            console_dir: crate::client::default_state_dir().join("console"),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct VirtualBoxBackend {
+    tool: ToolRunner,
+    opts: VirtualBoxOptions,
+    version: OnceCell<(u32, u32, u32)>,
+}
+
+fn os(v: &[&str]) -> Vec<OsString> {
+    v.iter().map(OsString::from).collect()
+}
+
+fn rule(f: &PortForward) -> String {
+    format!("{},{},{},{},,{}", f.name, f.proto, f.host_addr, f.host_port, f.guest_port)
+}
+
+impl VirtualBoxBackend {
+    pub fn new(opts: VirtualBoxOptions) -> Result<Self> {
+        let program = resolve_binary("VBoxManage", opts.vboxmanage.as_deref(), "ANYVM_VBOXMANAGE")?;
+        Ok(VirtualBoxBackend { tool: ToolRunner::new(program, opts.call_timeout), opts, version: OnceCell::new() })
+    }
+
+    /// VBoxManage calls made so far, by subcommand.
+    pub fn invocations(&self) -> std::collections::BTreeMap<String, u64> {
+        self.tool.invocations()
+    }
+
+    /// `(major, minor, patch)`, asked once; 6.1 and later are supported.
+    pub async fn version(&self) -> Result<(u32, u32, u32)> {
+        self.version
+            .get_or_try_init(|| async {
+                let ctx = Ctx::new("VBoxManage --version");
+                let out = self.tool.run(&ctx, os(&["--version"]), None, None, "VBoxManage --version".into()).await?;
+                let v = parse::version(&out.stdout_str()).map_err(|m| Error::backend(ctx.clone(), "VBoxManage", m))?;
+                if v < (6, 1, 0) {
+                    return Err(Error::BackendUnavailable {
+                        ctx,
+                        backend: "virtualbox".into(),
+                        reason: format!("VirtualBox {}.{}.{} is too old; 6.1 or later is needed", v.0, v.1, v.2),
+                    });
+                }
+                Ok(v)
+            })
+            .await
+            .copied()
+    }
+
+    /// Run VBoxManage; retry while the VM is locked by another session; classify failures.
+    async fn vbox(&self, ctx: &Ctx, args: Vec<OsString>) -> Result<ToolOutput> {
+        self.vbox_with(ctx, args, None, None).await
+    }
+
+    async fn vbox_with(
+        &self,
+        ctx: &Ctx,
+        args: Vec<OsString>,
+        stdin: Option<Vec<u8>>,
+        timeout: Option<Duration>,
+    ) -> Result<ToolOutput> {
+        let shown = format!(
+            "VBoxManage {}",
+            args.iter().take(3).map(|a| a.to_string_lossy().into_owned()).collect::<Vec<_>>().join(" ")
+        );
+        let mut delay = Duration::from_millis(200);
+        for attempt in 0..=self.opts.lock_retries {
+            let out = self.tool.run(ctx, args.clone(), stdin.clone(), timeout, shown.clone()).await?;
+            match errors::classify(&out) {
+                None => return Ok(out),
+                Some(Failure::Busy(m)) if attempt < self.opts.lock_retries => {
+                    tracing::debug!(call = %shown, attempt, "VM locked, retrying: {m}");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(3));
+                }
+                Some(f) => return Err(errors::to_error(ctx, f)),
+            }
+        }
+        unreachable!("the last attempt returns")
+    }
+
+    async fn info(&self, ctx: &Ctx, vm: &VmName) -> Result<Vec<(String, String)>> {
+        let out = self.vbox(ctx, os(&["showvminfo", vm.as_str(), "--machinereadable"])).await?;
+        parse::machine_readable(&out.stdout_str()).map_err(|m| Error::backend(ctx.clone(), "VBoxManage", format!("unreadable showvminfo output: {m}")))
+    }
+
+    fn state_of(ctx: &Ctx, kv: &[(String, String)]) -> Result<VmState> {
+        let s = parse::get(kv, "VMState")
+            .ok_or_else(|| Error::backend(ctx.clone(), "VBoxManage", "showvminfo output has no VMState"))?;
+        Ok(parse::vm_state(s))
+    }
+
+    fn console_path(&self, vm: &VmName) -> PathBuf {
+        self.opts.console_dir.join(format!("{vm}.log"))
+    }
+
+    async fn store_spec(&self, ctx: &Ctx, spec: &VmSpec) -> Result<()> {
+        let json = serde_json::to_string(spec).expect("spec serializes");
+        self.vbox(ctx, vec!["setextradata".into(), spec.name.as_str().into(), SPEC_KEY.into(), json.into()]).await.map(|_| ())
+    }
+
+    /// `modifyvm` arguments for cpus, memory, NAT with forwards, console and serial log.
+    fn modify_args(&self, spec: &VmSpec) -> Vec<OsString> {
+        let mut a = os(&["modifyvm", spec.name.as_str(), "--memory"]);
+        a.push(spec.memory_mib.to_string().into());
+        a.push("--cpus".into());
+        a.push(spec.cpus.to_string().into());
+        a.extend(os(&["--nic1", "nat"]));
+        for f in &spec.forwards {
+            if let HostPort::Fixed(p) = f.host_port {
+                let pf = PortForward {
+                    name: f.name.clone(),
+                    proto: f.proto,
+                    host_addr: f.host_addr.clone(),
+                    host_port: p,
+                    guest_port: f.guest_port,
+                };
+                a.push("--natpf1".into());
+                a.push(rule(&pf).into());
+            }
+        }
+        if let Some(HostPort::Fixed(p)) = spec.console.vnc {
+            a.extend(os(&["--vrde", "on", "--vrdeaddress", "127.0.0.1", "--vrdeport"]));
+            a.push(p.to_string().into());
+        }
+        a.extend(os(&["--uart1", "0x3F8", "4", "--uartmode1", "file"]));
+        a.push(self.console_path(&spec.name).into_os_string());
+        a
+    }
+
+    /// Write the password to a private file that lives for one call.
+    fn password_file(&self, ctx: &Ctx, creds: &Credentials) -> Result<Option<tempfile::NamedTempFile>> {
+        let Some(src) = &creds.password else { return Ok(None) };
+        let secret = src.resolve(ctx)?;
+        let mut f = tempfile::Builder::new()
+            .prefix(".anyvm-pw-")
+            .tempfile()
+            .map_err(|e| Error::io(ctx.clone(), std::env::temp_dir(), e))?;
+        // NamedTempFile is created 0600.
+        f.write_all(secret.expose().as_bytes()).and_then(|_| f.flush()).map_err(|e| Error::io(ctx.clone(), f.path(), e))?;
+        Ok(Some(f))
+    }
+
+    fn need_creds(ctx: &Ctx, creds: Option<&Credentials>) -> Result<Credentials> {
+        creds.cloned().ok_or_else(|| Error::Auth {
+            ctx: ctx.clone(),
+            reason: "VirtualBox guest control needs a guest account; set credentials in the config or Vm::with_credentials".into(),
+        })
+    }
+
+    /// `guestcontrol VM SUBCMD --username U [--passwordfile F] ...rest`
+    async fn guestcontrol(
+        &self,
+        ctx: &Ctx,
+        vm: &VmName,
+        sub: &str,
+        creds: &Credentials,
+        rest: Vec<OsString>,
+        stdin: Option<Vec<u8>>,
+        timeout: Duration,
+        raw: bool,
+    ) -> Result<ToolOutput> {
+        let pw = self.password_file(ctx, creds)?;
+        let mut args = os(&["guestcontrol", vm.as_str(), sub, "--username", &creds.user]);
+        if let Some(f) = &pw {
+            args.push("--passwordfile".into());
+            args.push(f.path().as_os_str().to_owned());
+        }
+        args.extend(rest);
+        let display = format!("VBoxManage guestcontrol {vm} {sub}");
+        if raw {
+            // Exit code is the guest program's: classify only VBoxManage's own error lines.
+            let out = self.tool.run(ctx, args, stdin, Some(timeout), display).await?;
+            if !errors::error_lines(&out.stderr_str()).is_empty() {
+                return Err(errors::to_error(ctx, errors::classify(&out).expect("has error lines")));
+            }
+            Ok(out)
+        } else {
+            self.vbox_with(ctx, args, stdin, Some(timeout)).await
+        }
+    }
+}
+
+#[async_trait]
+impl Backend for VirtualBoxBackend {
+    fn id(&self) -> &str {
+        "virtualbox"
+    }
+    fn uri(&self) -> String {
+        "virtualbox".into()
+    }
+
+    async fn list(&self) -> Result<Vec<VmInfo>> {
+        let ctx = Ctx::new("list");
+        self.version().await?;
+        let all = parse::list(&self.vbox(&ctx, os(&["list", "vms"])).await?.stdout_str())
+            .map_err(|m| Error::backend(ctx.clone(), "VBoxManage", m))?;
+        let running = parse::list(&self.vbox(&ctx, os(&["list", "runningvms"])).await?.stdout_str())
+            .map_err(|m| Error::backend(ctx.clone(), "VBoxManage", m))?;
+        Ok(all
+            .into_iter()
+            .map(|(name, uuid)| VmInfo {
+                state: if running.iter().any(|(_, u)| *u == uuid) { VmState::Running } else { VmState::ShutOff },
+                name,
+                // Knowing would cost one getextradata per VM.
+                managed: None,
+            })
+            .collect())
+    }
+
+    async fn exists(&self, vm: &VmName) -> Result<bool> {
+        match self.info(&Ctx::vm("lookup", vm), vm).await {
+            Ok(_) => Ok(true),
+            Err(Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn spec(&self, vm: &VmName) -> Result<Option<VmSpec>> {
+        let ctx = Ctx::vm("read spec", vm);
+        let out = self.vbox(&ctx, os(&["getextradata", vm.as_str(), SPEC_KEY])).await?;
+        match parse::guest_property(&out.stdout_str()) {
+            None => Ok(None),
+            Some(json) => serde_json::from_str(&json)
+                .map(Some)
+                .map_err(|e| Error::backend(ctx, "VBoxManage", format!("anyvm spec in extradata is unreadable: {e}"))),
+        }
+    }
+
+    async fn define(&self, spec: &VmSpec) -> Result<()> {
+        let ctx = Ctx::vm("define", &spec.name);
+        spec.validate()?;
+        self.version().await?;
+        if let Boot::Kernel { .. } = spec.boot {
+            return Err(Error::InvalidState {
+                ctx,
+                state: "direct kernel boot requested".into(),
+                hint: "VirtualBox boots from disks or appliances; use a disk image or an OVA".into(),
+            });
+        }
+        for d in &spec.disks {
+            if !d.path.exists() {
+                return Err(Error::NotFound { ctx, what: format!("host file {}", d.path.display()) });
+            }
+        }
+        std::fs::create_dir_all(&self.opts.console_dir).map_err(|e| Error::io(ctx.clone(), &self.opts.console_dir, e))?;
+        let name = spec.name.as_str();
+        match &spec.boot {
+            Boot::Appliance { path } => {
+                if !path.exists() {
+                    return Err(Error::NotFound { ctx, what: format!("appliance {}", path.display()) });
+                }
+                let mut a = os(&["import"]);
+                a.push(path.as_os_str().to_owned());
+                a.extend(os(&["--vsys", "0", "--vmname", name]));
+                self.vbox_with(&ctx, a, None, Some(self.opts.long_timeout)).await?;
+            }
+            _ => {
+                self.vbox(&ctx, os(&["createvm", "--name", name, "--ostype", "Linux_64", "--register"])).await?;
+            }
+        }
+        // From here on a failure unregisters the half-made VM: a failed define changes nothing.
+        let rest: Result<()> = async {
+            self.vbox(&ctx, self.modify_args(spec)).await?;
+            if !spec.disks.is_empty() {
+                let n = spec.disks.len().max(1).to_string();
+                self.vbox(&ctx, os(&["storagectl", name, "--name", CONTROLLER, "--add", "sata", "--portcount", &n])).await?;
+                for (i, d) in spec.disks.iter().enumerate() {
+                    let mut a = os(&["storageattach", name, "--storagectl", CONTROLLER, "--port", &i.to_string(), "--device", "0", "--type", "hdd", "--medium"]);
+                    a.push(d.path.as_os_str().to_owned());
+                    if d.readonly {
+                        a.extend(os(&["--mtype", "readonly"]));
+                    }
+                    self.vbox(&ctx, a).await?;
+                }
+            }
+            self.store_spec(&ctx, spec).await
+        }
+        .await;
+        if let Err(e) = rest {
+            let _ = self.undefine(&spec.name).await;
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    async fn undefine(&self, vm: &VmName) -> Result<()> {
+        let ctx = Ctx::vm("undefine", vm);
+        // `unregistervm --delete` deletes every attached disk: detach the ones anyvm did not create.
+        if let Some(spec) = self.spec(vm).await.ok().flatten() {
+            for (i, d) in spec.disks.iter().enumerate().filter(|(_, d)| !d.owned) {
+                let _ = d;
+                self.vbox(&ctx, os(&["storageattach", vm.as_str(), "--storagectl", CONTROLLER, "--port", &i.to_string(), "--device", "0", "--medium", "none"]))
+                    .await?;
+            }
+        }
+        self.vbox(&ctx, os(&["unregistervm", vm.as_str(), "--delete"])).await?;
+        let _ = std::fs::remove_file(self.console_path(vm));
+        Ok(())
+    }
+
+    async fn state(&self, vm: &VmName) -> Result<VmState> {
+        let ctx = Ctx::vm("state", vm);
+        let kv = self.info(&ctx, vm).await?;
+        Self::state_of(&ctx, &kv)
+    }
+
+    async fn start(&self, vm: &VmName) -> Result<()> {
+        let ctx = Ctx::vm("start", vm);
+        let args = os(&["startvm", vm.as_str(), "--type", &self.opts.start_type]);
+        match self.vbox(&ctx, args).await {
+            Ok(_) => Ok(()),
+            // Some versions exit 1 after a successful start; the state says the truth.
+            Err(Error::Backend { .. }) if self.state(vm).await.ok() == Some(VmState::Running) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn request_shutdown(&self, vm: &VmName) -> Result<()> {
+        self.vbox(&Ctx::vm("shutdown", vm), os(&["controlvm", vm.as_str(), "acpipowerbutton"])).await.map(|_| ())
+    }
+
+    async fn power_off(&self, vm: &VmName) -> Result<()> {
+        let ctx = Ctx::vm("power off", vm);
+        match self.vbox(&ctx, os(&["controlvm", vm.as_str(), "poweroff"])).await {
+            Ok(_) => Ok(()),
+            Err(Error::InvalidState { .. }) if matches!(self.state(vm).await, Ok(VmState::ShutOff | VmState::Saved)) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn pause(&self, vm: &VmName) -> Result<()> {
+        self.vbox(&Ctx::vm("pause", vm), os(&["controlvm", vm.as_str(), "pause"])).await.map(|_| ())
+    }
+
+    async fn resume(&self, vm: &VmName) -> Result<()> {
+        self.vbox(&Ctx::vm("resume", vm), os(&["controlvm", vm.as_str(), "resume"])).await.map(|_| ())
+    }
+
+    async fn save_state(&self, vm: &VmName) -> Result<()> {
+        self.vbox(&Ctx::vm("save state", vm), os(&["controlvm", vm.as_str(), "savestate"])).await.map(|_| ())
+    }
+
+    async fn snapshot_take(&self, vm: &VmName, name: &str, description: &str) -> Result<()> {
+        let ctx = Ctx::vm(format!("snapshot take {name}"), vm);
+        let mut a = os(&["snapshot", vm.as_str(), "take", name, "--description", description]);
+        if self.state(vm).await? == VmState::Running {
+            a.push("--live".into());
+        }
+        self.vbox_with(&ctx, a, None, Some(self.opts.long_timeout)).await.map(|_| ())
+    }
+
+    async fn snapshot_restore(&self, vm: &VmName, name: &str) -> Result<()> {
+        let ctx = Ctx::vm(format!("snapshot restore {name}"), vm);
+        self.vbox_with(&ctx, os(&["snapshot", vm.as_str(), "restore", name]), None, Some(self.opts.long_timeout))
+            .await
+            .map(|_| ())
+    }
+
+    async fn snapshot_delete(&self, vm: &VmName, name: &str) -> Result<()> {
+        let ctx = Ctx::vm(format!("snapshot delete {name}"), vm);
+        self.vbox_with(&ctx, os(&["snapshot", vm.as_str(), "delete", name]), None, Some(self.opts.long_timeout))
+            .await
+            .map(|_| ())
+    }
+
+    async fn snapshot_list(&self, vm: &VmName) -> Result<Vec<SnapshotInfo>> {
+        let ctx = Ctx::vm("snapshot list", vm);
+        let out = match self.vbox(&ctx, os(&["snapshot", vm.as_str(), "list", "--machinereadable"])).await {
+            Ok(o) => o,
+            Err(_) if self.exists(vm).await? => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        };
+        let text = out.stdout_str();
+        if text.contains("does not have any snapshots") {
+            return Ok(Vec::new());
+        }
+        let kv = parse::machine_readable(&text).map_err(|m| Error::backend(ctx, "VBoxManage", m))?;
+        Ok(parse::snapshots(&kv)
+            .into_iter()
+            .map(|(name, parent, current)| SnapshotInfo { name, created: None, state: None, current, parent })
+            .collect())
+    }
+
+    async fn clone_linked(&self, base: &VmName, snapshot: Option<String>, clone: &VmSpec) -> Result<()> {
+        let ctx = Ctx::vm(format!("clone to {}", clone.name), base);
+        let snap = match snapshot {
+            Some(s) => s,
+            None => {
+                // VirtualBox links clones to a snapshot; make one of the current state.
+                let s = format!("anyvm-clone-{}", clone.name);
+                self.snapshot_take(base, &s, "base of a linked clone made by anyvm").await?;
+                s
+            }
+        };
+        let a = os(&["clonevm", base.as_str(), "--snapshot", &snap, "--options", "link", "--name", clone.name.as_str(), "--register"]);
+        self.vbox_with(&ctx, a, None, Some(self.opts.long_timeout)).await?;
+        let rest: Result<()> = async {
+            // The clone inherited the base's forwards (same host ports): replace them.
+            let inherited = parse::forwards(&self.info(&ctx, &clone.name).await?, 1)
+                .map_err(|m| Error::backend(ctx.clone(), "VBoxManage", m))?;
+            let mut a = self.modify_args(clone);
+            for f in inherited {
+                a.insert(2, f.name.into());
+                a.insert(2, "delete".into());
+                a.insert(2, "--natpf1".into());
+            }
+            self.vbox(&ctx, a).await?;
+            let mut spec = clone.clone();
+            // Its disks are differencing images VirtualBox made: deleted with the clone.
+            spec.disks.iter_mut().for_each(|d| d.owned = true);
+            self.store_spec(&ctx, &spec).await
+        }
+        .await;
+        if let Err(e) = rest {
+            let _ = self.vbox(&ctx, os(&["unregistervm", clone.name.as_str(), "--delete"])).await;
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    async fn exec(&self, vm: &VmName, req: &ExecRequest) -> Result<ExecOutput> {
+        let ctx = Ctx::vm(format!("exec {}", req.program), vm);
+        let creds = Self::need_creds(&ctx, req.credentials.as_ref())?;
+        let (major, _, _) = self.version().await?;
+        let started = Instant::now();
+        let mut rest: Vec<OsString> = Vec::new();
+        let (exe, argv): (String, Vec<String>) = match (&req.cwd, major >= 7) {
+            (Some(d), true) => {
+                rest.push("--cwd".into());
+                rest.push(d.into());
+                (req.program.clone(), std::iter::once(req.program.clone()).chain(req.args.iter().cloned()).collect())
+            }
+            // 6.1 has no --cwd: a fixed prologue takes the directory as a parameter.
+            (Some(d), false) => {
+                let mut a = vec!["sh".to_string(), "-c".into(), "cd -- \"$1\" || exit 127; shift; exec \"$@\"".into(), "sh".into(), d.clone(), req.program.clone()];
+                a.extend(req.args.iter().cloned());
+                ("/bin/sh".into(), a)
+            }
+            (None, _) => (req.program.clone(), std::iter::once(req.program.clone()).chain(req.args.iter().cloned()).collect()),
+        };
+        rest.extend(os(&["--exe", &exe, "--wait-stdout", "--wait-stderr", "--timeout"]));
+        rest.push(req.timeout.as_millis().to_string().into());
+        for (k, v) in &req.env {
+            rest.push("--putenv".into());
+            rest.push(format!("{k}={v}").into());
+        }
+        rest.push("--".into());
+        rest.extend(argv.into_iter().map(OsString::from));
+        // VBoxManage's own deadline is the guest timeout; ours adds slack so its report arrives.
+        let out = self
+            .guestcontrol(&ctx, vm, "run", &creds, rest, req.stdin.clone(), req.timeout + Duration::from_secs(15), true)
+            .await?;
+        if started.elapsed() >= req.timeout {
+            return Err(Error::Timeout { ctx, after: req.timeout, what: format!("'{}' to exit", req.display_argv()) });
+        }
+        Ok(ExecOutput {
+            exit_code: out.code,
+            signal: None,
+            stdout: out.stdout,
+            stderr: out.stderr,
+            duration: started.elapsed(),
+            stdout_truncated: false,
+            stderr_truncated: false,
+        })
+    }
+
+    async fn copy_to(&self, vm: &VmName, host: &Path, guest: &str, creds: Option<Credentials>) -> Result<u64> {
+        let ctx = Ctx::vm(format!("copy {} to {guest}", host.display()), vm);
+        let creds = Self::need_creds(&ctx, creds.as_ref())?;
+        let (dir, base) = guest.rsplit_once('/').ok_or_else(|| Error::invalid_arg("guest path", "must be absolute"))?;
+        let dir = if dir.is_empty() { "/" } else { dir };
+        // copyto keeps the source's file name: stage the file under the target name.
+        let stage = tempfile::tempdir().map_err(|e| Error::io(ctx.clone(), std::env::temp_dir(), e))?;
+        let staged = stage.path().join(base);
+        let n = std::fs::copy(host, &staged).map_err(|e| Error::io(ctx.clone(), host, e))?;
+        let mut rest = os(&["--target-directory", dir]);
+        rest.push(staged.into_os_string());
+        self.guestcontrol(&ctx, vm, "copyto", &creds, rest, None, self.opts.long_timeout, false).await?;
+        Ok(n)
+    }
+
+    async fn copy_from(&self, vm: &VmName, guest: &str, host: &Path, creds: Option<Credentials>) -> Result<u64> {
+        let ctx = Ctx::vm(format!("copy {guest} to {}", host.display()), vm);
+        let creds = Self::need_creds(&ctx, creds.as_ref())?;
+        let base = guest.rsplit('/').next().unwrap_or("file");
+        let stage = tempfile::tempdir().map_err(|e| Error::io(ctx.clone(), std::env::temp_dir(), e))?;
+        let mut rest = os(&["--target-directory"]);
+        rest.push(stage.path().as_os_str().to_owned());
+        rest.push(guest.into());
+        self.guestcontrol(&ctx, vm, "copyfrom", &creds, rest, None, self.opts.long_timeout, false).await?;
+        let staged = stage.path().join(base);
+        let n = std::fs::copy(&staged, host).map_err(|e| Error::io(ctx.clone(), host, e))?;
+        Ok(n)
+    }
+
+    async fn read_file(&self, vm: &VmName, guest: &str, limit: usize, creds: Option<Credentials>) -> Result<Vec<u8>> {
+        let ctx = Ctx::vm(format!("read {guest}"), vm);
+        let tmp = tempfile::tempdir().map_err(|e| Error::io(ctx.clone(), std::env::temp_dir(), e))?;
+        let p = tmp.path().join("f");
+        self.copy_from(vm, guest, &p, creds).await?;
+        let mut data = std::fs::read(&p).map_err(|e| Error::io(ctx, &p, e))?;
+        data.truncate(limit);
+        Ok(data)
+    }
+
+    async fn forwards(&self, vm: &VmName) -> Result<Vec<PortForward>> {
+        let ctx = Ctx::vm("forwards", vm);
+        let kv = self.info(&ctx, vm).await?;
+        parse::forwards(&kv, 1).map_err(|m| Error::backend(ctx, "VBoxManage", m))
+    }
+
+    async fn forward_add(&self, vm: &VmName, fwd: &PortForward) -> Result<()> {
+        let ctx = Ctx::vm(format!("forward add {}", fwd.name), vm);
+        let running = !matches!(self.state(vm).await?, VmState::ShutOff | VmState::Saved | VmState::Crashed);
+        let a = if running {
+            os(&["controlvm", vm.as_str(), "natpf1", &rule(fwd)])
+        } else {
+            os(&["modifyvm", vm.as_str(), "--natpf1", &rule(fwd)])
+        };
+        self.vbox(&ctx, a).await?;
+        if let Some(mut spec) = self.spec(vm).await? {
+            spec.forwards.push(crate::types::ForwardSpec {
+                name: fwd.name.clone(),
+                proto: fwd.proto,
+                host_addr: fwd.host_addr.clone(),
+                host_port: HostPort::Fixed(fwd.host_port),
+                guest_port: fwd.guest_port,
+            });
+            self.store_spec(&ctx, &spec).await?;
+        }
+        Ok(())
+    }
+
+    async fn forward_remove(&self, vm: &VmName, fwd: &PortForward) -> Result<()> {
+        let ctx = Ctx::vm(format!("forward remove {}", fwd.name), vm);
+        let running = !matches!(self.state(vm).await?, VmState::ShutOff | VmState::Saved | VmState::Crashed);
+        let a = if running {
+            os(&["controlvm", vm.as_str(), "natpf1", "delete", &fwd.name])
+        } else {
+            os(&["modifyvm", vm.as_str(), "--natpf1", "delete", &fwd.name])
+        };
+        self.vbox(&ctx, a).await?;
+        if let Some(mut spec) = self.spec(vm).await? {
+            spec.forwards.retain(|f| f.name != fwd.name);
+            self.store_spec(&ctx, &spec).await?;
+        }
+        Ok(())
+    }
+
+    /// Ready when the Guest Additions run level reaches the configured level; while it has not,
+    /// block in `guestproperty wait` (an event wait inside VirtualBox) instead of sleeping.
+    async fn agent_ping(&self, vm: &VmName, timeout: Duration) -> Result<()> {
+        let ctx = Ctx::vm("guest additions", vm);
+        let level = |out: ToolOutput| parse::guest_property(&out.stdout_str()).and_then(|v| v.trim().parse::<u32>().ok()).unwrap_or(0);
+        let get = os(&["guestproperty", "get", vm.as_str(), RUN_LEVEL]);
+        let now = level(self.vbox(&ctx, get.clone()).await?);
+        if now >= self.opts.ready_run_level {
+            return Ok(());
+        }
+        let wait_ms = timeout.saturating_sub(Duration::from_millis(200)).as_millis().max(100).to_string();
+        let wait = os(&["guestproperty", "wait", vm.as_str(), RUN_LEVEL, "--timeout", &wait_ms]);
+        // Exit 0 on timeout in older versions, 2 with a notice in newer: both mean "not yet".
+        let _ = self.tool.run(&ctx, wait, None, Some(timeout + Duration::from_secs(5)), "VBoxManage guestproperty wait".into()).await?;
+        let now = level(self.vbox(&ctx, get).await?);
+        if now >= self.opts.ready_run_level {
+            Ok(())
+        } else {
+            Err(Error::backend(
+                ctx,
+                "VBoxManage",
+                format!("Guest Additions run level is {now}, waiting for {} (0 = not running, 1 = system, 2 = services, 3 = desktop)", self.opts.ready_run_level),
+            ))
+        }
+    }
+
+    fn subscribe(&self) -> Option<broadcast::Receiver<VmEvent>> {
+        None
+    }
+
+    async fn console_log(&self, vm: &VmName) -> Result<Option<PathBuf>> {
+        Ok(Some(self.console_path(vm)))
+    }
+}
