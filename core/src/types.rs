@@ -528,20 +528,31 @@ impl VmSpec {
                 "must be at least 16",
             ));
         }
-        if let Boot::Kernel { kernel, initrd, .. } = &self.boot {
-            for p in std::iter::once(kernel).chain(initrd.iter()) {
-                if !p.is_absolute() {
-                    return Err(Error::invalid_arg(
-                        what("boot"),
-                        format!("{} must be an absolute path", p.display()),
-                    ));
+        let abs = |p: &PathBuf| -> Result<()> {
+            if p.is_absolute() {
+                Ok(())
+            } else {
+                Err(Error::invalid_arg(
+                    what("boot"),
+                    format!("{} must be an absolute path", p.display()),
+                ))
+            }
+        };
+        match &self.boot {
+            Boot::Kernel { kernel, initrd, .. } => {
+                abs(kernel)?;
+                if let Some(i) = initrd {
+                    abs(i)?;
                 }
             }
-        } else if self.disks.is_empty() {
-            return Err(Error::invalid_arg(
-                what("boot"),
-                "disk boot needs at least one disk",
-            ));
+            Boot::Appliance { path } => abs(path)?,
+            Boot::Disk if self.disks.is_empty() => {
+                return Err(Error::invalid_arg(
+                    what("boot"),
+                    "disk boot needs at least one disk",
+                ))
+            }
+            Boot::Disk => {}
         }
         for d in &self.disks {
             if !d.path.is_absolute() {

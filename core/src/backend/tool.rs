@@ -23,7 +23,10 @@ pub fn resolve_binary(name: &str, configured: Option<&Path>, env_var: &str) -> R
         if is_executable(&p) {
             Ok(p)
         } else {
-            Err(unavailable(format!("{} (from {from}) is not an executable file", p.display())))
+            Err(unavailable(format!(
+                "{} (from {from}) is not an executable file",
+                p.display()
+            )))
         }
     };
     if let Some(p) = configured {
@@ -41,7 +44,9 @@ pub fn resolve_binary(name: &str, configured: Option<&Path>, env_var: &str) -> R
 
 fn is_executable(p: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt;
-    std::fs::metadata(p).map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false)
+    std::fs::metadata(p)
+        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        .unwrap_or(false)
 }
 
 /// One tool binary with a default deadline and an invocation counter.
@@ -49,12 +54,19 @@ fn is_executable(p: &Path) -> bool {
 pub struct ToolRunner {
     pub program: PathBuf,
     pub timeout: Duration,
+    /// Extra environment for every call (e.g. VBOX_USER_HOME).
+    pub env: Vec<(String, String)>,
     calls: Mutex<BTreeMap<String, u64>>,
 }
 
 impl ToolRunner {
     pub fn new(program: PathBuf, timeout: Duration) -> Self {
-        ToolRunner { program, timeout, calls: Mutex::new(BTreeMap::new()) }
+        ToolRunner {
+            program,
+            timeout,
+            env: Vec::new(),
+            calls: Mutex::new(BTreeMap::new()),
+        }
     }
 
     /// Run `args`; `display` names the call in errors and must hold no secret.
@@ -66,11 +78,20 @@ impl ToolRunner {
         timeout: Option<Duration>,
         display: String,
     ) -> Result<ToolOutput> {
-        let key = args.iter().find(|a| !a.to_string_lossy().starts_with('-')).map(|a| a.to_string_lossy().into_owned());
-        *self.calls.lock().expect("calls lock").entry(key.unwrap_or_default()).or_default() += 1;
+        let key = args
+            .iter()
+            .find(|a| !a.to_string_lossy().starts_with('-'))
+            .map(|a| a.to_string_lossy().into_owned());
+        *self
+            .calls
+            .lock()
+            .expect("calls lock")
+            .entry(key.unwrap_or_default())
+            .or_default() += 1;
         let mut cmd = ToolCommand::new(&self.program, args, timeout.unwrap_or(self.timeout));
         cmd.stdin = stdin;
         cmd.display = display;
+        cmd.env = self.env.clone();
         tracing::debug!(tool = %self.program.display(), call = %cmd.display, "running");
         cmd.run(ctx).await
     }
@@ -96,10 +117,17 @@ mod tests {
         std::fs::write(&tool, "#!/bin/sh\n").unwrap();
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&tool, std::fs::Permissions::from_mode(0o755)).unwrap();
-        assert_eq!(resolve_binary("FakeTool", Some(&tool), "ANYVM_TEST_NO_SUCH_VAR").unwrap(), tool);
+        assert_eq!(
+            resolve_binary("FakeTool", Some(&tool), "ANYVM_TEST_NO_SUCH_VAR").unwrap(),
+            tool
+        );
         let e = resolve_binary("FakeTool", Some(Path::new("/nonexistent/x")), "V").unwrap_err();
         assert!(matches!(e, Error::BackendUnavailable { .. }), "{e}");
         let e = resolve_binary("NoSuchToolAnyvm", None, "ANYVM_TEST_NO_SUCH_VAR").unwrap_err();
-        assert!(e.to_string().contains("not on PATH") && e.to_string().contains("ANYVM_TEST_NO_SUCH_VAR"), "{e}");
+        assert!(
+            e.to_string().contains("not on PATH")
+                && e.to_string().contains("ANYVM_TEST_NO_SUCH_VAR"),
+            "{e}"
+        );
     }
 }

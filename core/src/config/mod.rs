@@ -172,7 +172,11 @@ impl Config {
                     .map_err(|e| Error::config(file.clone(), key("backend"), e.to_string()))?;
             }
             if m.appliance.is_some() && m.kernel.is_some() {
-                return Err(Error::config(file, key("appliance"), "give a kernel or an appliance, not both"));
+                return Err(Error::config(
+                    file,
+                    key("appliance"),
+                    "give a kernel or an appliance, not both",
+                ));
             }
             let boot = match (m.kernel, m.initrd) {
                 (None, None) if m.appliance.is_some() => Boot::Appliance {

@@ -27,8 +27,10 @@ const ATTEMPT_CAP: Duration = Duration::from_secs(10);
 
 impl ProbeCtx {
     fn attempt_timeout(&self) -> Duration {
+        // Leave time after a failed attempt to record why it failed before the deadline.
         self.deadline
             .saturating_duration_since(std::time::Instant::now())
+            .mul_f64(0.75)
             .clamp(Duration::from_millis(100), ATTEMPT_CAP)
     }
 

@@ -17,7 +17,10 @@ pub enum Failure {
 }
 
 pub fn error_lines(stderr: &str) -> Vec<&str> {
-    stderr.lines().filter_map(|l| l.trim().strip_prefix("VBoxManage: error:").map(str::trim)).collect()
+    stderr
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("VBoxManage: error:").map(str::trim))
+        .collect()
 }
 
 /// `None` when the call succeeded.
@@ -37,36 +40,68 @@ pub fn classify(out: &ToolOutput) -> Option<Failure> {
         }
     } else {
         // Keep the human sentence, drop "Context:" noise.
-        lines.iter().filter(|l| !l.starts_with("Context:")).cloned().collect::<Vec<_>>().join("; ")
+        lines
+            .iter()
+            .filter(|l| !l.starts_with("Context:"))
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("; ")
     };
     let has = |s: &str| stderr.contains(s);
-    Some(if has("VBOX_E_OBJECT_NOT_FOUND") || has("Could not find a registered machine") || has("Could not find a snapshot") {
-        Failure::NotFound(msg)
-    } else if has("is already locked") || has("VBOX_E_INVALID_OBJECT_STATE") && has("lock") {
-        Failure::Busy(msg)
-    } else if has("guest execution service is not ready") || has("Guest Additions are not installed or not ready") {
-        Failure::NotReady(msg)
-    } else if has("VERR_AUTHENTICATION_FAILURE") || has("not able to logon") || has("The specified user was not able to logon") {
-        Failure::Auth(msg)
-    } else if has("VBOX_E_INVALID_VM_STATE") || has("VBOX_E_INVALID_OBJECT_STATE") || has("is not currently running") {
-        Failure::InvalidState(msg)
-    } else {
-        Failure::Other(msg)
-    })
+    Some(
+        if has("VBOX_E_OBJECT_NOT_FOUND")
+            || has("Could not find a registered machine")
+            || has("Could not find a snapshot")
+            || has("VERR_FILE_NOT_FOUND")
+        {
+            Failure::NotFound(msg)
+        } else if has("is already locked") || has("VBOX_E_INVALID_OBJECT_STATE") && has("lock") {
+            Failure::Busy(msg)
+        } else if has("guest execution service is not ready")
+            || has("Guest Additions are not installed or not ready")
+        {
+            Failure::NotReady(msg)
+        } else if has("VERR_AUTHENTICATION_FAILURE")
+            || has("not able to logon")
+            || has("The specified user was not able to logon")
+        {
+            Failure::Auth(msg)
+        } else if has("VBOX_E_INVALID_VM_STATE")
+            || has("VBOX_E_INVALID_OBJECT_STATE")
+            || has("is not currently running")
+        {
+            Failure::InvalidState(msg)
+        } else {
+            Failure::Other(msg)
+        },
+    )
 }
 
 pub fn to_error(ctx: &Ctx, f: Failure) -> Error {
     match f {
-        Failure::NotFound(m) => Error::NotFound { ctx: ctx.clone(), what: m },
-        Failure::Busy(m) => Error::Busy { ctx: ctx.clone(), reason: format!("{m} (retried; another session holds the VM)") },
+        Failure::NotFound(m) => Error::NotFound {
+            ctx: ctx.clone(),
+            what: m,
+        },
+        Failure::Busy(m) => Error::Busy {
+            ctx: ctx.clone(),
+            reason: format!("{m} (retried; another session holds the VM)"),
+        },
         Failure::NotReady(m) => Error::NotReady {
             ctx: ctx.clone(),
             after: std::time::Duration::ZERO,
             probe: "guest additions".into(),
             last_error: m,
         },
-        Failure::Auth(m) => Error::Auth { ctx: ctx.clone(), reason: m },
-        Failure::InvalidState(m) => Error::InvalidState { ctx: ctx.clone(), state: m, hint: String::new() },
+        Failure::Auth(m) => Error::Auth {
+            ctx: ctx.clone(),
+            reason: m,
+        },
+        Failure::InvalidState(m) => Error::InvalidState {
+            ctx: ctx.clone(),
+            state: m,
+            hint: String::new(),
+        },
         Failure::Other(m) => Error::backend(ctx.clone(), "VBoxManage", m),
     }
 }
@@ -77,7 +112,12 @@ mod tests {
     use std::time::Duration;
 
     fn out(code: i32, stderr: &str) -> ToolOutput {
-        ToolOutput { code: Some(code), stdout: vec![], stderr: stderr.as_bytes().to_vec(), duration: Duration::ZERO }
+        ToolOutput {
+            code: Some(code),
+            stdout: vec![],
+            stderr: stderr.as_bytes().to_vec(),
+            duration: Duration::ZERO,
+        }
     }
 
     #[test]
@@ -93,13 +133,27 @@ mod tests {
         let nf = "VBoxManage: error: Could not find a registered machine named 'x'\nVBoxManage: error: Details: code VBOX_E_OBJECT_NOT_FOUND (0x80bb0001), component VirtualBoxWrap\n";
         assert!(matches!(classify(&out(1, nf)), Some(Failure::NotFound(_))));
         // exit 0 with an error line is still an error
-        assert!(matches!(classify(&out(0, "VBoxManage: error: Something odd\n")), Some(Failure::Other(_))));
-        // progress is not an error
-        assert_eq!(classify(&out(0, "0%...10%...20%...30%...40%...50%...60%...70%...80%...90%...100%\n")), None);
         assert!(matches!(
-            classify(&out(1, "VBoxManage: error: The guest execution service is not ready (yet)\n")),
+            classify(&out(0, "VBoxManage: error: Something odd\n")),
+            Some(Failure::Other(_))
+        ));
+        // progress is not an error
+        assert_eq!(
+            classify(&out(
+                0,
+                "0%...10%...20%...30%...40%...50%...60%...70%...80%...90%...100%\n"
+            )),
+            None
+        );
+        assert!(matches!(
+            classify(&out(
+                1,
+                "VBoxManage: error: The guest execution service is not ready (yet)\n"
+            )),
             Some(Failure::NotReady(_))
         ));
-        assert!(matches!(classify(&out(1, "")), Some(Failure::Other(m)) if m.contains("exit code")));
+        assert!(
+            matches!(classify(&out(1, "")), Some(Failure::Other(m)) if m.contains("exit code"))
+        );
     }
 }

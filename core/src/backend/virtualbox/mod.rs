@@ -22,7 +22,9 @@ use super::{Backend, VmEvent};
 use crate::credentials::Credentials;
 use crate::error::{Ctx, Error, Result};
 use crate::name::VmName;
-use crate::types::{Boot, ExecOutput, ExecRequest, HostPort, PortForward, SnapshotInfo, VmInfo, VmSpec, VmState};
+use crate::types::{
+    Boot, ExecOutput, ExecRequest, HostPort, PortForward, SnapshotInfo, VmInfo, VmSpec, VmState,
+};
 use crate::util::command::ToolOutput;
 pub use errors::Failure;
 
@@ -47,6 +49,8 @@ pub struct VirtualBoxOptions {
     pub ready_run_level: u32,
     /// Where serial console logs are written.
     pub console_dir: PathBuf,
+    /// Extra environment for VBoxManage, e.g. `VBOX_USER_HOME` to pick a VirtualBox home.
+    pub env: Vec<(String, String)>,
 }
 
 impl Default for VirtualBoxOptions {
@@ -59,8 +63,17 @@ impl Default for VirtualBoxOptions {
             start_type: "headless".into(),
             ready_run_level: 2,
             console_dir: crate::client::default_state_dir().join("console"),
+            env: Vec::new(),
         }
     }
+}
+
+/// How one `guestcontrol` call runs.
+struct GuestCall {
+    stdin: Option<Vec<u8>>,
+    timeout: Duration,
+    /// The exit code is the guest program's: only VBoxManage's own error lines mean failure.
+    raw: bool,
 }
 
 #[derive(Debug)]
@@ -75,13 +88,22 @@ fn os(v: &[&str]) -> Vec<OsString> {
 }
 
 fn rule(f: &PortForward) -> String {
-    format!("{},{},{},{},,{}", f.name, f.proto, f.host_addr, f.host_port, f.guest_port)
+    format!(
+        "{},{},{},{},,{}",
+        f.name, f.proto, f.host_addr, f.host_port, f.guest_port
+    )
 }
 
 impl VirtualBoxBackend {
     pub fn new(opts: VirtualBoxOptions) -> Result<Self> {
         let program = resolve_binary("VBoxManage", opts.vboxmanage.as_deref(), "ANYVM_VBOXMANAGE")?;
-        Ok(VirtualBoxBackend { tool: ToolRunner::new(program, opts.call_timeout), opts, version: OnceCell::new() })
+        let mut tool = ToolRunner::new(program, opts.call_timeout);
+        tool.env = opts.env.clone();
+        Ok(VirtualBoxBackend {
+            tool,
+            opts,
+            version: OnceCell::new(),
+        })
     }
 
     /// VBoxManage calls made so far, by subcommand.
@@ -94,13 +116,26 @@ impl VirtualBoxBackend {
         self.version
             .get_or_try_init(|| async {
                 let ctx = Ctx::new("VBoxManage --version");
-                let out = self.tool.run(&ctx, os(&["--version"]), None, None, "VBoxManage --version".into()).await?;
-                let v = parse::version(&out.stdout_str()).map_err(|m| Error::backend(ctx.clone(), "VBoxManage", m))?;
+                let out = self
+                    .tool
+                    .run(
+                        &ctx,
+                        os(&["--version"]),
+                        None,
+                        None,
+                        "VBoxManage --version".into(),
+                    )
+                    .await?;
+                let v = parse::version(&out.stdout_str())
+                    .map_err(|m| Error::backend(ctx.clone(), "VBoxManage", m))?;
                 if v < (6, 1, 0) {
                     return Err(Error::BackendUnavailable {
                         ctx,
                         backend: "virtualbox".into(),
-                        reason: format!("VirtualBox {}.{}.{} is too old; 6.1 or later is needed", v.0, v.1, v.2),
+                        reason: format!(
+                            "VirtualBox {}.{}.{} is too old; 6.1 or later is needed",
+                            v.0, v.1, v.2
+                        ),
                     });
                 }
                 Ok(v)
@@ -123,11 +158,18 @@ impl VirtualBoxBackend {
     ) -> Result<ToolOutput> {
         let shown = format!(
             "VBoxManage {}",
-            args.iter().take(3).map(|a| a.to_string_lossy().into_owned()).collect::<Vec<_>>().join(" ")
+            args.iter()
+                .take(3)
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect::<Vec<_>>()
+                .join(" ")
         );
         let mut delay = Duration::from_millis(200);
         for attempt in 0..=self.opts.lock_retries {
-            let out = self.tool.run(ctx, args.clone(), stdin.clone(), timeout, shown.clone()).await?;
+            let out = self
+                .tool
+                .run(ctx, args.clone(), stdin.clone(), timeout, shown.clone())
+                .await?;
             match errors::classify(&out) {
                 None => return Ok(out),
                 Some(Failure::Busy(m)) if attempt < self.opts.lock_retries => {
@@ -142,13 +184,26 @@ impl VirtualBoxBackend {
     }
 
     async fn info(&self, ctx: &Ctx, vm: &VmName) -> Result<Vec<(String, String)>> {
-        let out = self.vbox(ctx, os(&["showvminfo", vm.as_str(), "--machinereadable"])).await?;
-        parse::machine_readable(&out.stdout_str()).map_err(|m| Error::backend(ctx.clone(), "VBoxManage", format!("unreadable showvminfo output: {m}")))
+        let out = self
+            .vbox(ctx, os(&["showvminfo", vm.as_str(), "--machinereadable"]))
+            .await?;
+        parse::machine_readable(&out.stdout_str()).map_err(|m| {
+            Error::backend(
+                ctx.clone(),
+                "VBoxManage",
+                format!("unreadable showvminfo output: {m}"),
+            )
+        })
     }
 
     fn state_of(ctx: &Ctx, kv: &[(String, String)]) -> Result<VmState> {
-        let s = parse::get(kv, "VMState")
-            .ok_or_else(|| Error::backend(ctx.clone(), "VBoxManage", "showvminfo output has no VMState"))?;
+        let s = parse::get(kv, "VMState").ok_or_else(|| {
+            Error::backend(
+                ctx.clone(),
+                "VBoxManage",
+                "showvminfo output has no VMState",
+            )
+        })?;
         Ok(parse::vm_state(s))
     }
 
@@ -158,7 +213,17 @@ impl VirtualBoxBackend {
 
     async fn store_spec(&self, ctx: &Ctx, spec: &VmSpec) -> Result<()> {
         let json = serde_json::to_string(spec).expect("spec serializes");
-        self.vbox(ctx, vec!["setextradata".into(), spec.name.as_str().into(), SPEC_KEY.into(), json.into()]).await.map(|_| ())
+        self.vbox(
+            ctx,
+            vec![
+                "setextradata".into(),
+                spec.name.as_str().into(),
+                SPEC_KEY.into(),
+                json.into(),
+            ],
+        )
+        .await
+        .map(|_| ())
     }
 
     /// `modifyvm` arguments for cpus, memory, NAT with forwards, console and serial log.
@@ -182,7 +247,13 @@ impl VirtualBoxBackend {
             }
         }
         if let Some(HostPort::Fixed(p)) = spec.console.vnc {
-            a.extend(os(&["--vrde", "on", "--vrdeaddress", "127.0.0.1", "--vrdeport"]));
+            a.extend(os(&[
+                "--vrde",
+                "on",
+                "--vrdeaddress",
+                "127.0.0.1",
+                "--vrdeport",
+            ]));
             a.push(p.to_string().into());
         }
         a.extend(os(&["--uart1", "0x3F8", "4", "--uartmode1", "file"]));
@@ -191,15 +262,23 @@ impl VirtualBoxBackend {
     }
 
     /// Write the password to a private file that lives for one call.
-    fn password_file(&self, ctx: &Ctx, creds: &Credentials) -> Result<Option<tempfile::NamedTempFile>> {
-        let Some(src) = &creds.password else { return Ok(None) };
+    fn password_file(
+        &self,
+        ctx: &Ctx,
+        creds: &Credentials,
+    ) -> Result<Option<tempfile::NamedTempFile>> {
+        let Some(src) = &creds.password else {
+            return Ok(None);
+        };
         let secret = src.resolve(ctx)?;
         let mut f = tempfile::Builder::new()
             .prefix(".anyvm-pw-")
             .tempfile()
             .map_err(|e| Error::io(ctx.clone(), std::env::temp_dir(), e))?;
         // NamedTempFile is created 0600.
-        f.write_all(secret.expose().as_bytes()).and_then(|_| f.flush()).map_err(|e| Error::io(ctx.clone(), f.path(), e))?;
+        f.write_all(secret.expose().as_bytes())
+            .and_then(|_| f.flush())
+            .map_err(|e| Error::io(ctx.clone(), f.path(), e))?;
         Ok(Some(f))
     }
 
@@ -218,9 +297,7 @@ impl VirtualBoxBackend {
         sub: &str,
         creds: &Credentials,
         rest: Vec<OsString>,
-        stdin: Option<Vec<u8>>,
-        timeout: Duration,
-        raw: bool,
+        call: GuestCall,
     ) -> Result<ToolOutput> {
         let pw = self.password_file(ctx, creds)?;
         let mut args = os(&["guestcontrol", vm.as_str(), sub, "--username", &creds.user]);
@@ -230,11 +307,22 @@ impl VirtualBoxBackend {
         }
         args.extend(rest);
         let display = format!("VBoxManage guestcontrol {vm} {sub}");
+        let GuestCall {
+            stdin,
+            timeout,
+            raw,
+        } = call;
         if raw {
             // Exit code is the guest program's: classify only VBoxManage's own error lines.
-            let out = self.tool.run(ctx, args, stdin, Some(timeout), display).await?;
+            let out = self
+                .tool
+                .run(ctx, args, stdin, Some(timeout), display)
+                .await?;
             if !errors::error_lines(&out.stderr_str()).is_empty() {
-                return Err(errors::to_error(ctx, errors::classify(&out).expect("has error lines")));
+                return Err(errors::to_error(
+                    ctx,
+                    errors::classify(&out).expect("has error lines"),
+                ));
             }
             Ok(out)
         } else {
@@ -257,12 +345,21 @@ impl Backend for VirtualBoxBackend {
         self.version().await?;
         let all = parse::list(&self.vbox(&ctx, os(&["list", "vms"])).await?.stdout_str())
             .map_err(|m| Error::backend(ctx.clone(), "VBoxManage", m))?;
-        let running = parse::list(&self.vbox(&ctx, os(&["list", "runningvms"])).await?.stdout_str())
-            .map_err(|m| Error::backend(ctx.clone(), "VBoxManage", m))?;
+        let running = parse::list(
+            &self
+                .vbox(&ctx, os(&["list", "runningvms"]))
+                .await?
+                .stdout_str(),
+        )
+        .map_err(|m| Error::backend(ctx.clone(), "VBoxManage", m))?;
         Ok(all
             .into_iter()
             .map(|(name, uuid)| VmInfo {
-                state: if running.iter().any(|(_, u)| *u == uuid) { VmState::Running } else { VmState::ShutOff },
+                state: if running.iter().any(|(_, u)| *u == uuid) {
+                    VmState::Running
+                } else {
+                    VmState::ShutOff
+                },
                 name,
                 // Knowing would cost one getextradata per VM.
                 managed: None,
@@ -280,12 +377,18 @@ impl Backend for VirtualBoxBackend {
 
     async fn spec(&self, vm: &VmName) -> Result<Option<VmSpec>> {
         let ctx = Ctx::vm("read spec", vm);
-        let out = self.vbox(&ctx, os(&["getextradata", vm.as_str(), SPEC_KEY])).await?;
+        let out = self
+            .vbox(&ctx, os(&["getextradata", vm.as_str(), SPEC_KEY]))
+            .await?;
         match parse::guest_property(&out.stdout_str()) {
             None => Ok(None),
-            Some(json) => serde_json::from_str(&json)
-                .map(Some)
-                .map_err(|e| Error::backend(ctx, "VBoxManage", format!("anyvm spec in extradata is unreadable: {e}"))),
+            Some(json) => serde_json::from_str(&json).map(Some).map_err(|e| {
+                Error::backend(
+                    ctx,
+                    "VBoxManage",
+                    format!("anyvm spec in extradata is unreadable: {e}"),
+                )
+            }),
         }
     }
 
@@ -297,28 +400,48 @@ impl Backend for VirtualBoxBackend {
             return Err(Error::InvalidState {
                 ctx,
                 state: "direct kernel boot requested".into(),
-                hint: "VirtualBox boots from disks or appliances; use a disk image or an OVA".into(),
+                hint: "VirtualBox boots from disks or appliances; use a disk image or an OVA"
+                    .into(),
             });
         }
         for d in &spec.disks {
             if !d.path.exists() {
-                return Err(Error::NotFound { ctx, what: format!("host file {}", d.path.display()) });
+                return Err(Error::NotFound {
+                    ctx,
+                    what: format!("host file {}", d.path.display()),
+                });
             }
         }
-        std::fs::create_dir_all(&self.opts.console_dir).map_err(|e| Error::io(ctx.clone(), &self.opts.console_dir, e))?;
+        std::fs::create_dir_all(&self.opts.console_dir)
+            .map_err(|e| Error::io(ctx.clone(), &self.opts.console_dir, e))?;
         let name = spec.name.as_str();
         match &spec.boot {
             Boot::Appliance { path } => {
                 if !path.exists() {
-                    return Err(Error::NotFound { ctx, what: format!("appliance {}", path.display()) });
+                    return Err(Error::NotFound {
+                        ctx,
+                        what: format!("appliance {}", path.display()),
+                    });
                 }
                 let mut a = os(&["import"]);
                 a.push(path.as_os_str().to_owned());
                 a.extend(os(&["--vsys", "0", "--vmname", name]));
-                self.vbox_with(&ctx, a, None, Some(self.opts.long_timeout)).await?;
+                self.vbox_with(&ctx, a, None, Some(self.opts.long_timeout))
+                    .await?;
             }
             _ => {
-                self.vbox(&ctx, os(&["createvm", "--name", name, "--ostype", "Linux_64", "--register"])).await?;
+                self.vbox(
+                    &ctx,
+                    os(&[
+                        "createvm",
+                        "--name",
+                        name,
+                        "--ostype",
+                        "Linux_64",
+                        "--register",
+                    ]),
+                )
+                .await?;
             }
         }
         // From here on a failure unregisters the half-made VM: a failed define changes nothing.
@@ -326,9 +449,34 @@ impl Backend for VirtualBoxBackend {
             self.vbox(&ctx, self.modify_args(spec)).await?;
             if !spec.disks.is_empty() {
                 let n = spec.disks.len().max(1).to_string();
-                self.vbox(&ctx, os(&["storagectl", name, "--name", CONTROLLER, "--add", "sata", "--portcount", &n])).await?;
+                self.vbox(
+                    &ctx,
+                    os(&[
+                        "storagectl",
+                        name,
+                        "--name",
+                        CONTROLLER,
+                        "--add",
+                        "sata",
+                        "--portcount",
+                        &n,
+                    ]),
+                )
+                .await?;
                 for (i, d) in spec.disks.iter().enumerate() {
-                    let mut a = os(&["storageattach", name, "--storagectl", CONTROLLER, "--port", &i.to_string(), "--device", "0", "--type", "hdd", "--medium"]);
+                    let mut a = os(&[
+                        "storageattach",
+                        name,
+                        "--storagectl",
+                        CONTROLLER,
+                        "--port",
+                        &i.to_string(),
+                        "--device",
+                        "0",
+                        "--type",
+                        "hdd",
+                        "--medium",
+                    ]);
                     a.push(d.path.as_os_str().to_owned());
                     if d.readonly {
                         a.extend(os(&["--mtype", "readonly"]));
@@ -352,11 +500,26 @@ impl Backend for VirtualBoxBackend {
         if let Some(spec) = self.spec(vm).await.ok().flatten() {
             for (i, d) in spec.disks.iter().enumerate().filter(|(_, d)| !d.owned) {
                 let _ = d;
-                self.vbox(&ctx, os(&["storageattach", vm.as_str(), "--storagectl", CONTROLLER, "--port", &i.to_string(), "--device", "0", "--medium", "none"]))
-                    .await?;
+                self.vbox(
+                    &ctx,
+                    os(&[
+                        "storageattach",
+                        vm.as_str(),
+                        "--storagectl",
+                        CONTROLLER,
+                        "--port",
+                        &i.to_string(),
+                        "--device",
+                        "0",
+                        "--medium",
+                        "none",
+                    ]),
+                )
+                .await?;
             }
         }
-        self.vbox(&ctx, os(&["unregistervm", vm.as_str(), "--delete"])).await?;
+        self.vbox(&ctx, os(&["unregistervm", vm.as_str(), "--delete"]))
+            .await?;
         let _ = std::fs::remove_file(self.console_path(vm));
         Ok(())
     }
@@ -373,62 +536,116 @@ impl Backend for VirtualBoxBackend {
         match self.vbox(&ctx, args).await {
             Ok(_) => Ok(()),
             // Some versions exit 1 after a successful start; the state says the truth.
-            Err(Error::Backend { .. }) if self.state(vm).await.ok() == Some(VmState::Running) => Ok(()),
+            Err(Error::Backend { .. }) if self.state(vm).await.ok() == Some(VmState::Running) => {
+                Ok(())
+            }
             Err(e) => Err(e),
         }
     }
 
     async fn request_shutdown(&self, vm: &VmName) -> Result<()> {
-        self.vbox(&Ctx::vm("shutdown", vm), os(&["controlvm", vm.as_str(), "acpipowerbutton"])).await.map(|_| ())
+        self.vbox(
+            &Ctx::vm("shutdown", vm),
+            os(&["controlvm", vm.as_str(), "acpipowerbutton"]),
+        )
+        .await
+        .map(|_| ())
     }
 
     async fn power_off(&self, vm: &VmName) -> Result<()> {
         let ctx = Ctx::vm("power off", vm);
-        match self.vbox(&ctx, os(&["controlvm", vm.as_str(), "poweroff"])).await {
+        match self
+            .vbox(&ctx, os(&["controlvm", vm.as_str(), "poweroff"]))
+            .await
+        {
             Ok(_) => Ok(()),
-            Err(Error::InvalidState { .. }) if matches!(self.state(vm).await, Ok(VmState::ShutOff | VmState::Saved)) => Ok(()),
+            Err(Error::InvalidState { .. })
+                if matches!(self.state(vm).await, Ok(VmState::ShutOff | VmState::Saved)) =>
+            {
+                Ok(())
+            }
             Err(e) => Err(e),
         }
     }
 
     async fn pause(&self, vm: &VmName) -> Result<()> {
-        self.vbox(&Ctx::vm("pause", vm), os(&["controlvm", vm.as_str(), "pause"])).await.map(|_| ())
+        self.vbox(
+            &Ctx::vm("pause", vm),
+            os(&["controlvm", vm.as_str(), "pause"]),
+        )
+        .await
+        .map(|_| ())
     }
 
     async fn resume(&self, vm: &VmName) -> Result<()> {
-        self.vbox(&Ctx::vm("resume", vm), os(&["controlvm", vm.as_str(), "resume"])).await.map(|_| ())
+        self.vbox(
+            &Ctx::vm("resume", vm),
+            os(&["controlvm", vm.as_str(), "resume"]),
+        )
+        .await
+        .map(|_| ())
     }
 
     async fn save_state(&self, vm: &VmName) -> Result<()> {
-        self.vbox(&Ctx::vm("save state", vm), os(&["controlvm", vm.as_str(), "savestate"])).await.map(|_| ())
+        self.vbox(
+            &Ctx::vm("save state", vm),
+            os(&["controlvm", vm.as_str(), "savestate"]),
+        )
+        .await
+        .map(|_| ())
     }
 
     async fn snapshot_take(&self, vm: &VmName, name: &str, description: &str) -> Result<()> {
         let ctx = Ctx::vm(format!("snapshot take {name}"), vm);
-        let mut a = os(&["snapshot", vm.as_str(), "take", name, "--description", description]);
+        let mut a = os(&[
+            "snapshot",
+            vm.as_str(),
+            "take",
+            name,
+            "--description",
+            description,
+        ]);
         if self.state(vm).await? == VmState::Running {
             a.push("--live".into());
         }
-        self.vbox_with(&ctx, a, None, Some(self.opts.long_timeout)).await.map(|_| ())
+        self.vbox_with(&ctx, a, None, Some(self.opts.long_timeout))
+            .await
+            .map(|_| ())
     }
 
     async fn snapshot_restore(&self, vm: &VmName, name: &str) -> Result<()> {
         let ctx = Ctx::vm(format!("snapshot restore {name}"), vm);
-        self.vbox_with(&ctx, os(&["snapshot", vm.as_str(), "restore", name]), None, Some(self.opts.long_timeout))
-            .await
-            .map(|_| ())
+        self.vbox_with(
+            &ctx,
+            os(&["snapshot", vm.as_str(), "restore", name]),
+            None,
+            Some(self.opts.long_timeout),
+        )
+        .await
+        .map(|_| ())
     }
 
     async fn snapshot_delete(&self, vm: &VmName, name: &str) -> Result<()> {
         let ctx = Ctx::vm(format!("snapshot delete {name}"), vm);
-        self.vbox_with(&ctx, os(&["snapshot", vm.as_str(), "delete", name]), None, Some(self.opts.long_timeout))
-            .await
-            .map(|_| ())
+        self.vbox_with(
+            &ctx,
+            os(&["snapshot", vm.as_str(), "delete", name]),
+            None,
+            Some(self.opts.long_timeout),
+        )
+        .await
+        .map(|_| ())
     }
 
     async fn snapshot_list(&self, vm: &VmName) -> Result<Vec<SnapshotInfo>> {
         let ctx = Ctx::vm("snapshot list", vm);
-        let out = match self.vbox(&ctx, os(&["snapshot", vm.as_str(), "list", "--machinereadable"])).await {
+        let out = match self
+            .vbox(
+                &ctx,
+                os(&["snapshot", vm.as_str(), "list", "--machinereadable"]),
+            )
+            .await
+        {
             Ok(o) => o,
             Err(_) if self.exists(vm).await? => return Ok(Vec::new()),
             Err(e) => return Err(e),
@@ -437,26 +654,50 @@ impl Backend for VirtualBoxBackend {
         if text.contains("does not have any snapshots") {
             return Ok(Vec::new());
         }
-        let kv = parse::machine_readable(&text).map_err(|m| Error::backend(ctx, "VBoxManage", m))?;
+        let kv =
+            parse::machine_readable(&text).map_err(|m| Error::backend(ctx, "VBoxManage", m))?;
         Ok(parse::snapshots(&kv)
             .into_iter()
-            .map(|(name, parent, current)| SnapshotInfo { name, created: None, state: None, current, parent })
+            .map(|(name, parent, current)| SnapshotInfo {
+                name,
+                created: None,
+                state: None,
+                current,
+                parent,
+            })
             .collect())
     }
 
-    async fn clone_linked(&self, base: &VmName, snapshot: Option<String>, clone: &VmSpec) -> Result<()> {
+    async fn clone_linked(
+        &self,
+        base: &VmName,
+        snapshot: Option<String>,
+        clone: &VmSpec,
+    ) -> Result<()> {
         let ctx = Ctx::vm(format!("clone to {}", clone.name), base);
         let snap = match snapshot {
             Some(s) => s,
             None => {
                 // VirtualBox links clones to a snapshot; make one of the current state.
                 let s = format!("anyvm-clone-{}", clone.name);
-                self.snapshot_take(base, &s, "base of a linked clone made by anyvm").await?;
+                self.snapshot_take(base, &s, "base of a linked clone made by anyvm")
+                    .await?;
                 s
             }
         };
-        let a = os(&["clonevm", base.as_str(), "--snapshot", &snap, "--options", "link", "--name", clone.name.as_str(), "--register"]);
-        self.vbox_with(&ctx, a, None, Some(self.opts.long_timeout)).await?;
+        let a = os(&[
+            "clonevm",
+            base.as_str(),
+            "--snapshot",
+            &snap,
+            "--options",
+            "link",
+            "--name",
+            clone.name.as_str(),
+            "--register",
+        ]);
+        self.vbox_with(&ctx, a, None, Some(self.opts.long_timeout))
+            .await?;
         let rest: Result<()> = async {
             // The clone inherited the base's forwards (same host ports): replace them.
             let inherited = parse::forwards(&self.info(&ctx, &clone.name).await?, 1)
@@ -475,7 +716,9 @@ impl Backend for VirtualBoxBackend {
         }
         .await;
         if let Err(e) = rest {
-            let _ = self.vbox(&ctx, os(&["unregistervm", clone.name.as_str(), "--delete"])).await;
+            let _ = self
+                .vbox(&ctx, os(&["unregistervm", clone.name.as_str(), "--delete"]))
+                .await;
             return Err(e);
         }
         Ok(())
@@ -491,17 +734,40 @@ impl Backend for VirtualBoxBackend {
             (Some(d), true) => {
                 rest.push("--cwd".into());
                 rest.push(d.into());
-                (req.program.clone(), std::iter::once(req.program.clone()).chain(req.args.iter().cloned()).collect())
+                (
+                    req.program.clone(),
+                    std::iter::once(req.program.clone())
+                        .chain(req.args.iter().cloned())
+                        .collect(),
+                )
             }
             // 6.1 has no --cwd: a fixed prologue takes the directory as a parameter.
             (Some(d), false) => {
-                let mut a = vec!["sh".to_string(), "-c".into(), "cd -- \"$1\" || exit 127; shift; exec \"$@\"".into(), "sh".into(), d.clone(), req.program.clone()];
+                let mut a = vec![
+                    "sh".to_string(),
+                    "-c".into(),
+                    "cd -- \"$1\" || exit 127; shift; exec \"$@\"".into(),
+                    "sh".into(),
+                    d.clone(),
+                    req.program.clone(),
+                ];
                 a.extend(req.args.iter().cloned());
                 ("/bin/sh".into(), a)
             }
-            (None, _) => (req.program.clone(), std::iter::once(req.program.clone()).chain(req.args.iter().cloned()).collect()),
+            (None, _) => (
+                req.program.clone(),
+                std::iter::once(req.program.clone())
+                    .chain(req.args.iter().cloned())
+                    .collect(),
+            ),
         };
-        rest.extend(os(&["--exe", &exe, "--wait-stdout", "--wait-stderr", "--timeout"]));
+        rest.extend(os(&[
+            "--exe",
+            &exe,
+            "--wait-stdout",
+            "--wait-stderr",
+            "--timeout",
+        ]));
         rest.push(req.timeout.as_millis().to_string().into());
         for (k, v) in &req.env {
             rest.push("--putenv".into());
@@ -511,10 +777,25 @@ impl Backend for VirtualBoxBackend {
         rest.extend(argv.into_iter().map(OsString::from));
         // VBoxManage's own deadline is the guest timeout; ours adds slack so its report arrives.
         let out = self
-            .guestcontrol(&ctx, vm, "run", &creds, rest, req.stdin.clone(), req.timeout + Duration::from_secs(15), true)
+            .guestcontrol(
+                &ctx,
+                vm,
+                "run",
+                &creds,
+                rest,
+                GuestCall {
+                    stdin: req.stdin.clone(),
+                    timeout: req.timeout + Duration::from_secs(15),
+                    raw: true,
+                },
+            )
             .await?;
         if started.elapsed() >= req.timeout {
-            return Err(Error::Timeout { ctx, after: req.timeout, what: format!("'{}' to exit", req.display_argv()) });
+            return Err(Error::Timeout {
+                ctx,
+                after: req.timeout,
+                what: format!("'{}' to exit", req.display_argv()),
+            });
         }
         Ok(ExecOutput {
             exit_code: out.code,
@@ -527,38 +808,85 @@ impl Backend for VirtualBoxBackend {
         })
     }
 
-    async fn copy_to(&self, vm: &VmName, host: &Path, guest: &str, creds: Option<Credentials>) -> Result<u64> {
+    async fn copy_to(
+        &self,
+        vm: &VmName,
+        host: &Path,
+        guest: &str,
+        creds: Option<Credentials>,
+    ) -> Result<u64> {
         let ctx = Ctx::vm(format!("copy {} to {guest}", host.display()), vm);
         let creds = Self::need_creds(&ctx, creds.as_ref())?;
-        let (dir, base) = guest.rsplit_once('/').ok_or_else(|| Error::invalid_arg("guest path", "must be absolute"))?;
+        let (dir, base) = guest
+            .rsplit_once('/')
+            .ok_or_else(|| Error::invalid_arg("guest path", "must be absolute"))?;
         let dir = if dir.is_empty() { "/" } else { dir };
         // copyto keeps the source's file name: stage the file under the target name.
-        let stage = tempfile::tempdir().map_err(|e| Error::io(ctx.clone(), std::env::temp_dir(), e))?;
+        let stage =
+            tempfile::tempdir().map_err(|e| Error::io(ctx.clone(), std::env::temp_dir(), e))?;
         let staged = stage.path().join(base);
         let n = std::fs::copy(host, &staged).map_err(|e| Error::io(ctx.clone(), host, e))?;
         let mut rest = os(&["--target-directory", dir]);
         rest.push(staged.into_os_string());
-        self.guestcontrol(&ctx, vm, "copyto", &creds, rest, None, self.opts.long_timeout, false).await?;
+        self.guestcontrol(
+            &ctx,
+            vm,
+            "copyto",
+            &creds,
+            rest,
+            GuestCall {
+                stdin: None,
+                timeout: self.opts.long_timeout,
+                raw: false,
+            },
+        )
+        .await?;
         Ok(n)
     }
 
-    async fn copy_from(&self, vm: &VmName, guest: &str, host: &Path, creds: Option<Credentials>) -> Result<u64> {
+    async fn copy_from(
+        &self,
+        vm: &VmName,
+        guest: &str,
+        host: &Path,
+        creds: Option<Credentials>,
+    ) -> Result<u64> {
         let ctx = Ctx::vm(format!("copy {guest} to {}", host.display()), vm);
         let creds = Self::need_creds(&ctx, creds.as_ref())?;
         let base = guest.rsplit('/').next().unwrap_or("file");
-        let stage = tempfile::tempdir().map_err(|e| Error::io(ctx.clone(), std::env::temp_dir(), e))?;
+        let stage =
+            tempfile::tempdir().map_err(|e| Error::io(ctx.clone(), std::env::temp_dir(), e))?;
         let mut rest = os(&["--target-directory"]);
         rest.push(stage.path().as_os_str().to_owned());
         rest.push(guest.into());
-        self.guestcontrol(&ctx, vm, "copyfrom", &creds, rest, None, self.opts.long_timeout, false).await?;
+        self.guestcontrol(
+            &ctx,
+            vm,
+            "copyfrom",
+            &creds,
+            rest,
+            GuestCall {
+                stdin: None,
+                timeout: self.opts.long_timeout,
+                raw: false,
+            },
+        )
+        .await?;
         let staged = stage.path().join(base);
         let n = std::fs::copy(&staged, host).map_err(|e| Error::io(ctx.clone(), host, e))?;
         Ok(n)
     }
 
-    async fn read_file(&self, vm: &VmName, guest: &str, limit: usize, creds: Option<Credentials>) -> Result<Vec<u8>> {
+    async fn read_file(
+        &self,
+        vm: &VmName,
+        guest: &str,
+        limit: usize,
+        creds: Option<Credentials>,
+    ) -> Result<Vec<u8>> {
         let ctx = Ctx::vm(format!("read {guest}"), vm);
-        let tmp = tempfile::tempdir().map_err(|e| Error::io(ctx.clone(), std::env::temp_dir(), e))?;
+        let tmp =
+            tempfile::tempdir().map_err(|e| Error::io(ctx.clone(), std::env::temp_dir(), e))?;
         let p = tmp.path().join("f");
         self.copy_from(vm, guest, &p, creds).await?;
         let mut data = std::fs::read(&p).map_err(|e| Error::io(ctx, &p, e))?;
@@ -574,7 +902,10 @@ impl Backend for VirtualBoxBackend {
 
     async fn forward_add(&self, vm: &VmName, fwd: &PortForward) -> Result<()> {
         let ctx = Ctx::vm(format!("forward add {}", fwd.name), vm);
-        let running = !matches!(self.state(vm).await?, VmState::ShutOff | VmState::Saved | VmState::Crashed);
+        let running = !matches!(
+            self.state(vm).await?,
+            VmState::ShutOff | VmState::Saved | VmState::Crashed
+        );
         let a = if running {
             os(&["controlvm", vm.as_str(), "natpf1", &rule(fwd)])
         } else {
@@ -596,7 +927,10 @@ impl Backend for VirtualBoxBackend {
 
     async fn forward_remove(&self, vm: &VmName, fwd: &PortForward) -> Result<()> {
         let ctx = Ctx::vm(format!("forward remove {}", fwd.name), vm);
-        let running = !matches!(self.state(vm).await?, VmState::ShutOff | VmState::Saved | VmState::Crashed);
+        let running = !matches!(
+            self.state(vm).await?,
+            VmState::ShutOff | VmState::Saved | VmState::Crashed
+        );
         let a = if running {
             os(&["controlvm", vm.as_str(), "natpf1", "delete", &fwd.name])
         } else {
@@ -614,16 +948,40 @@ impl Backend for VirtualBoxBackend {
     /// block in `guestproperty wait` (an event wait inside VirtualBox) instead of sleeping.
     async fn agent_ping(&self, vm: &VmName, timeout: Duration) -> Result<()> {
         let ctx = Ctx::vm("guest additions", vm);
-        let level = |out: ToolOutput| parse::guest_property(&out.stdout_str()).and_then(|v| v.trim().parse::<u32>().ok()).unwrap_or(0);
+        let level = |out: ToolOutput| {
+            parse::guest_property(&out.stdout_str())
+                .and_then(|v| v.trim().parse::<u32>().ok())
+                .unwrap_or(0)
+        };
         let get = os(&["guestproperty", "get", vm.as_str(), RUN_LEVEL]);
         let now = level(self.vbox(&ctx, get.clone()).await?);
         if now >= self.opts.ready_run_level {
             return Ok(());
         }
-        let wait_ms = timeout.saturating_sub(Duration::from_millis(200)).as_millis().max(100).to_string();
-        let wait = os(&["guestproperty", "wait", vm.as_str(), RUN_LEVEL, "--timeout", &wait_ms]);
+        let wait_ms = timeout
+            .saturating_sub(Duration::from_millis(200))
+            .as_millis()
+            .max(100)
+            .to_string();
+        let wait = os(&[
+            "guestproperty",
+            "wait",
+            vm.as_str(),
+            RUN_LEVEL,
+            "--timeout",
+            &wait_ms,
+        ]);
         // Exit 0 on timeout in older versions, 2 with a notice in newer: both mean "not yet".
-        let _ = self.tool.run(&ctx, wait, None, Some(timeout + Duration::from_secs(5)), "VBoxManage guestproperty wait".into()).await?;
+        let _ = self
+            .tool
+            .run(
+                &ctx,
+                wait,
+                None,
+                Some(timeout + Duration::from_secs(5)),
+                "VBoxManage guestproperty wait".into(),
+            )
+            .await?;
         let now = level(self.vbox(&ctx, get).await?);
         if now >= self.opts.ready_run_level {
             Ok(())

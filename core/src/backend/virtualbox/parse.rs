@@ -73,7 +73,10 @@ pub fn machine_readable(text: &str) -> Result<Vec<(String, String)>, String> {
     Ok(out)
 }
 
-fn quoted(chars: &mut std::iter::Peekable<std::str::Chars<'_>>, line: &mut usize) -> Result<String, String> {
+fn quoted(
+    chars: &mut std::iter::Peekable<std::str::Chars<'_>>,
+    line: &mut usize,
+) -> Result<String, String> {
     let start = *line;
     let mut s = String::new();
     loop {
@@ -110,8 +113,16 @@ pub fn vm_state(s: &str) -> VmState {
         "saved" => VmState::Saved,
         "poweroff" | "aborted-saved" => VmState::ShutOff,
         "aborted" | "gurumeditation" => VmState::Crashed,
-        "starting" | "stopping" | "saving" | "restoring" | "settingup" | "deletingsnapshot" | "deletingsnapshotlive"
-        | "livesnapshotting" | "teleporting" | "onlinesnapshotting" => VmState::Busy,
+        "starting"
+        | "stopping"
+        | "saving"
+        | "restoring"
+        | "settingup"
+        | "deletingsnapshot"
+        | "deletingsnapshotlive"
+        | "livesnapshotting"
+        | "teleporting"
+        | "onlinesnapshotting" => VmState::Busy,
         _ => VmState::Unknown,
     }
 }
@@ -124,7 +135,10 @@ pub fn forwards(kv: &[(String, String)], nic: u32) -> Result<Vec<PortForward>, S
     for (k, v) in kv {
         let idx = k
             .strip_prefix("natnet")
-            .or_else(|| k.strip_prefix("nic").filter(|r| r.chars().all(|c| c.is_ascii_digit())))
+            .or_else(|| {
+                k.strip_prefix("nic")
+                    .filter(|r| r.chars().all(|c| c.is_ascii_digit()))
+            })
             .and_then(|n| n.parse::<u32>().ok());
         if let Some(n) = idx {
             current = Some(n);
@@ -142,7 +156,10 @@ pub fn forward_rule(v: &str) -> Result<PortForward, String> {
     if parts.len() != 6 {
         return Err(format!("forwarding rule {v:?} does not have 6 fields"));
     }
-    let port = |s: &str| s.parse::<u16>().map_err(|_| format!("bad port {s:?} in forwarding rule {v:?}"));
+    let port = |s: &str| {
+        s.parse::<u16>()
+            .map_err(|_| format!("bad port {s:?} in forwarding rule {v:?}"))
+    };
     Ok(PortForward {
         name: parts[0].to_string(),
         proto: match parts[1] {
@@ -150,7 +167,11 @@ pub fn forward_rule(v: &str) -> Result<PortForward, String> {
             "udp" => Protocol::Udp,
             p => return Err(format!("bad protocol {p:?} in forwarding rule {v:?}")),
         },
-        host_addr: if parts[2].is_empty() { "0.0.0.0".into() } else { parts[2].to_string() },
+        host_addr: if parts[2].is_empty() {
+            "0.0.0.0".into()
+        } else {
+            parts[2].to_string()
+        },
         host_port: port(parts[3])?,
         guest_port: port(parts[5])?,
     })
@@ -176,7 +197,10 @@ pub fn version(text: &str) -> Result<(u32, u32, u32), String> {
         .map(str::trim)
         .find(|l| l.chars().next().is_some_and(|c| c.is_ascii_digit()))
         .ok_or_else(|| format!("no version in {:?}", text.trim()))?;
-    let ver: String = line.chars().take_while(|c| c.is_ascii_digit() || *c == '.').collect();
+    let ver: String = line
+        .chars()
+        .take_while(|c| c.is_ascii_digit() || *c == '.')
+        .collect();
     let mut it = ver.split('.').map(|p| p.parse::<u32>());
     match (it.next(), it.next(), it.next()) {
         (Some(Ok(a)), Some(Ok(b)), Some(Ok(c))) => Ok((a, b, c)),
@@ -187,7 +211,8 @@ pub fn version(text: &str) -> Result<(u32, u32, u32), String> {
 
 /// `guestproperty get`: `Value: X` or `No value set!`.
 pub fn guest_property(text: &str) -> Option<String> {
-    text.lines().find_map(|l| l.trim().strip_prefix("Value: ").map(str::to_string))
+    text.lines()
+        .find_map(|l| l.trim().strip_prefix("Value: ").map(str::to_string))
 }
 
 /// Snapshot names from `snapshot list --machinereadable`, with parents from the key nesting
@@ -196,12 +221,20 @@ pub fn snapshots(kv: &[(String, String)]) -> Vec<(String, Option<String>, bool)>
     let current = get(kv, "CurrentSnapshotName").map(str::to_string);
     let names: Vec<(&str, &str)> = kv
         .iter()
-        .filter_map(|(k, v)| k.strip_prefix("SnapshotName").map(|suffix| (suffix, v.as_str())))
+        .filter_map(|(k, v)| {
+            k.strip_prefix("SnapshotName")
+                .map(|suffix| (suffix, v.as_str()))
+        })
         .collect();
     names
         .iter()
         .map(|(suffix, name)| {
-            let parent = suffix.rsplit_once('-').and_then(|(p, _)| names.iter().find(|(s, _)| s == &p).map(|(_, n)| n.to_string()));
+            let parent = suffix.rsplit_once('-').and_then(|(p, _)| {
+                names
+                    .iter()
+                    .find(|(s, _)| s == &p)
+                    .map(|(_, n)| n.to_string())
+            });
             (name.to_string(), parent, current.as_deref() == Some(*name))
         })
         .collect()
@@ -246,11 +279,17 @@ nic3="none"
         assert_eq!(get(&kv, "description"), Some("line1\nline2 \"x\"\n"));
         assert_eq!(get(&kv, "videocapopts"), Some(""));
         assert_eq!(get(&kv, "VideoMode"), Some("720,400,0"));
-        assert_eq!(get(&kv, "GuestAdditionsFacility_VirtualBox Base Driver"), Some("50,1550641065785"));
+        assert_eq!(
+            get(&kv, "GuestAdditionsFacility_VirtualBox Base Driver"),
+            Some("50,1550641065785")
+        );
         assert_eq!(vm_state(get(&kv, "VMState").unwrap()), VmState::Running);
         let f = forwards(&kv, 1).unwrap();
         assert_eq!(f.len(), 2);
-        assert_eq!((f[0].name.as_str(), f[0].host_port, f[0].guest_port), ("ssh", 2222, 22));
+        assert_eq!(
+            (f[0].name.as_str(), f[0].host_port, f[0].guest_port),
+            ("ssh", 2222, 22)
+        );
         assert_eq!(f[1].host_addr, "0.0.0.0");
         assert_eq!(forwards(&kv, 2).unwrap()[0].proto, Protocol::Udp);
     }
@@ -265,7 +304,9 @@ nic3="none"
         assert!(version("").is_err());
         // random bytes never panic
         for seed in 0..200u32 {
-            let s: String = (0..64).map(|i| char::from(((seed * 31 + i * 17) % 96 + 32) as u8)).collect();
+            let s: String = (0..64)
+                .map(|i| char::from(((seed * 31 + i * 17) % 96 + 32) as u8))
+                .collect();
             let _ = machine_readable(&s);
             let _ = machine_readable(&s.replace('#', "\"").replace('!', "\n"));
         }
@@ -274,9 +315,19 @@ nic3="none"
     #[test]
     fn parses_lists_versions_properties_and_snapshots() {
         let l = list("\"a b\" {1111}\n\"q\"uote\" {2222}\n").unwrap();
-        assert_eq!(l, vec![("a b".into(), "1111".into()), ("q\"uote".into(), "2222".into())]);
+        assert_eq!(
+            l,
+            vec![
+                ("a b".into(), "1111".into()),
+                ("q\"uote".into(), "2222".into())
+            ]
+        );
         assert_eq!(version("7.0.14r161095\n").unwrap(), (7, 0, 14));
-        assert_eq!(version("WARNING: The vboxdrv kernel module is not loaded.\n6.1.50_Debianr161033\n").unwrap(), (6, 1, 50));
+        assert_eq!(
+            version("WARNING: The vboxdrv kernel module is not loaded.\n6.1.50_Debianr161033\n")
+                .unwrap(),
+            (6, 1, 50)
+        );
         assert_eq!(version("5.1.18r114002").unwrap(), (5, 1, 18));
         assert_eq!(guest_property("Value: 2\n").as_deref(), Some("2"));
         assert_eq!(guest_property("No value set!\n"), None);
