@@ -632,3 +632,39 @@ mod tests {
         assert!(s.validate().unwrap_err().to_string().contains("memory_mib"));
     }
 }
+
+/// A host folder offered to the guest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SharedFolder {
+    /// The share's name as the guest sees it.
+    pub name: String,
+    pub host_path: PathBuf,
+    #[serde(default)]
+    pub readonly: bool,
+    #[serde(default)]
+    pub automount: bool,
+}
+
+impl SharedFolder {
+    pub fn validate(&self) -> Result<()> {
+        let what = format!("shared folder {:?}", self.name);
+        if self.name.is_empty()
+            || !self
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(Error::invalid_arg(
+                what,
+                "name must be non-empty letters, digits, '-' or '_'",
+            ));
+        }
+        if !self.host_path.is_absolute() {
+            return Err(Error::invalid_arg(
+                what,
+                format!("{} must be an absolute path", self.host_path.display()),
+            ));
+        }
+        Ok(())
+    }
+}

@@ -12,8 +12,8 @@ use crate::ports::PortAllocator;
 use crate::readiness::{self, ReadyReport, ReadySpec};
 use crate::ssh::{self, SshConfig, SshOptions};
 use crate::types::{
-    ExecOutput, ExecRequest, ForwardSpec, HostPort, PortForward, SnapshotInfo, StopOptions,
-    StopOutcome, VmSpec, VmState,
+    ExecOutput, ExecRequest, ForwardSpec, HostPort, PortForward, SharedFolder, SnapshotInfo,
+    StopOptions, StopOutcome, VmSpec, VmState,
 };
 
 /// A handle on one VM. Cheap to clone; all methods are async and cancel-safe at await points.
@@ -425,6 +425,25 @@ impl Vm {
             self.state_dir.clone(),
         )
         .with_credentials_opt(self.credentials.clone()))
+    }
+
+    /// Offer a host folder to the guest. The host path must exist; symlinks are resolved first.
+    pub async fn shared_folder_add(&self, folder: &SharedFolder) -> Result<SharedFolder> {
+        folder.validate()?;
+        let host_path = std::fs::canonicalize(&folder.host_path)
+            .map_err(|e| Error::io(self.ctx("shared folder add"), &folder.host_path, e))?;
+        let f = SharedFolder {
+            host_path,
+            ..folder.clone()
+        };
+        self.backend.shared_folder_add(&self.name, &f).await?;
+        Ok(f)
+    }
+    pub async fn shared_folder_remove(&self, name: &str) -> Result<()> {
+        self.backend.shared_folder_remove(&self.name, name).await
+    }
+    pub async fn shared_folders(&self) -> Result<Vec<SharedFolder>> {
+        self.backend.shared_folders(&self.name).await
     }
 
     pub async fn console_log(&self) -> Result<Option<PathBuf>> {

@@ -13,7 +13,9 @@ use tokio::sync::broadcast;
 use crate::credentials::Credentials;
 use crate::error::{Error, Result};
 use crate::name::VmName;
-use crate::types::{ExecOutput, ExecRequest, PortForward, SnapshotInfo, VmInfo, VmSpec, VmState};
+use crate::types::{
+    ExecOutput, ExecRequest, PortForward, SharedFolder, SnapshotInfo, VmInfo, VmSpec, VmState,
+};
 
 #[cfg(feature = "libvirt")]
 pub mod libvirt;
@@ -173,10 +175,32 @@ pub trait Backend: Send + Sync + fmt::Debug {
 
     /// One round trip to the guest agent / additions / tools; Ok means it answers.
     async fn agent_ping(&self, vm: &VmName, timeout: Duration) -> Result<()>;
+    /// Offer a host folder to the guest.
+    async fn shared_folder_add(&self, vm: &VmName, folder: &SharedFolder) -> Result<()> {
+        let _ = folder;
+        Err(unsupported(self.id(), vm, "shared folders"))
+    }
+    async fn shared_folder_remove(&self, vm: &VmName, name: &str) -> Result<()> {
+        let _ = name;
+        Err(unsupported(self.id(), vm, "shared folders"))
+    }
+    async fn shared_folders(&self, vm: &VmName) -> Result<Vec<SharedFolder>> {
+        Err(unsupported(self.id(), vm, "shared folders"))
+    }
+
     /// Event stream, for backends that have one; `None` means callers must poll.
     fn subscribe(&self) -> Option<broadcast::Receiver<VmEvent>>;
     /// Path of the serial console log on the host, where the backend keeps one.
     async fn console_log(&self, vm: &VmName) -> Result<Option<std::path::PathBuf>>;
+}
+
+/// The error for an operation a backend does not offer.
+pub fn unsupported(backend: &str, vm: &VmName, what: &str) -> Error {
+    Error::InvalidState {
+        ctx: crate::error::Ctx::vm(what, vm),
+        state: format!("not supported by the {backend} backend"),
+        hint: String::new(),
+    }
 }
 
 #[cfg(test)]

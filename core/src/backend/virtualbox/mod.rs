@@ -22,6 +22,7 @@ use super::{Backend, VmEvent};
 use crate::credentials::Credentials;
 use crate::error::{Ctx, Error, Result};
 use crate::name::VmName;
+use crate::types::SharedFolder;
 use crate::types::{
     Boot, ExecOutput, ExecRequest, HostPort, PortForward, SnapshotInfo, VmInfo, VmSpec, VmState,
 };
@@ -992,6 +993,57 @@ impl Backend for VirtualBoxBackend {
                 format!("Guest Additions run level is {now}, waiting for {} (0 = not running, 1 = system, 2 = services, 3 = desktop)", self.opts.ready_run_level),
             ))
         }
+    }
+
+    async fn shared_folder_add(&self, vm: &VmName, folder: &SharedFolder) -> Result<()> {
+        let ctx = Ctx::vm(format!("shared folder add {}", folder.name), vm);
+        let mut a = os(&[
+            "sharedfolder",
+            "add",
+            vm.as_str(),
+            "--name",
+            &folder.name,
+            "--hostpath",
+        ]);
+        a.push(folder.host_path.as_os_str().to_owned());
+        if folder.readonly {
+            a.push("--readonly".into());
+        }
+        if folder.automount {
+            a.push("--automount".into());
+        }
+        if self.state(vm).await? == VmState::Running {
+            // A running VM only takes transient shares; they end with this power cycle.
+            a.push("--transient".into());
+        }
+        self.vbox(&ctx, a).await.map(|_| ())
+    }
+
+    async fn shared_folder_remove(&self, vm: &VmName, name: &str) -> Result<()> {
+        let ctx = Ctx::vm(format!("shared folder remove {name}"), vm);
+        let mut a = os(&["sharedfolder", "remove", vm.as_str(), "--name", name]);
+        if self.state(vm).await? == VmState::Running {
+            a.push("--transient".into());
+        }
+        self.vbox(&ctx, a).await.map(|_| ())
+    }
+
+    async fn shared_folders(&self, vm: &VmName) -> Result<Vec<SharedFolder>> {
+        let ctx = Ctx::vm("shared folders", vm);
+        let kv = self.info(&ctx, vm).await?;
+        Ok(kv
+            .iter()
+            .filter_map(|(k, v)| {
+                let i = k.strip_prefix("SharedFolderNameMachineMapping")?;
+                let path = parse::get(&kv, &format!("SharedFolderPathMachineMapping{i}"))?;
+                Some(SharedFolder {
+                    name: v.clone(),
+                    host_path: path.into(),
+                    readonly: false,
+                    automount: false,
+                })
+            })
+            .collect())
     }
 
     fn subscribe(&self) -> Option<broadcast::Receiver<VmEvent>> {
