@@ -467,6 +467,39 @@ async fn bad_input_is_refused_before_vboxmanage_runs() {
 }
 
 #[tokio::test]
+async fn shared_folders_add_list_remove() {
+    let f = new_fake();
+    let vm = f.client.define(f.spec("sf")).await.unwrap();
+    let host = f.dir.path().join("archive");
+    std::fs::create_dir_all(&host).unwrap();
+    let sf = anyvm::SharedFolder {
+        name: "calib".into(),
+        host_path: host.clone(),
+        readonly: true,
+        automount: true,
+    };
+    vm.shared_folder_add(&sf).await.unwrap();
+    let l = vm.shared_folders().await.unwrap();
+    assert_eq!(
+        (l[0].name.as_str(), l[0].host_path.clone()),
+        ("calib", std::fs::canonicalize(&host).unwrap())
+    );
+    assert!(f.calls().contains("\"--readonly\", \"--automount\""));
+    vm.shared_folder_remove("calib").await.unwrap();
+    assert!(vm.shared_folders().await.unwrap().is_empty());
+    let bad = anyvm::SharedFolder {
+        name: "x".into(),
+        host_path: "/nonexistent/dir".into(),
+        readonly: true,
+        automount: false,
+    };
+    assert!(matches!(
+        vm.shared_folder_add(&bad).await.unwrap_err(),
+        Error::Io { .. }
+    ));
+}
+
+#[tokio::test]
 async fn appliances_are_imported() {
     let f = new_fake();
     let ova = f.dir.path().join("sl6.ova");

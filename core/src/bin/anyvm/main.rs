@@ -139,6 +139,32 @@ enum Cmd {
     Console {
         name: String,
     },
+    /// Host folders shared with the guest.
+    #[command(subcommand)]
+    Share(ShareCmd),
+}
+
+#[derive(Subcommand, Debug)]
+enum ShareCmd {
+    Add {
+        name: String,
+        /// Share name the guest sees.
+        #[arg(long = "name")]
+        share: String,
+        #[arg(long)]
+        host_path: PathBuf,
+        #[arg(long)]
+        readonly: bool,
+        #[arg(long)]
+        automount: bool,
+    },
+    Remove {
+        name: String,
+        share: String,
+    },
+    List {
+        name: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -579,6 +605,39 @@ impl App {
                 };
                 let cfg = self.open(&name).await?.ssh_config(&opts).await?;
                 self.out(json!(cfg), || cfg.stanza.trim_end().to_string());
+            }
+            Cmd::Share(ShareCmd::Add {
+                name,
+                share,
+                host_path,
+                readonly,
+                automount,
+            }) => {
+                let f = anyvm::SharedFolder {
+                    name: share,
+                    host_path,
+                    readonly,
+                    automount,
+                };
+                let f = self.open(&name).await?.shared_folder_add(&f).await?;
+                self.out(json!(f), || {
+                    format!("{name}: sharing {} as {}", f.host_path.display(), f.name)
+                });
+            }
+            Cmd::Share(ShareCmd::Remove { name, share }) => {
+                self.open(&name).await?.shared_folder_remove(&share).await?;
+                self.out(json!({"name": name, "removed": share}), || {
+                    format!("{name}: removed share {share}")
+                });
+            }
+            Cmd::Share(ShareCmd::List { name }) => {
+                let l = self.open(&name).await?.shared_folders().await?;
+                self.out(json!(l), || {
+                    l.iter()
+                        .map(|f| format!("{} {}", f.name, f.host_path.display()))
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                });
             }
             Cmd::Console { name } => {
                 let p = self.open(&name).await?.console_log().await?;
