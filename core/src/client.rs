@@ -90,6 +90,15 @@ impl Client {
                 };
                 Arc::new(crate::backend::virtualbox::VirtualBoxBackend::new(o)?)
             }
+            BackendUri::Vmware { flavor } => {
+                let o = crate::backend::vmware::VmwareOptions {
+                    flavor,
+                    state_dir: opts.state_dir.clone(),
+                    ..Default::default()
+                };
+                Arc::new(crate::backend::vmware::VmwareBackend::new(o)?)
+            }
+            #[allow(unreachable_patterns)]
             other => {
                 return Err(Error::BackendUnavailable {
                     ctx: Ctx::new("connect"),

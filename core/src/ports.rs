@@ -4,8 +4,7 @@
 //! only if no other VM holds a lease on it AND it can be bound on the host right now, so two callers
 //! (or a caller and an unrelated program) never get the same port. Forwards and VNC consoles share it.
 
-use std::fs::{File, OpenOptions};
-use std::io::{Read, Write};
+use std::collections::HashSet;
 use std::net::{TcpListener, UdpSocket};
 use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
@@ -14,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Ctx, Error, Result};
 use crate::types::Protocol;
+use crate::util::json_store::JsonStore;
 
 pub const DEFAULT_PORT_RANGE: RangeInclusive<u16> = 40000..=44999;
 
@@ -30,7 +30,7 @@ pub struct Lease {
     pub created: u64,
 }
 
-#[derive(Debug, Default, Serialize, Deserialize)]
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
 struct Registry {
     leases: Vec<Lease>,
 }
@@ -38,84 +38,20 @@ struct Registry {
 /// Allocates host ports from a range, backed by `<state_dir>/ports.json`.
 #[derive(Debug, Clone)]
 pub struct PortAllocator {
-    dir: PathBuf,
+    store: JsonStore,
     range: RangeInclusive<u16>,
-}
-
-struct Locked {
-    _lock: File,
-    path: PathBuf,
-    reg: Registry,
 }
 
 impl PortAllocator {
     pub fn new(state_dir: impl Into<PathBuf>, range: RangeInclusive<u16>) -> Self {
         PortAllocator {
-            dir: state_dir.into(),
+            store: JsonStore::new(state_dir, "ports"),
             range,
         }
     }
 
     pub fn range(&self) -> RangeInclusive<u16> {
         self.range.clone()
-    }
-
-    fn ctx(op: &str, vm: &str) -> Ctx {
-        Ctx::vm(op, vm)
-    }
-
-    fn lock(&self, ctx: &Ctx) -> Result<Locked> {
-        std::fs::create_dir_all(&self.dir).map_err(|e| Error::io(ctx.clone(), &self.dir, e))?;
-        let lock_path = self.dir.join("ports.lock");
-        let lock = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(|e| Error::io(ctx.clone(), &lock_path, e))?;
-        lock.lock()
-            .map_err(|e| Error::io(ctx.clone(), &lock_path, e))?;
-        let path = self.dir.join("ports.json");
-        let reg = match File::open(&path) {
-            Ok(mut f) => {
-                let mut s = String::new();
-                f.read_to_string(&mut s)
-                    .map_err(|e| Error::io(ctx.clone(), &path, e))?;
-                if s.trim().is_empty() {
-                    Registry::default()
-                } else {
-                    serde_json::from_str(&s).map_err(|e| {
-                        Error::backend(
-                            ctx.clone(),
-                            "ports",
-                            format!(
-                                "{} is corrupt ({e}); move it aside to reset leases",
-                                path.display()
-                            ),
-                        )
-                    })?
-                }
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Registry::default(),
-            Err(e) => return Err(Error::io(ctx.clone(), &path, e)),
-        };
-        Ok(Locked {
-            _lock: lock,
-            path,
-            reg,
-        })
-    }
-
-    fn save(locked: &Locked, ctx: &Ctx) -> Result<()> {
-        let tmp = locked.path.with_extension("json.tmp");
-        let data = serde_json::to_vec_pretty(&locked.reg).expect("registry serializes");
-        let write = || -> std::io::Result<()> {
-            let mut f = File::create(&tmp)?;
-            f.write_all(&data)?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, &locked.path)
-        };
-        write().map_err(|e| Error::io(ctx.clone(), &locked.path, e))
     }
 
     /// Whether the port can be bound on the host right now.
@@ -150,44 +86,32 @@ impl PortAllocator {
         addr: &str,
         proto: Protocol,
     ) -> Result<u16> {
-        let ctx = Self::ctx("allocate port", vm);
-        let mut locked = self.lock(&ctx)?;
-        if let Some(l) = locked.reg.leases.iter().find(|l| {
-            l.backend == backend && l.vm == vm && l.purpose == purpose && l.proto == proto
-        }) {
-            return Ok(l.port);
-        }
-        let taken: std::collections::HashSet<(u16, Protocol)> = locked
-            .reg
-            .leases
-            .iter()
-            .map(|l| (l.port, l.proto))
-            .collect();
-        // Start at a pid-dependent offset so concurrent processes rarely probe the same ports.
-        let span = (*self.range.end() as u32 - *self.range.start() as u32 + 1) as usize;
-        let offset = (std::process::id() as usize * 7919) % span;
-        let ports: Vec<u16> = self.range.clone().collect();
-        for i in 0..span {
-            let port = ports[(offset + i) % span];
-            if taken.contains(&(port, proto)) || !Self::host_port_free(addr, port, proto) {
-                continue;
+        let ctx = Ctx::vm("allocate port", vm);
+        self.store.update(&ctx, |reg: &mut Registry| {
+            if let Some(l) =
+                reg.leases.iter().find(|l| l.backend == backend && l.vm == vm && l.purpose == purpose && l.proto == proto)
+            {
+                return Ok((false, l.port));
             }
-            locked
-                .reg
-                .leases
-                .push(Self::lease(backend, vm, purpose, proto, port));
-            Self::save(&locked, &ctx)?;
+            let taken: HashSet<(u16, Protocol)> = reg.leases.iter().map(|l| (l.port, l.proto)).collect();
+            // Start at a pid-dependent offset so concurrent processes rarely probe the same ports.
+            let span = (*self.range.end() as usize) - (*self.range.start() as usize) + 1;
+            let offset = (std::process::id() as usize * 7919) % span;
+            let port = (0..span)
+                .map(|i| self.range.start() + ((offset + i) % span) as u16)
+                .find(|p| !taken.contains(&(*p, proto)) && Self::host_port_free(addr, *p, proto))
+                .ok_or_else(|| Error::PortInUse {
+                    ctx: ctx.clone(),
+                    port: *self.range.end(),
+                    reason: format!(
+                        "no free {proto} port left in {}-{}; release leases (anyvm destroy) or widen port_range",
+                        self.range.start(),
+                        self.range.end()
+                    ),
+                })?;
+            reg.leases.push(Self::lease(backend, vm, purpose, proto, port));
             tracing::debug!(vm, purpose, port, "allocated host port");
-            return Ok(port);
-        }
-        Err(Error::PortInUse {
-            ctx,
-            port: *self.range.end(),
-            reason: format!(
-                "no free {proto} port left in {}-{}; release leases (anyvm destroy) or widen port_range",
-                self.range.start(),
-                self.range.end()
-            ),
+            Ok((true, port))
         })
     }
 
@@ -201,63 +125,55 @@ impl PortAllocator {
         proto: Protocol,
         port: u16,
     ) -> Result<()> {
-        let ctx = Self::ctx("reserve port", vm);
-        let mut locked = self.lock(&ctx)?;
-        if let Some(l) = locked
-            .reg
-            .leases
-            .iter()
-            .find(|l| l.port == port && l.proto == proto)
-        {
-            if l.backend == backend && l.vm == vm && l.purpose == purpose {
-                return Ok(());
+        let ctx = Ctx::vm("reserve port", vm);
+        self.store.update(&ctx, |reg: &mut Registry| {
+            if let Some(l) = reg.leases.iter().find(|l| l.port == port && l.proto == proto) {
+                if l.backend == backend && l.vm == vm && l.purpose == purpose {
+                    return Ok((false, ()));
+                }
+                return Err(Error::PortInUse {
+                    ctx: ctx.clone(),
+                    port,
+                    reason: format!("leased to vm '{}' ({}) on {}", l.vm, l.purpose, l.backend),
+                });
             }
-            return Err(Error::PortInUse {
-                ctx,
-                port,
-                reason: format!("leased to vm '{}' ({}) on {}", l.vm, l.purpose, l.backend),
-            });
-        }
-        if !Self::host_port_free(addr, port, proto) {
-            return Err(Error::PortInUse {
-                ctx,
-                port,
-                reason: format!(
-                    "another program is bound to {addr}:{port}; pick another port or use 'auto'"
-                ),
-            });
-        }
-        locked
-            .reg
-            .leases
-            .push(Self::lease(backend, vm, purpose, proto, port));
-        Self::save(&locked, &ctx)
+            if !Self::host_port_free(addr, port, proto) {
+                return Err(Error::PortInUse {
+                    ctx: ctx.clone(),
+                    port,
+                    reason: format!("another program is bound to {addr}:{port}; pick another port or use 'auto'"),
+                });
+            }
+            reg.leases.push(Self::lease(backend, vm, purpose, proto, port));
+            Ok((true, ()))
+        })
     }
 
     /// Release the leases of `vm` (only those for `purpose` when given).
     pub fn release(&self, backend: &str, vm: &str, purpose: Option<&str>) -> Result<()> {
-        let ctx = Self::ctx("release port", vm);
-        let mut locked = self.lock(&ctx)?;
-        let before = locked.reg.leases.len();
-        locked.reg.leases.retain(|l| {
-            !(l.backend == backend && l.vm == vm && purpose.is_none_or(|p| p == l.purpose))
-        });
-        if locked.reg.leases.len() != before {
-            Self::save(&locked, &ctx)?;
-        }
-        Ok(())
+        let ctx = Ctx::vm("release port", vm);
+        self.store.update(&ctx, |reg: &mut Registry| {
+            let before = reg.leases.len();
+            reg.leases.retain(|l| {
+                !(l.backend == backend && l.vm == vm && purpose.is_none_or(|p| p == l.purpose))
+            });
+            Ok((reg.leases.len() != before, ()))
+        })
     }
 
     pub fn leases(&self) -> Result<Vec<Lease>> {
-        Ok(self.lock(&Ctx::new("list port leases"))?.reg.leases)
+        Ok(self
+            .store
+            .read::<Registry>(&Ctx::new("list port leases"))?
+            .leases)
     }
 
     pub fn registry_path(&self) -> PathBuf {
-        self.dir.join("ports.json")
+        self.store.path()
     }
 
     pub fn dir(&self) -> &Path {
-        &self.dir
+        self.store.dir()
     }
 }
 

@@ -426,8 +426,10 @@ pub enum Boot {
     },
     /// Boot from the first disk.
     Disk,
-    /// Import an OVA/OVF appliance (VirtualBox, VMware); its disks come from the appliance.
+    /// Import an OVA/OVF appliance (VirtualBox); its disks come from the appliance.
     Appliance { path: PathBuf },
+    /// Adopt an existing machine definition: a VMware .vmx file.
+    Existing { path: PathBuf },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -545,7 +547,7 @@ impl VmSpec {
                     abs(i)?;
                 }
             }
-            Boot::Appliance { path } => abs(path)?,
+            Boot::Appliance { path } | Boot::Existing { path } => abs(path)?,
             Boot::Disk if self.disks.is_empty() => {
                 return Err(Error::invalid_arg(
                     what("boot"),

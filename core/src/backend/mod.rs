@@ -21,6 +21,7 @@ use crate::types::{
 pub mod libvirt;
 pub mod tool;
 pub mod virtualbox;
+pub mod vmware;
 
 /// Something that happened to a VM, pushed by backends that have events.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -52,8 +52,10 @@ struct RawMachine {
     accel: Accel,
     kernel: Option<PathBuf>,
     initrd: Option<PathBuf>,
-    /// OVA/OVF to import (VirtualBox, VMware).
+    /// OVA/OVF to import (VirtualBox).
     appliance: Option<PathBuf>,
+    /// An existing VMware .vmx to adopt.
+    vmx: Option<PathBuf>,
     #[serde(default)]
     cmdline: String,
     #[serde(default)]
@@ -181,6 +183,9 @@ impl Config {
             let boot = match (m.kernel, m.initrd) {
                 (None, None) if m.appliance.is_some() => Boot::Appliance {
                     path: abs(m.appliance.clone().expect("checked")),
+                },
+                (None, None) if m.vmx.is_some() => Boot::Existing {
+                    path: abs(m.vmx.clone().expect("checked")),
                 },
                 (Some(k), initrd) => Boot::Kernel {
                     kernel: abs(k),

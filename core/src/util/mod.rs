@@ -1,4 +1,5 @@
 //! Small helpers shared by backends.
 
 pub mod command;
+pub mod json_store;
 pub mod xml;

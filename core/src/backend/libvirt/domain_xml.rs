@@ -102,7 +102,9 @@ pub fn domain_xml(spec: &VmSpec, uuid: Option<&str>, console_log: &Path) -> Stri
             }
             x.push_str(&format!("    <cmdline>{}</cmdline>\n", escape(cmdline)));
         }
-        Boot::Disk | Boot::Appliance { .. } => x.push_str("    <boot dev='hd'/>\n"),
+        Boot::Disk | Boot::Appliance { .. } | Boot::Existing { .. } => {
+            x.push_str("    <boot dev='hd'/>\n")
+        }
     }
     x.push_str("  </os>\n  <features><acpi/><apic/></features>\n");
     if dtype == "kvm" {

@@ -458,7 +458,9 @@ impl Backend for LibvirtBackend {
                 "host ports must be resolved before define (use Client::define)",
             ));
         }
-        if let crate::types::Boot::Appliance { path } = &spec.boot {
+        if let crate::types::Boot::Appliance { path } | crate::types::Boot::Existing { path } =
+            &spec.boot
+        {
             return Err(Error::InvalidState {
                 ctx,
                 state: format!("appliance {}", path.display()),

@@ -397,7 +397,7 @@ impl Backend for VirtualBoxBackend {
         let ctx = Ctx::vm("define", &spec.name);
         spec.validate()?;
         self.version().await?;
-        if let Boot::Kernel { .. } = spec.boot {
+        if let Boot::Kernel { .. } | Boot::Existing { .. } = spec.boot {
             return Err(Error::InvalidState {
                 ctx,
                 state: "direct kernel boot requested".into(),
