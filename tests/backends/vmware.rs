@@ -1,0 +1,428 @@
+//! The VMware backend against the fake vmrun in tests/fakes (formats from the reference; guest
+//! programs and files on this host).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyvm::backend::vmware::{VmwareBackend, VmwareOptions};
+use anyvm::{
+    Boot, Client, ClientOptions, Credentials, Error, ExecRequest, ForwardSpec, HostPort, ReadySpec,
+    Secret, SecretSource, StopOptions, StopOutcome, VmName, VmSpec, VmState,
+};
+
+fn fake() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fakes/vmrun")
+}
+
+struct Fake {
+    dir: tempfile::TempDir,
+    backend: Arc<VmwareBackend>,
+    client: Client,
+}
+
+impl Fake {
+    fn home(&self) -> PathBuf {
+        self.dir.path().join("vmw")
+    }
+    fn faults(&self, json: &str) {
+        std::fs::create_dir_all(self.home()).unwrap();
+        std::fs::write(self.home().join("faults.json"), json).unwrap();
+    }
+    fn vmx(&self, name: &str) -> PathBuf {
+        let d = self.dir.path().join("vms").join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        let p = d.join(format!("{name}.vmx"));
+        std::fs::write(
+            &p,
+            format!(".encoding = \"UTF-8\"\ndisplayName = \"{name} display\"\nmemsize = \"512\"\n"),
+        )
+        .unwrap();
+        p
+    }
+    fn spec(&self, name: &str) -> VmSpec {
+        let mut s = VmSpec::new(
+            VmName::new(name).unwrap(),
+            Boot::Existing {
+                path: self.vmx(name),
+            },
+        );
+        s.memory_mib = 1024;
+        s.forwards.push(ForwardSpec::new("ssh", 22));
+        s.console.vnc = Some(HostPort::Auto);
+        s
+    }
+    fn calls(&self) -> String {
+        std::fs::read_to_string(self.home().join("calls.log")).unwrap_or_default()
+    }
+}
+
+fn creds() -> Credentials {
+    Credentials::user("mc").password(SecretSource::Value(Secret::new("secret")))
+}
+
+fn fake_with(f: impl FnOnce(&mut VmwareOptions)) -> Fake {
+    let dir = tempfile::tempdir().unwrap();
+    let mut o = VmwareOptions {
+        vmrun: Some(fake()),
+        state_dir: dir.path().join("state"),
+        env: vec![(
+            "ANYVM_FAKE_VMRUN_HOME".into(),
+            dir.path().join("vmw").display().to_string(),
+        )],
+        call_timeout: Duration::from_secs(20),
+        long_timeout: Duration::from_secs(20),
+        ..Default::default()
+    };
+    f(&mut o);
+    let backend = Arc::new(VmwareBackend::new(o).unwrap());
+    let client = Client::with_backend(
+        backend.clone(),
+        ClientOptions::default()
+            .state_dir(dir.path().join("state"))
+            .port_range(49600..=49799),
+    );
+    Fake {
+        dir,
+        backend,
+        client,
+    }
+}
+
+#[tokio::test]
+async fn full_lifecycle_through_the_core_api() {
+    let f = fake_with(|_| {});
+    let vm = f
+        .client
+        .define(f.spec("ws1"))
+        .await
+        .unwrap()
+        .with_credentials(creds());
+    let vmx_text = std::fs::read_to_string(f.dir.path().join("vms/ws1/ws1.vmx")).unwrap();
+    assert!(vmx_text.contains("memsize = \"1024\""), "{vmx_text}");
+    assert!(vmx_text.contains("RemoteDisplay.vnc.enabled = \"TRUE\""));
+    assert_eq!(vm.state().await.unwrap(), VmState::ShutOff);
+
+    vm.start().await.unwrap();
+    // start pointed the NAT forward at the guest's IP
+    assert!(f
+        .calls()
+        .contains("\"setPortForwarding\", \"vmnet8\", \"tcp\""));
+    vm.wait_ready(&ReadySpec::default().timeout(Duration::from_secs(10)))
+        .await
+        .unwrap();
+
+    let out = vm
+        .exec(&ExecRequest::new("/bin/sh").args(["-c", "echo out; echo err >&2; exit 4"]))
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            out.exit_code,
+            out.stdout_str().as_str(),
+            out.stderr_str().as_str()
+        ),
+        (Some(4), "out\n", "err\n")
+    );
+    let tmp = f.dir.path().display().to_string();
+    let out = vm
+        .exec(
+            &ExecRequest::new("sh")
+                .args(["-c", "cat; echo $X; pwd"])
+                .env("X", "1 2")
+                .cwd(&tmp)
+                .stdin(b"piped\n".to_vec()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(out.stdout_str(), format!("piped\n1 2\n{tmp}\n"));
+    // temp files in the guest are removed
+    let left: Vec<_> = std::fs::read_dir("/tmp")
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with(&format!(".anyvm-{}-", std::process::id()))
+        })
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+
+    let src = f.dir.path().join("a.bin");
+    std::fs::write(&src, vec![1u8; 5000]).unwrap();
+    let g = format!("{}/g.bin", f.dir.path().display());
+    assert_eq!(vm.copy_to(&src, &g).await.unwrap(), 5000);
+    let back = f.dir.path().join("b.bin");
+    assert_eq!(vm.copy_from(&g, &back).await.unwrap(), 5000);
+    assert!(matches!(
+        vm.copy_from("/no/such", &back).await.unwrap_err(),
+        Error::NotFound { .. }
+    ));
+
+    let added = vm.forward_add(&ForwardSpec::new("web", 80)).await.unwrap();
+    assert_eq!(vm.forwards().await.unwrap().len(), 2);
+    vm.forward_remove("web").await.unwrap();
+    assert!(f.calls().contains(&format!(
+        "\"deletePortForwarding\", \"vmnet8\", \"tcp\", \"{}\"",
+        added.host_port
+    )));
+
+    vm.snapshot_take("clean", "").await.unwrap();
+    assert_eq!(vm.snapshots().await.unwrap()[0].name, "clean");
+    vm.pause().await.unwrap();
+    assert_eq!(vm.state().await.unwrap(), VmState::Paused);
+    vm.resume().await.unwrap();
+    vm.save_state().await.unwrap();
+    assert_eq!(vm.state().await.unwrap(), VmState::Saved);
+    vm.start().await.unwrap();
+    assert_eq!(
+        vm.stop(StopOptions::default()).await.unwrap(),
+        StopOutcome::Graceful
+    );
+
+    let clone = vm
+        .clone_linked(&VmName::new("ws1-job").unwrap(), Some("clean"))
+        .await
+        .unwrap();
+    let cspec = clone.spec().await.unwrap().unwrap();
+    let Boot::Existing { path } = &cspec.boot else {
+        panic!()
+    };
+    assert!(path.exists());
+    assert!(
+        !path.with_extension("vmx.lck").exists(),
+        "stale lock left behind"
+    );
+    assert_ne!(
+        clone.forwards().await.unwrap()[0].host_port,
+        vm.forwards().await.unwrap()[0].host_port
+    );
+    clone.destroy().await.unwrap();
+    assert!(!path.exists());
+
+    vm.snapshot_restore("clean").await.unwrap();
+    vm.snapshot_delete("clean").await.unwrap();
+    let vmx = f.dir.path().join("vms/ws1/ws1.vmx");
+    vm.destroy().await.unwrap();
+    assert!(vmx.exists(), "an adopted .vmx is not deleted");
+    assert!(f.client.ports().leases().unwrap().is_empty());
+    println!("vmrun invocations: {:?}", f.backend.invocations());
+}
+
+#[tokio::test]
+async fn hung_vmrun_is_killed_and_soft_stop_falls_back() {
+    let f = fake_with(|o| o.call_timeout = Duration::from_millis(1500));
+    let vm = f.client.define(f.spec("hang")).await.unwrap();
+    vm.start().await.unwrap();
+    f.faults(r#"{"hang": ["checkToolsState"]}"#);
+    let e = anyvm::Backend::agent_ping(
+        vm.backend().as_ref(),
+        vm.name(),
+        Duration::from_millis(1000),
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(e, Error::Timeout { .. }), "{e}");
+    // `stop soft` that returns but is ignored, and one that hangs: both end in a hard stop.
+    f.faults(r#"{"ignore_soft_stop": true}"#);
+    let r = vm
+        .stop(StopOptions {
+            timeout: Duration::from_millis(500),
+            force: false,
+        })
+        .await
+        .unwrap();
+    assert_eq!(r, StopOutcome::Forced);
+    assert_eq!(vm.state().await.unwrap(), VmState::ShutOff);
+    vm.start().await.unwrap();
+    f.faults(r#"{"hang_soft_stop": true}"#);
+    let r = vm
+        .stop(StopOptions {
+            timeout: Duration::from_secs(5),
+            force: false,
+        })
+        .await
+        .unwrap();
+    assert_eq!(r, StopOutcome::Forced);
+    assert_eq!(vm.state().await.unwrap(), VmState::ShutOff);
+    let pids = std::fs::read_to_string(f.home().join("hung.pids")).unwrap();
+    for pid in pids.split_whitespace() {
+        let mut gone = false;
+        for _ in 0..100 {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            if stat.is_empty() || stat.contains(") Z ") {
+                gone = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(gone, "{pid} survived");
+    }
+}
+
+#[tokio::test]
+async fn error_kinds_from_vmrun_text() {
+    let f = fake_with(|_| {});
+    let vm = f
+        .client
+        .define(f.spec("err"))
+        .await
+        .unwrap()
+        .with_credentials(creds());
+    // not powered on
+    let e = vm.exec(&ExecRequest::new("true")).await.unwrap_err();
+    assert!(matches!(e, Error::InvalidState { .. }), "{e}");
+    vm.start().await.unwrap();
+    f.faults(r#"{"tools_never_running": true}"#);
+    let e = vm
+        .wait_ready(&ReadySpec::default().timeout(Duration::from_secs(2)))
+        .await
+        .unwrap_err();
+    match e {
+        Error::NotReady { last_error, .. } => {
+            assert!(last_error.contains("\"installed\""), "{last_error}")
+        }
+        e => panic!("{e}"),
+    }
+    let e = vm.exec(&ExecRequest::new("true")).await.unwrap_err();
+    assert!(matches!(e, Error::NotReady { .. }), "{e}");
+    f.faults(r#"{"guest_password": "other-pw"}"#);
+    let e = vm.exec(&ExecRequest::new("true")).await.unwrap_err();
+    assert!(matches!(e, Error::Auth { .. }), "{e}");
+    assert!(!e.to_string().contains("secret"));
+    f.faults(r#"{"no_ip": true}"#);
+    vm.power_off().await.unwrap();
+    let e = vm.start().await.unwrap_err();
+    assert!(
+        e.to_string().contains("Unable to get the IP address"),
+        "{e}"
+    );
+    f.faults(r#"{"player": true}"#);
+    let e = vm
+        .forward_add(&ForwardSpec::new("x", 80))
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("Workstation Pro"), "{e}");
+    let mut s = f.spec("bad");
+    s.boot = Boot::Disk;
+    s.disks.push(anyvm::DiskSpec {
+        path: "/d.vmdk".into(),
+        format: Default::default(),
+        readonly: false,
+        owned: false,
+    });
+    assert!(f
+        .client
+        .define(s)
+        .await
+        .unwrap_err()
+        .to_string()
+        .contains("vmrun cannot create VMs"));
+    let mut s = f.spec("gone");
+    s.boot = Boot::Existing {
+        path: "/nonexistent/x.vmx".into(),
+    };
+    assert!(matches!(
+        f.client.define(s).await.unwrap_err(),
+        Error::NotFound { .. }
+    ));
+}
+
+#[tokio::test]
+async fn secrets_stay_out_of_logs_and_policy_can_forbid_argv_passwords() {
+    let f = fake_with(|_| {});
+    let vm = f.client.define(f.spec("sec")).await.unwrap();
+    vm.start().await.unwrap();
+    let secret = "Vmw4re-Secret!";
+    f.faults(&format!(r#"{{"guest_password": "{secret}"}}"#));
+    let vm = vm.with_credentials(
+        Credentials::user("mc").password(SecretSource::Value(Secret::new(secret))),
+    );
+    // Capture anyvm's own log output while exec runs.
+    let out = vm.exec(&ExecRequest::new("true")).await.unwrap();
+    assert_eq!(out.exit_code, Some(0));
+    let e = vm
+        .with_credentials(
+            Credentials::user("mc").password(SecretSource::Value(Secret::new("bad-pw-9"))),
+        )
+        .exec(&ExecRequest::new("true"))
+        .await
+        .unwrap_err();
+    assert!(!format!("{e} {e:?}").contains("bad-pw-9"));
+
+    let strict = fake_with(|o| o.forbid_secrets_in_argv = true);
+    let vm = strict
+        .client
+        .define(strict.spec("strict"))
+        .await
+        .unwrap()
+        .with_credentials(creds());
+    vm.start().await.unwrap();
+    let e = vm.exec(&ExecRequest::new("true")).await.unwrap_err();
+    assert!(matches!(e, Error::PolicyDenied { .. }), "{e}");
+    assert!(
+        !strict.calls().contains("runProgramInGuest"),
+        "nothing may run after a policy refusal"
+    );
+}
+
+#[tokio::test]
+async fn shared_folders_and_cli() {
+    let f = fake_with(|_| {});
+    let vm = f.client.define(f.spec("sh")).await.unwrap();
+    let host = f.dir.path().join("archive");
+    std::fs::create_dir_all(&host).unwrap();
+    vm.shared_folder_add(&anyvm::SharedFolder {
+        name: "calib".into(),
+        host_path: host,
+        readonly: true,
+        automount: false,
+    })
+    .await
+    .unwrap();
+    assert!(f.calls().contains("\"setSharedFolderState\""));
+    assert!(f.calls().contains("\"readonly\"]"));
+
+    // The CLI behaves the same on vmware.
+    let cfg = f.dir.path().join("anyvm.toml");
+    let vmx = f.vmx("cli1");
+    std::fs::write(f.dir.path().join("pw"), "secret\n").unwrap();
+    std::fs::write(
+        &cfg,
+        format!(
+            "backend = \"vmware:ws\"\nport_range = [49800, 49899]\n[machines.cli1]\nvmx = \"{}\"\nforwards = [{{ name = \"ssh\", guest_port = 22 }}]\ncredentials = {{ user = \"mc\", password_file = \"{}\" }}\n",
+            vmx.display(),
+            f.dir.path().join("pw").display()
+        ),
+    )
+    .unwrap();
+    let run = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_anyvm"))
+            .arg("-c")
+            .arg(&cfg)
+            .args(args)
+            .env("ANYVM_VMRUN", fake())
+            .env("ANYVM_FAKE_VMRUN_HOME", f.home())
+            .env("ANYVM_STATE_DIR", f.dir.path().join("cli-state"))
+            .output()
+            .unwrap()
+    };
+    let o = run(&["up", "cli1"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = run(&["exec", "cli1", "--", "sh", "-c", "echo hi; exit 6"]);
+    assert_eq!(o.status.code(), Some(6));
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "hi\n");
+    let o = run(&["--json", "list"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(
+        v.as_array()
+            .unwrap()
+            .iter()
+            .any(|x| x["name"] == "cli1" && x["state"] == "running"),
+        "{v}"
+    );
+    let o = run(&["stop", "cli1"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = run(&["destroy", "cli1"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
