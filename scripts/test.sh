@@ -14,6 +14,20 @@ cargo clippy --workspace --all-targets --quiet -- -D warnings
 # Guests run under software emulation on 2 cores: two tests at a time.
 log=$(mktemp)
 cargo test --workspace -- --test-threads=2 2>&1 | tee "$log"
+
+# Python: build the wheel, install it into a fresh venv, test the installed package (not the
+# source tree), type-check the example and run it.
+venv=$(mktemp -d)/venv
+python3 -m venv "$venv"
+"$venv/bin/pip" install -q "maturin>=1.5,<2" "pytest>=7" "mypy>=1.8"
+wheels=$(mktemp -d)
+(cd bindings-python && "$venv/bin/maturin" build --release --compatibility linux --auditwheel skip -o "$wheels" 2>&1 | tail -1)
+"$venv/bin/pip" install -q "$wheels"/anyvm-*.whl
+(cd "$(dirname "$venv")" && "$venv/bin/python" -m pytest -v -p no:cacheprovider "$OLDPWD/bindings-python/tests" 2>&1) | tee -a "$log"
+"$venv/bin/mypy" --strict examples/python/mc_production.py
+"$venv/bin/python" examples/python/mc_production.py "$ANYVM_TEST_GUEST" --events 500 --out "$(dirname "$venv")/mc.txt"
+
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed/) p += $(i-1); if ($i ~ /^failed/) f += $(i-1) } }
+     /^=+ .*(passed|failed).* in [0-9.]+s/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed/) p += $(i-1); if ($i ~ /^failed/) f += $(i-1) } }
      END { printf "summary: %d passed, %d failed\n", p, f }' "$log"
 rm -f "$log"

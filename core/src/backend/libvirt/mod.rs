@@ -517,17 +517,33 @@ impl Backend for LibvirtBackend {
     }
 
     async fn request_shutdown(&self, vm: &VmName) -> Result<()> {
-        self.dom(&Ctx::vm("shutdown", vm), vm, |d, c| {
-            // The agent is the most reliable path for minimal guests; ACPI needs acpid in the guest.
-            match d.shutdown_flags(sys::VIR_DOMAIN_SHUTDOWN_GUEST_AGENT) {
-                Ok(_) => Ok(()),
-                Err(e) => {
-                    tracing::debug!(error = %e, "agent shutdown failed; trying ACPI");
-                    d.shutdown_flags(sys::VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN)
-                        .map(|_| ())
-                        .map_err(|e| map_err(c, e))
-                }
+        let ctx = Ctx::vm("shutdown", vm);
+        // The agent is the most reliable path for minimal guests (ACPI needs acpid in the guest).
+        // qemu-ga never answers a successful guest-shutdown, so libvirt blocks until the agent
+        // disconnects, which never happens when the guest ignores the request. Run it on its own
+        // thread: an error within a second means "no agent, try ACPI"; silence means "delivered".
+        // The thread ends when the guest goes down or the facade powers it off.
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let conn = self.conn.clone();
+        let name = vm.to_string();
+        tokio::task::spawn_blocking(move || {
+            let r = conn.lookup_domain_by_name(&name).and_then(|d| {
+                d.shutdown_flags(sys::VIR_DOMAIN_SHUTDOWN_GUEST_AGENT)
+                    .map(|_| ())
+            });
+            let _ = tx.send(r);
+        });
+        match tokio::time::timeout(Duration::from_secs(1), rx).await {
+            Ok(Ok(Ok(()))) | Err(_) => return Ok(()),
+            Ok(Ok(Err(e))) => {
+                tracing::debug!(vm = %vm, error = %e, "agent shutdown failed; trying ACPI")
             }
+            Ok(Err(_)) => {}
+        }
+        self.dom(&ctx, vm, |d, c| {
+            d.shutdown_flags(sys::VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN)
+                .map(|_| ())
+                .map_err(|e| map_err(c, e))
         })
         .await
     }

@@ -1,0 +1,152 @@
+"""The Python surface of anyvm against the real libvirtd and test guest."""
+
+import asyncio
+import hashlib
+import logging
+import threading
+import time
+
+import pytest
+
+import anyvm
+
+
+def test_lifecycle_exec_and_errors(make_vm, tmp_path):
+    vm = make_vm()
+    assert vm.state == "shut off"
+    vm.start()
+    rep = vm.wait_ready(timeout=120, probes=["agent", ("ssh", 22)])
+    assert [p for p, _ in rep["passed"]] == ["agent", "ssh_banner(22)"]
+    assert vm.state == "running"
+
+    r = vm.exec(["sh", "-c", "echo out; echo err >&2; exit 3"])
+    assert (r.exit_code, r.stdout, r.stderr) == (3, b"out\n", b"err\n")
+    with pytest.raises(anyvm.GuestCommandError) as ei:
+        r.check()
+    assert ei.value.exit_code == 3 and ei.value.stderr == b"err\n"
+    assert "vm '%s'" % vm.name in str(ei.value)
+    assert vm.exec(["true"]).check().exit_code == 0
+
+    # binary stdout and stdin, env, cwd
+    blob = bytes(range(256)) * 64
+    assert vm.exec(["cat"], stdin=blob).stdout == blob
+    r = vm.exec(["sh", "-c", 'echo "$A"; pwd'], env={"A": "b c"}, cwd="/tmp")
+    assert r.stdout == b"b c\n/tmp\n"
+
+    # timeouts are anyvm.TimeoutError and the builtin TimeoutError
+    with pytest.raises(TimeoutError) as ti:
+        vm.exec(["sleep", "60"], timeout=1)
+    assert isinstance(ti.value, anyvm.TimeoutError)
+
+    # file copy round trip
+    src = tmp_path / "in.bin"
+    src.write_bytes(blob * 10)
+    assert vm.copy_to(str(src), "/tmp/in.bin") == len(blob) * 10
+    back = tmp_path / "back.bin"
+    vm.copy_from("/tmp/in.bin", back)
+    assert hashlib.sha256(back.read_bytes()).digest() == hashlib.sha256(src.read_bytes()).digest()
+    with pytest.raises(anyvm.NotFoundError):
+        vm.copy_from("/no/such/file", tmp_path / "x")
+
+    # forwards
+    f = vm.forward(22, name="ssh2")
+    assert f["guest_port"] == 22 and 50000 <= f["host_port"] <= 50999
+    assert {p["name"] for p in vm.ports} == {"ssh", "ssh2"}
+    vm.forward_remove("ssh2")
+    assert [p["name"] for p in vm.ports] == ["ssh"]
+    assert "HostKeyAlias" in vm.ssh_config()
+
+    assert vm.stop(timeout=60) == "graceful"
+    assert vm.stop() == "already_off"
+
+
+def test_bad_arguments_raise_type_and_value_errors(client, make_vm):
+    vm = make_vm(forwards=False)
+    with pytest.raises(TypeError):
+        vm.exec("ls -l")  # a string is not an argv list
+    with pytest.raises(ValueError, match="timeout"):
+        vm.exec(["true"], timeout=0)
+    with pytest.raises(ValueError, match="mode"):
+        vm.wait_ready(mode="sometimes")
+    with pytest.raises(ValueError, match="unknown probe"):
+        vm.wait_ready(probes=["psychic"])
+    with pytest.raises(ValueError, match="must name a program"):
+        vm.exec([])
+    with pytest.raises(anyvm.InvalidArgumentError):
+        client.vm("x; rm -rf /")
+    with pytest.raises(ValueError, match="invalid VM spec"):
+        client.define({"name": "ok", "memory_mib": "lots"})
+    with pytest.raises(anyvm.InvalidStateError):
+        vm.exec(["true"])  # not running
+
+
+def test_running_context_stops_even_on_exception(make_vm):
+    vm = make_vm()
+    with pytest.raises(RuntimeError, match="job failed"):
+        with vm.running(timeout=120) as v:
+            assert v.state == "running"
+            raise RuntimeError("job failed")
+    assert vm.state == "shut off"
+
+
+def test_transient_clone_is_destroyed_after_the_block(client, make_vm):
+    base = make_vm()
+    base.start()
+    base.wait_ready()
+    base.stop()
+    base.snapshot("golden")
+    with pytest.raises(KeyError):
+        with base.transient_clone("py-clone-" + base.name[3:], snapshot="golden") as c:
+            assert c.exec(["true"]).exit_code == 0
+            assert c.ports[0]["host_port"] != base.ports[0]["host_port"]
+            clone_name = c.name
+            raise KeyError("boom")
+    with pytest.raises(anyvm.NotFoundError):
+        client.vm(clone_name)
+
+
+def test_asyncio_runs_execs_concurrently(make_vm):
+    vm = make_vm()
+    with vm.running():
+        avm = vm.aio
+
+        async def main():
+            t = time.monotonic()
+            results = await asyncio.gather(*[avm.exec(["sh", "-c", f"sleep 1; echo {i}"]) for i in range(4)])
+            return time.monotonic() - t, results
+
+        elapsed, results = asyncio.run(main())
+        assert [r.stdout for r in results] == [b"%d\n" % i for i in range(4)]
+        assert elapsed < 3.5, f"4 x 1s execs took {elapsed:.1f}s: not concurrent"
+        assert asyncio.run(avm.state()) == "running"
+
+
+def test_gil_is_released_during_vm_operations(make_vm):
+    vm = make_vm()
+    with vm.running():
+        ticks = 0
+        stop = threading.Event()
+
+        def spin():
+            nonlocal ticks
+            while not stop.is_set():
+                ticks += 1
+                time.sleep(0.001)
+
+        t = threading.Thread(target=spin)
+        t.start()
+        vm.exec(["sleep", "1"])
+        stop.set()
+        t.join()
+        assert ticks > 200, f"the other thread only ran {ticks} times during a 1 s exec"
+
+
+def test_core_log_events_reach_python_logging(make_vm, caplog):
+    vm = make_vm("anyvm.ignore_shutdown=1", forwards=False)
+    vm.start()
+    vm.wait_ready()
+    with caplog.at_level(logging.WARNING, logger="anyvm"):
+        anyvm.set_log_level(logging.WARNING)
+        assert vm.stop(timeout=2) == "forced"
+    assert any("graceful shutdown timed out" in r.getMessage() and r.name == "anyvm" for r in caplog.records), \
+        [r.getMessage() for r in caplog.records]
