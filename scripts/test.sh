@@ -14,6 +14,7 @@ cargo clippy --workspace --all-targets --quiet -- -D warnings
 # Guests run under software emulation on 2 cores: two tests at a time.
 log=$(mktemp)
 cargo test --workspace -- --test-threads=2 2>&1 | tee "$log"
+cargo build --release --quiet --bin anyvm
 
 # Python: build the wheel, install it into a fresh venv, test the installed package (not the
 # source tree), type-check the example and run it.
@@ -27,7 +28,37 @@ wheels=$(mktemp -d)
 "$venv/bin/mypy" --strict examples/python/mc_production.py
 "$venv/bin/python" examples/python/mc_production.py "$ANYVM_TEST_GUEST" --events 500 --out "$(dirname "$venv")/mc.txt"
 
+# C and C++: install libanyvm into a scratch prefix, then build against it exactly as a user
+# would (pkg-config). The C test runs under valgrind; the SCons example builds C++ with anyvm.hh.
+prefix=$(mktemp -d)
+bash bindings-c/install.sh "$prefix"
+export PKG_CONFIG_PATH="$prefix/lib/pkgconfig"
+cwork=$(mktemp -d /var/tmp/anyvm-c-XXXXXX)
+gcc -std=c11 -Wall -Wextra -Werror tests/c/test_capi.c $(pkg-config --cflags --libs anyvm) -o "$cwork/test_capi"
+valgrind --quiet --leak-check=full --errors-for-leak-kinds=definite --error-exitcode=3 \
+  "$cwork/test_capi" "$ANYVM_TEST_GUEST" "$cwork" 2>&1 | tee -a "$log"
+gcc -std=c11 -Wall -Wextra -Werror examples/c/hello.c $(pkg-config --cflags --libs anyvm) -o "$cwork/hello"
+cp "$ANYVM_TEST_GUEST/data.qcow2" "$cwork/hello.qcow2"
+cat >"$cwork/anyvm.toml" <<TOML
+state_dir = "$cwork/state"
+[machines.c-hello]
+memory_mib = 192
+accel = "tcg"
+kernel = "$ANYVM_TEST_GUEST/vmlinuz"
+initrd = "$ANYVM_TEST_GUEST/initrd.img"
+cmdline = "console=ttyS0 quiet"
+disks = [{ path = "$cwork/hello.qcow2" }]
+TOML
+hello_out=$("$cwork/hello" "$cwork/anyvm.toml" c-hello uname -sr)
+echo "examples/c/hello: $hello_out"
+[[ $hello_out == Linux\ * ]]
+target/release/anyvm -c "$cwork/anyvm.toml" destroy c-hello >/dev/null
+"$venv/bin/pip" install -q scons
+cp -r examples/scons "$cwork/scons"
+(cd "$cwork/scons" && "$venv/bin/scons" -Q && ./rm_vm_check "$ANYVM_TEST_GUEST")
+
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed/) p += $(i-1); if ($i ~ /^failed/) f += $(i-1) } }
      /^=+ .*(passed|failed).* in [0-9.]+s/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed/) p += $(i-1); if ($i ~ /^failed/) f += $(i-1) } }
+     /^[0-9]+ passed, [0-9]+ failed$/ { p += $1; f += $3 }
      END { printf "summary: %d passed, %d failed\n", p, f }' "$log"
 rm -f "$log"

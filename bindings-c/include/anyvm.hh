@@ -1,0 +1,244 @@
+/**
+ * \file anyvm.hh
+ * \brief Header-only C++17 wrapper over anyvm.h: RAII handles, std::string/std::vector, and
+ *        exceptions (anyvm::Error with the core's kind and message).
+ *
+ * \code
+ *   auto client = anyvm::Client::open_config("anyvm.toml");
+ *   anyvm::Vm vm = client.up("build1");
+ *   anyvm::ExecResult r = vm.exec({"make", "-j2"}, anyvm::ExecOptions{}.cwd("/src"));
+ *   if (r.exit_code != 0) std::cerr << r.stderr_text();
+ *   vm.stop();
+ * \endcode
+ */
+#ifndef ANYVM_HH
+#define ANYVM_HH
+
+#include "anyvm.h"
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace anyvm {
+
+/** An anyvm failure: kind() mirrors anyvm_error_kind_t, what() is the message. */
+class Error : public std::runtime_error {
+public:
+  Error(anyvm_error_kind_t kind, const std::string &message) : std::runtime_error(message), kind_(kind) {}
+  anyvm_error_kind_t kind() const noexcept { return kind_; }
+
+private:
+  anyvm_error_kind_t kind_;
+};
+
+namespace detail {
+/** Throw if `err` is set, freeing it first. */
+inline void check(anyvm_error_t *err) {
+  if (err == nullptr) return;
+  const char *msg = anyvm_error_message(err);
+  std::string text = msg ? msg : "unknown anyvm error";
+  anyvm_error_kind_t kind = anyvm_error_kind(err);
+  anyvm_error_delete(err);
+  throw Error(kind, text);
+}
+
+inline std::string take_string(char *s) {
+  std::string out = s ? s : "";
+  anyvm_string_delete(s);
+  return out;
+}
+
+template <typename T, void (*Del)(T *)> struct Deleter {
+  void operator()(T *p) const noexcept { Del(p); }
+};
+} // namespace detail
+
+/** What a guest program produced. */
+struct ExecResult {
+  /** Exit code, or -1 when the program was killed by a signal. */
+  int exit_code = -1;
+  bool exited = false;
+  std::vector<std::uint8_t> stdout_bytes;
+  std::vector<std::uint8_t> stderr_bytes;
+  double duration = 0.0;
+  std::string stdout_text() const { return std::string(stdout_bytes.begin(), stdout_bytes.end()); }
+  std::string stderr_text() const { return std::string(stderr_bytes.begin(), stderr_bytes.end()); }
+};
+
+/** Options for Vm::exec(), chainable. */
+class ExecOptions {
+public:
+  ExecOptions &env(const std::string &key, const std::string &value) { env_[key] = value; return *this; }
+  ExecOptions &cwd(const std::string &dir) { cwd_ = dir; return *this; }
+  ExecOptions &stdin_data(std::vector<std::uint8_t> data) { stdin_ = std::move(data); return *this; }
+  ExecOptions &stdin_text(const std::string &text) { stdin_ = std::vector<std::uint8_t>(text.begin(), text.end()); return *this; }
+  ExecOptions &timeout(double seconds) { timeout_ = seconds; return *this; }
+
+private:
+  friend class Vm;
+  std::map<std::string, std::string> env_;
+  std::optional<std::string> cwd_;
+  std::optional<std::vector<std::uint8_t>> stdin_;
+  std::optional<double> timeout_;
+};
+
+enum class StopOutcome { AlreadyOff, Graceful, Forced };
+
+/** One VM. Move-only; the handle is freed on destruction (the VM itself is untouched). */
+class Vm {
+public:
+  explicit Vm(anyvm_vm_t *raw) : raw_(raw) {}
+
+  std::string name() const {
+    char *s = nullptr;
+    detail::check(anyvm_vm_name(raw_.get(), &s));
+    return detail::take_string(s);
+  }
+
+  anyvm_vm_state_t state() const {
+    anyvm_vm_state_t s{};
+    detail::check(anyvm_vm_state(raw_.get(), &s));
+    return s;
+  }
+
+  void start() const { detail::check(anyvm_vm_start(raw_.get())); }
+
+  StopOutcome stop(double timeout_s = 60.0, bool force = false) const {
+    anyvm_stop_outcome_t o{};
+    detail::check(anyvm_vm_stop(raw_.get(), force, timeout_s, &o));
+    return o == ANYVM_STOP_GRACEFUL ? StopOutcome::Graceful
+         : o == ANYVM_STOP_FORCED   ? StopOutcome::Forced
+                                    : StopOutcome::AlreadyOff;
+  }
+
+  void destroy() const { detail::check(anyvm_vm_destroy(raw_.get())); }
+
+  /** Probes: "agent", "tcp:PORT", "ssh:PORT"; empty means the guest agent. */
+  void wait_ready(double timeout_s = 120.0, const std::vector<std::string> &probes = {}, bool any = false) const {
+    std::vector<const char *> ps;
+    for (const auto &p : probes) ps.push_back(p.c_str());
+    detail::check(anyvm_vm_wait_ready(raw_.get(), ps.empty() ? nullptr : ps.data(), ps.size(), any, timeout_s));
+  }
+
+  /** Run argv[0] with the rest as arguments (no shell). A non-zero exit is a result, not an exception. */
+  ExecResult exec(const std::vector<std::string> &argv, const ExecOptions &opts = {}) const {
+    if (argv.empty()) throw Error(ANYVM_ERROR_INVALID_ARGUMENT, "invalid argument: argv: must name a program");
+    anyvm_exec_t *e = nullptr;
+    detail::check(anyvm_exec_new(argv[0].c_str(), &e));
+    std::unique_ptr<anyvm_exec_t, detail::Deleter<anyvm_exec_t, anyvm_exec_delete>> req(e);
+    for (std::size_t i = 1; i < argv.size(); ++i) detail::check(anyvm_exec_arg(e, argv[i].c_str()));
+    for (const auto &kv : opts.env_) detail::check(anyvm_exec_env(e, kv.first.c_str(), kv.second.c_str()));
+    if (opts.cwd_) detail::check(anyvm_exec_cwd(e, opts.cwd_->c_str()));
+    if (opts.stdin_) detail::check(anyvm_exec_stdin(e, opts.stdin_->data(), opts.stdin_->size()));
+    if (opts.timeout_) detail::check(anyvm_exec_timeout(e, *opts.timeout_));
+    anyvm_exec_result_t *r = nullptr;
+    detail::check(anyvm_vm_exec(raw_.get(), e, &r));
+    std::unique_ptr<anyvm_exec_result_t, detail::Deleter<anyvm_exec_result_t, anyvm_exec_result_delete>> res(r);
+    ExecResult out;
+    out.exited = anyvm_exec_result_exited(r);
+    out.exit_code = anyvm_exec_result_exit_code(r);
+    out.duration = anyvm_exec_result_duration(r);
+    std::size_t n = 0;
+    const std::uint8_t *p = anyvm_exec_result_stdout(r, &n);
+    out.stdout_bytes.assign(p, p + n);
+    p = anyvm_exec_result_stderr(r, &n);
+    out.stderr_bytes.assign(p, p + n);
+    return out;
+  }
+
+  std::uint64_t copy_to(const std::string &host_path, const std::string &guest_path) const {
+    std::uint64_t n = 0;
+    detail::check(anyvm_vm_copy_to(raw_.get(), host_path.c_str(), guest_path.c_str(), &n));
+    return n;
+  }
+
+  std::uint64_t copy_from(const std::string &guest_path, const std::string &host_path) const {
+    std::uint64_t n = 0;
+    detail::check(anyvm_vm_copy_from(raw_.get(), guest_path.c_str(), host_path.c_str(), &n));
+    return n;
+  }
+
+  /** Forward a host port (0 = allocate one) to `guest_port`; returns the host port. */
+  std::uint16_t forward_add(const std::string &name, std::uint16_t guest_port, std::uint16_t host_port = 0) const {
+    std::uint16_t out = 0;
+    detail::check(anyvm_vm_forward_add(raw_.get(), name.c_str(), guest_port, host_port, &out));
+    return out;
+  }
+
+  void forward_remove(const std::string &name) const { detail::check(anyvm_vm_forward_remove(raw_.get(), name.c_str())); }
+
+  /** JSON array of {name, proto, host_addr, host_port, guest_port}. */
+  std::string forwards_json() const {
+    char *s = nullptr;
+    detail::check(anyvm_vm_forwards_json(raw_.get(), &s));
+    return detail::take_string(s);
+  }
+
+  void snapshot_take(const std::string &name) const { detail::check(anyvm_vm_snapshot_take(raw_.get(), name.c_str())); }
+  void snapshot_restore(const std::string &name) const { detail::check(anyvm_vm_snapshot_restore(raw_.get(), name.c_str())); }
+  void snapshot_delete(const std::string &name) const { detail::check(anyvm_vm_snapshot_delete(raw_.get(), name.c_str())); }
+
+  std::string ssh_config(const std::string &user = "", const std::string &identity_file = "") const {
+    char *s = nullptr;
+    detail::check(anyvm_vm_ssh_config(raw_.get(), user.empty() ? nullptr : user.c_str(),
+                                      identity_file.empty() ? nullptr : identity_file.c_str(), &s));
+    return detail::take_string(s);
+  }
+
+  anyvm_vm_t *raw() const noexcept { return raw_.get(); }
+
+private:
+  std::unique_ptr<anyvm_vm_t, detail::Deleter<anyvm_vm_t, anyvm_vm_delete>> raw_;
+};
+
+/** A connection to one hypervisor. Move-only. */
+class Client {
+public:
+  /** "libvirt:qemu:///system", "virtualbox", "vmware:ws". */
+  static Client open(const std::string &uri = "libvirt:qemu:///system", const std::string &state_dir = "") {
+    anyvm_client_t *c = nullptr;
+    detail::check(anyvm_client_open(uri.c_str(), state_dir.empty() ? nullptr : state_dir.c_str(), &c));
+    return Client(c);
+  }
+
+  /** Backend and machines from an anyvm.toml. */
+  static Client open_config(const std::string &path) {
+    anyvm_client_t *c = nullptr;
+    detail::check(anyvm_client_open_config(path.c_str(), &c));
+    return Client(c);
+  }
+
+  Vm vm(const std::string &name) const {
+    anyvm_vm_t *v = nullptr;
+    detail::check(anyvm_vm_open(raw_.get(), name.c_str(), &v));
+    return Vm(v);
+  }
+
+  /** Define from a JSON VmSpec. */
+  Vm define_json(const std::string &spec_json) const {
+    anyvm_vm_t *v = nullptr;
+    detail::check(anyvm_vm_define_json(raw_.get(), spec_json.c_str(), &v));
+    return Vm(v);
+  }
+
+  /** Define if needed, start and wait ready, for a machine of the config (timeout <= 0: the config's). */
+  Vm up(const std::string &name, double timeout_s = 0) const {
+    anyvm_vm_t *v = nullptr;
+    detail::check(anyvm_client_up(raw_.get(), name.c_str(), timeout_s, &v));
+    return Vm(v);
+  }
+
+private:
+  explicit Client(anyvm_client_t *raw) : raw_(raw) {}
+  std::unique_ptr<anyvm_client_t, detail::Deleter<anyvm_client_t, anyvm_client_delete>> raw_;
+};
+
+} // namespace anyvm
+
+#endif // ANYVM_HH

@@ -1,0 +1,57 @@
+// Boot the test guest through anyvm's C++ API, run a "build" in it, check its output, stop it.
+#include <anyvm.hh>
+
+#include <cstdio>
+#include <fstream>
+#include <iostream>
+#include <string>
+#include <unistd.h>
+
+int main(int argc, char **argv) {
+  if (argc != 2) {
+    std::cerr << "usage: " << argv[0] << " GUEST_DIR\n";
+    return 2;
+  }
+  const std::string guest = argv[1];
+  const std::string disk = "/var/tmp/rm_vm_check-" + std::to_string(getpid()) + ".qcow2";
+  {
+    std::ifstream src(guest + "/data.qcow2", std::ios::binary);
+    std::ofstream dst(disk, std::ios::binary);
+    dst << src.rdbuf();
+  }
+  const std::string name = "rm-check-" + std::to_string(getpid());
+  const std::string spec = "{\"name\":\"" + name + "\",\"memory_mib\":192,\"accel\":\"tcg\","
+      "\"boot\":{\"kind\":\"kernel\",\"kernel\":\"" + guest + "/vmlinuz\",\"initrd\":\"" + guest + "/initrd.img\","
+      "\"cmdline\":\"console=ttyS0 quiet\"},\"disks\":[{\"path\":\"" + disk + "\"}]}";
+  int rc = 1;
+  try {
+    auto client = anyvm::Client::open();
+    anyvm::Vm vm = client.define_json(spec);
+    try {
+      vm.start();
+      vm.wait_ready(120.0);
+      auto r = vm.exec({"sh", "-c", "cd \"$1\" && echo 'int main(){return 0;}' > main.c && ls main.c && uname -m", "sh", "/tmp"},
+                       anyvm::ExecOptions{}.timeout(60));
+      std::cout << r.stdout_text();
+      rc = (r.exit_code == 0 && r.stdout_text() == "main.c\nx86_64\n") ? 0 : 1;
+      std::cout << (rc == 0 ? "build step OK" : "build step FAILED") << " in " << vm.name() << "\n";
+      try {
+        vm.exec({"false"});
+        vm.snapshot_restore("does-not-exist");
+      } catch (const anyvm::Error &e) {
+        std::cout << "expected error (kind " << e.kind() << "): " << e.what() << "\n";
+        if (e.kind() != ANYVM_ERROR_NOT_FOUND) rc = 1;
+      }
+    } catch (...) {
+      vm.destroy();
+      throw;
+    }
+    vm.stop();
+    vm.destroy();
+  } catch (const anyvm::Error &e) {
+    std::cerr << "anyvm error (kind " << e.kind() << "): " << e.what() << "\n";
+    rc = 1;
+  }
+  std::remove(disk.c_str());
+  return rc;
+}

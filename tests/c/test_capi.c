@@ -1,0 +1,176 @@
+/* The C ABI against the real libvirtd and test guest: argument checking (NULL, bad UTF-8,
+ * use after delete), error kinds and messages, and a full VM session.
+ * Usage: test_capi GUEST_DIR WORK_DIR */
+#include <anyvm.h>
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+static long getpid_or_zero(void) { return (long)getpid(); }
+
+static int passed, failed;
+
+#define CHECK(cond, ...)                                              \
+  do {                                                                \
+    if (cond) {                                                       \
+      passed++;                                                       \
+    } else {                                                          \
+      failed++;                                                       \
+      fprintf(stderr, "FAIL %s:%d: %s: ", __FILE__, __LINE__, #cond); \
+      fprintf(stderr, __VA_ARGS__);                                   \
+      fputc('\n', stderr);                                            \
+    }                                                                 \
+  } while (0)
+
+/* Expect an error of `kind` whose message contains `needle`; frees it. */
+static void expect_error(anyvm_error_t *err, anyvm_error_kind_t kind, const char *needle, const char *what) {
+  CHECK(err != NULL, "%s: expected an error", what);
+  if (!err) return;
+  const char *msg = anyvm_error_message(err);
+  CHECK(anyvm_error_kind(err) == kind, "%s: kind %d, message: %s", what, anyvm_error_kind(err), msg);
+  CHECK(msg && strstr(msg, needle), "%s: message '%s' lacks '%s'", what, msg, needle);
+  anyvm_error_delete(err);
+}
+
+/* Abort the session on an unexpected error. */
+static void ok(anyvm_error_t *err, const char *what) {
+  if (!err) {
+    passed++;
+    return;
+  }
+  fprintf(stderr, "FATAL %s: %s\n", what, anyvm_error_message(err));
+  anyvm_error_delete(err);
+  failed++;
+  printf("%d passed, %d failed\n", passed, failed);
+  exit(1);
+}
+
+static void argument_checks(anyvm_client_t *client) {
+  anyvm_vm_t *vm = NULL;
+  expect_error(anyvm_client_open(NULL, NULL, NULL), ANYVM_ERROR_INVALID_ARGUMENT, "must not be NULL", "NULL out");
+  expect_error(anyvm_vm_open(NULL, "x", &vm), ANYVM_ERROR_INVALID_ARGUMENT, "anyvm_client_t", "NULL client");
+  expect_error(anyvm_vm_open(client, NULL, &vm), ANYVM_ERROR_INVALID_ARGUMENT, "name", "NULL name");
+  expect_error(anyvm_vm_open(client, "\xff\xfe", &vm), ANYVM_ERROR_INVALID_ARGUMENT, "not valid UTF-8", "bad UTF-8");
+  expect_error(anyvm_vm_open(client, "a;rm -rf /", &vm), ANYVM_ERROR_INVALID_ARGUMENT, "not allowed", "shell chars");
+  expect_error(anyvm_vm_open(client, "capi-no-such-vm", &vm), ANYVM_ERROR_NOT_FOUND, "vm 'capi-no-such-vm'", "unknown VM");
+  CHECK(vm == NULL, "out-parameter written on error");
+  expect_error(anyvm_vm_start(NULL), ANYVM_ERROR_INVALID_ARGUMENT, "anyvm_vm_t", "NULL vm");
+  expect_error(anyvm_vm_define_json(client, "{not json", &vm), ANYVM_ERROR_INVALID_ARGUMENT, "spec_json", "bad json");
+
+  /* use after delete and double delete are reported, not crashes */
+  anyvm_exec_t *e = NULL;
+  ok(anyvm_exec_new("true", &e), "exec_new");
+  anyvm_exec_delete(e);
+  expect_error(anyvm_exec_arg(e, "x"), ANYVM_ERROR_INVALID_ARGUMENT, "not a live handle", "use after delete");
+  anyvm_exec_delete(e);
+  expect_error(anyvm_exec_timeout(NULL, 1.0), ANYVM_ERROR_INVALID_ARGUMENT, "must not be NULL", "NULL exec");
+  ok(anyvm_exec_new("true", &e), "exec_new");
+  expect_error(anyvm_exec_timeout(e, 0.0), ANYVM_ERROR_INVALID_ARGUMENT, "positive", "zero timeout");
+  expect_error(anyvm_exec_stdin(e, NULL, 5), ANYVM_ERROR_INVALID_ARGUMENT, "NULL", "NULL stdin with length");
+  anyvm_exec_delete(e);
+  expect_error(anyvm_exec_new("", &e), ANYVM_ERROR_INVALID_ARGUMENT, "empty", "empty program");
+
+  CHECK(anyvm_error_message(NULL) == NULL, "message of NULL error");
+  anyvm_error_delete(NULL);
+  anyvm_string_delete(NULL);
+}
+
+static void session(anyvm_client_t *client, const char *guest, const char *work) {
+  char spec[4096], cmd[4096], name[64];
+  snprintf(name, sizeof name, "capi-%d", (int)getpid_or_zero());
+  snprintf(cmd, sizeof cmd, "cp %s/data.qcow2 %s/capi.qcow2", guest, work);
+  CHECK(system(cmd) == 0, "copy disk");
+  snprintf(spec, sizeof spec,
+           "{\"name\":\"%s\",\"memory_mib\":192,\"accel\":\"tcg\","
+           "\"boot\":{\"kind\":\"kernel\",\"kernel\":\"%s/vmlinuz\",\"initrd\":\"%s/initrd.img\",\"cmdline\":\"console=ttyS0 quiet\"},"
+           "\"disks\":[{\"path\":\"%s/capi.qcow2\"}],\"forwards\":[{\"name\":\"ssh\",\"guest_port\":22}]}",
+           name, guest, guest, work);
+  anyvm_vm_t *vm = NULL;
+  ok(anyvm_vm_define_json(client, spec, &vm), "define");
+  anyvm_vm_state_t st;
+  ok(anyvm_vm_state(vm, &st), "state");
+  CHECK(st == ANYVM_STATE_SHUT_OFF, "state %d", st);
+  ok(anyvm_vm_start(vm), "start");
+  const char *probes[] = {"agent", "ssh:22"};
+  ok(anyvm_vm_wait_ready(vm, probes, 2, false, 120.0), "wait_ready");
+  const char *bad[] = {"psychic"};
+  expect_error(anyvm_vm_wait_ready(vm, bad, 1, false, 5.0), ANYVM_ERROR_INVALID_ARGUMENT, "psychic", "bad probe");
+
+  anyvm_exec_t *e = NULL;
+  ok(anyvm_exec_new("sh", &e), "exec_new");
+  ok(anyvm_exec_arg(e, "-c"), "arg");
+  ok(anyvm_exec_arg(e, "cat; echo \"$GREETING\" >&2; exit 7"), "arg");
+  ok(anyvm_exec_env(e, "GREETING", "hello"), "env");
+  const unsigned char in[] = {'a', 0, 'b', 0xff};
+  ok(anyvm_exec_stdin(e, in, sizeof in), "stdin");
+  ok(anyvm_exec_timeout(e, 60.0), "timeout");
+  anyvm_exec_result_t *r = NULL;
+  ok(anyvm_vm_exec(vm, e, &r), "exec");
+  size_t n = 0;
+  const uint8_t *out = anyvm_exec_result_stdout(r, &n);
+  CHECK(anyvm_exec_result_exited(r) && anyvm_exec_result_exit_code(r) == 7, "exit code %d", anyvm_exec_result_exit_code(r));
+  CHECK(n == sizeof in && memcmp(out, in, n) == 0, "stdout has %zu bytes", n);
+  const uint8_t *err = anyvm_exec_result_stderr(r, &n);
+  CHECK(n == 6 && memcmp(err, "hello\n", 6) == 0, "stderr %.*s", (int)n, (const char *)err);
+  anyvm_exec_result_delete(r);
+  anyvm_exec_delete(e);
+
+  char host[1024], back[1024];
+  snprintf(host, sizeof host, "%s/capi-in.txt", work);
+  snprintf(back, sizeof back, "%s/capi-back.txt", work);
+  FILE *f = fopen(host, "w");
+  fputs("copied through the C ABI\n", f);
+  fclose(f);
+  uint64_t bytes = 0;
+  ok(anyvm_vm_copy_to(vm, host, "/tmp/capi.txt", &bytes), "copy_to");
+  CHECK(bytes == 25, "copied %llu", (unsigned long long)bytes);
+  ok(anyvm_vm_copy_from(vm, "/tmp/capi.txt", back, NULL), "copy_from");
+  snprintf(cmd, sizeof cmd, "cmp -s %s %s", host, back);
+  CHECK(system(cmd) == 0, "round trip differs");
+  expect_error(anyvm_vm_copy_from(vm, "/no/such", back, NULL), ANYVM_ERROR_NOT_FOUND, "No such file", "missing file");
+
+  uint16_t port = 0;
+  ok(anyvm_vm_forward_add(vm, "ssh2", 22, 0, &port), "forward_add");
+  CHECK(port > 0, "port %u", port);
+  char *json = NULL;
+  ok(anyvm_vm_forwards_json(vm, &json), "forwards_json");
+  CHECK(strstr(json, "\"ssh2\"") != NULL, "%s", json);
+  anyvm_string_delete(json);
+  ok(anyvm_vm_forward_remove(vm, "ssh2"), "forward_remove");
+  expect_error(anyvm_vm_forward_remove(vm, "ssh2"), ANYVM_ERROR_NOT_FOUND, "ssh2", "forward gone");
+
+  char *cfg = NULL;
+  ok(anyvm_vm_ssh_config(vm, "root", NULL, &cfg), "ssh_config");
+  CHECK(strstr(cfg, "HostKeyAlias") && strstr(cfg, "StrictHostKeyChecking yes"), "%s", cfg);
+  anyvm_string_delete(cfg);
+
+  anyvm_stop_outcome_t o;
+  ok(anyvm_vm_stop(vm, false, 60.0, &o), "stop");
+  CHECK(o == ANYVM_STOP_GRACEFUL, "outcome %d", o);
+  ok(anyvm_vm_snapshot_take(vm, "s1"), "snapshot");
+  ok(anyvm_vm_snapshot_restore(vm, "s1"), "restore");
+  expect_error(anyvm_vm_snapshot_restore(vm, "nope"), ANYVM_ERROR_NOT_FOUND, "snapshot", "missing snapshot");
+  ok(anyvm_vm_snapshot_delete(vm, "s1"), "snapshot delete");
+  ok(anyvm_vm_destroy(vm), "destroy");
+  anyvm_vm_delete(vm);
+  expect_error(anyvm_vm_start(vm), ANYVM_ERROR_INVALID_ARGUMENT, "not a live handle", "vm after delete");
+}
+
+int main(int argc, char **argv) {
+  if (argc != 3) {
+    fprintf(stderr, "usage: %s GUEST_DIR WORK_DIR\n", argv[0]);
+    return 2;
+  }
+  anyvm_client_t *client = NULL;
+  char state[1024];
+  snprintf(state, sizeof state, "%s/state", argv[2]);
+  ok(anyvm_client_open("libvirt:qemu:///system", state, &client), "client_open");
+  argument_checks(client);
+  session(client, argv[1], argv[2]);
+  anyvm_client_delete(client);
+  anyvm_client_delete(client); /* double delete is ignored */
+  printf("%d passed, %d failed\n", passed, failed);
+  return failed ? 1 : 0;
+}
