@@ -221,6 +221,34 @@ pub struct PortForward {
     pub guest_port: u16,
 }
 
+impl From<&PortForward> for ForwardSpec {
+    fn from(f: &PortForward) -> Self {
+        ForwardSpec {
+            name: f.name.clone(),
+            proto: f.proto,
+            host_addr: f.host_addr.clone(),
+            host_port: HostPort::Fixed(f.host_port),
+            guest_port: f.guest_port,
+        }
+    }
+}
+
+impl ForwardSpec {
+    /// The forward in effect, once its host port is known.
+    pub fn resolved(&self) -> Option<PortForward> {
+        match self.host_port {
+            HostPort::Fixed(p) => Some(PortForward {
+                name: self.name.clone(),
+                proto: self.proto,
+                host_addr: self.host_addr.clone(),
+                host_port: p,
+                guest_port: self.guest_port,
+            }),
+            HostPort::Auto => None,
+        }
+    }
+}
+
 impl fmt::Display for PortForward {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
@@ -517,6 +545,14 @@ impl VmSpec {
             console: ConsoleSpec::default(),
             accel: Accel::Auto,
         }
+    }
+
+    /// Forwards whose host ports are known.
+    pub fn resolved_forwards(&self) -> Vec<PortForward> {
+        self.forwards
+            .iter()
+            .filter_map(ForwardSpec::resolved)
+            .collect()
     }
 
     pub fn validate(&self) -> Result<()> {

@@ -161,14 +161,24 @@ pub trait Backend: Send + Sync + fmt::Debug {
         host: &Path,
         creds: Option<Credentials>,
     ) -> Result<u64>;
-    /// Read a small guest file into memory (at most `limit` bytes).
+    /// Read a small guest file into memory (at most `limit` bytes). The default copies it to a
+    /// private temp file; backends with a direct channel override it.
     async fn read_file(
         &self,
         vm: &VmName,
         guest: &str,
         limit: usize,
         creds: Option<Credentials>,
-    ) -> Result<Vec<u8>>;
+    ) -> Result<Vec<u8>> {
+        let ctx = crate::error::Ctx::vm(format!("read {guest}"), vm);
+        let tmp =
+            tempfile::tempdir().map_err(|e| Error::io(ctx.clone(), std::env::temp_dir(), e))?;
+        let p = tmp.path().join("f");
+        self.copy_from(vm, guest, &p, creds).await?;
+        let mut data = std::fs::read(&p).map_err(|e| Error::io(ctx, &p, e))?;
+        data.truncate(limit);
+        Ok(data)
+    }
 
     async fn forwards(&self, vm: &VmName) -> Result<Vec<PortForward>>;
     async fn forward_add(&self, vm: &VmName, fwd: &PortForward) -> Result<()>;

@@ -993,21 +993,7 @@ impl Backend for LibvirtBackend {
 
     async fn forwards(&self, vm: &VmName) -> Result<Vec<PortForward>> {
         let ctx = Ctx::vm("forwards", vm);
-        let spec = self.stored_spec(&ctx, vm).await?;
-        Ok(spec
-            .forwards
-            .iter()
-            .filter_map(|f| match f.host_port {
-                HostPort::Fixed(p) => Some(PortForward {
-                    name: f.name.clone(),
-                    proto: f.proto,
-                    host_addr: f.host_addr.clone(),
-                    host_port: p,
-                    guest_port: f.guest_port,
-                }),
-                HostPort::Auto => None,
-            })
-            .collect())
+        Ok(self.stored_spec(&ctx, vm).await?.resolved_forwards())
     }
 
     async fn forward_add(&self, vm: &VmName, fwd: &PortForward) -> Result<()> {
@@ -1032,13 +1018,7 @@ impl Backend for LibvirtBackend {
                 });
             }
         }
-        spec.forwards.push(ForwardSpec {
-            name: fwd.name.clone(),
-            proto: fwd.proto,
-            host_addr: fwd.host_addr.clone(),
-            host_port: HostPort::Fixed(fwd.host_port),
-            guest_port: fwd.guest_port,
-        });
+        spec.forwards.push(ForwardSpec::from(fwd));
         if let Err(e) = self.redefine(&ctx, spec).await {
             if running {
                 let _ = self

@@ -234,18 +234,9 @@ impl VirtualBoxBackend {
         a.push("--cpus".into());
         a.push(spec.cpus.to_string().into());
         a.extend(os(&["--nic1", "nat"]));
-        for f in &spec.forwards {
-            if let HostPort::Fixed(p) = f.host_port {
-                let pf = PortForward {
-                    name: f.name.clone(),
-                    proto: f.proto,
-                    host_addr: f.host_addr.clone(),
-                    host_port: p,
-                    guest_port: f.guest_port,
-                };
-                a.push("--natpf1".into());
-                a.push(rule(&pf).into());
-            }
+        for f in spec.resolved_forwards() {
+            a.push("--natpf1".into());
+            a.push(rule(&f).into());
         }
         if let Some(HostPort::Fixed(p)) = spec.console.vnc {
             a.extend(os(&[
@@ -878,23 +869,6 @@ impl Backend for VirtualBoxBackend {
         Ok(n)
     }
 
-    async fn read_file(
-        &self,
-        vm: &VmName,
-        guest: &str,
-        limit: usize,
-        creds: Option<Credentials>,
-    ) -> Result<Vec<u8>> {
-        let ctx = Ctx::vm(format!("read {guest}"), vm);
-        let tmp =
-            tempfile::tempdir().map_err(|e| Error::io(ctx.clone(), std::env::temp_dir(), e))?;
-        let p = tmp.path().join("f");
-        self.copy_from(vm, guest, &p, creds).await?;
-        let mut data = std::fs::read(&p).map_err(|e| Error::io(ctx, &p, e))?;
-        data.truncate(limit);
-        Ok(data)
-    }
-
     async fn forwards(&self, vm: &VmName) -> Result<Vec<PortForward>> {
         let ctx = Ctx::vm("forwards", vm);
         let kv = self.info(&ctx, vm).await?;
@@ -914,13 +888,7 @@ impl Backend for VirtualBoxBackend {
         };
         self.vbox(&ctx, a).await?;
         if let Some(mut spec) = self.spec(vm).await? {
-            spec.forwards.push(crate::types::ForwardSpec {
-                name: fwd.name.clone(),
-                proto: fwd.proto,
-                host_addr: fwd.host_addr.clone(),
-                host_port: HostPort::Fixed(fwd.host_port),
-                guest_port: fwd.guest_port,
-            });
+            spec.forwards.push(crate::types::ForwardSpec::from(fwd));
             self.store_spec(&ctx, &spec).await?;
         }
         Ok(())

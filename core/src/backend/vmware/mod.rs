@@ -294,22 +294,6 @@ impl VmwareBackend {
             .map(|_| ())
     }
 
-    fn spec_forwards(spec: &VmSpec) -> Vec<PortForward> {
-        spec.forwards
-            .iter()
-            .filter_map(|f| match f.host_port {
-                HostPort::Fixed(p) => Some(PortForward {
-                    name: f.name.clone(),
-                    proto: f.proto,
-                    host_addr: f.host_addr.clone(),
-                    host_port: p,
-                    guest_port: f.guest_port,
-                }),
-                HostPort::Auto => None,
-            })
-            .collect()
-    }
-
     /// Apply the spec's .vmx settings (memory, cpus, VNC console); the VM must be off.
     fn write_vmx(&self, ctx: &Ctx, vmx: &Path, spec: &VmSpec) -> Result<()> {
         let text = std::fs::read_to_string(vmx).map_err(|e| Error::io(ctx.clone(), vmx, e))?;
@@ -442,7 +426,11 @@ impl Backend for VmwareBackend {
     async fn undefine(&self, vm: &VmName) -> Result<()> {
         let ctx = Ctx::vm("undefine", vm);
         let e = self.entry(&ctx, vm)?;
-        let forwards = e.spec.as_ref().map(Self::spec_forwards).unwrap_or_default();
+        let forwards = e
+            .spec
+            .as_ref()
+            .map(VmSpec::resolved_forwards)
+            .unwrap_or_default();
         if !forwards.is_empty() {
             if let Ok(net) = self.host_network(&ctx).await {
                 for f in &forwards {
@@ -490,7 +478,11 @@ impl Backend for VmwareBackend {
         .await?;
         self.update_entry(&ctx, vm, |e| e.paused = false)?;
         // Forwards are host-wide rules to the guest's current IP: (re)point them now.
-        let forwards = e.spec.as_ref().map(Self::spec_forwards).unwrap_or_default();
+        let forwards = e
+            .spec
+            .as_ref()
+            .map(VmSpec::resolved_forwards)
+            .unwrap_or_default();
         if !forwards.is_empty() {
             let net = self.host_network(&ctx).await?;
             let ip = self.guest_ip(&ctx, &e.vmx).await?;
@@ -824,30 +816,13 @@ impl Backend for VmwareBackend {
             .len())
     }
 
-    async fn read_file(
-        &self,
-        vm: &VmName,
-        guest: &str,
-        limit: usize,
-        creds: Option<Credentials>,
-    ) -> Result<Vec<u8>> {
-        let ctx = Ctx::vm(format!("read {guest}"), vm);
-        let tmp =
-            tempfile::tempdir().map_err(|err| Error::io(ctx.clone(), std::env::temp_dir(), err))?;
-        let p = tmp.path().join("f");
-        self.copy_from(vm, guest, &p, creds).await?;
-        let mut data = std::fs::read(&p).map_err(|err| Error::io(ctx, &p, err))?;
-        data.truncate(limit);
-        Ok(data)
-    }
-
     async fn forwards(&self, vm: &VmName) -> Result<Vec<PortForward>> {
         let ctx = Ctx::vm("forwards", vm);
         Ok(self
             .entry(&ctx, vm)?
             .spec
             .as_ref()
-            .map(Self::spec_forwards)
+            .map(VmSpec::resolved_forwards)
             .unwrap_or_default())
     }
 
@@ -861,13 +836,7 @@ impl Backend for VmwareBackend {
         }
         self.update_entry(&ctx, vm, |e| {
             if let Some(s) = e.spec.as_mut() {
-                s.forwards.push(ForwardSpec {
-                    name: fwd.name.clone(),
-                    proto: fwd.proto,
-                    host_addr: fwd.host_addr.clone(),
-                    host_port: HostPort::Fixed(fwd.host_port),
-                    guest_port: fwd.guest_port,
-                });
+                s.forwards.push(ForwardSpec::from(fwd));
             }
         })
     }
