@@ -150,3 +150,17 @@ def test_core_log_events_reach_python_logging(make_vm, caplog):
         assert vm.stop(timeout=2) == "forced"
     assert any("graceful shutdown timed out" in r.getMessage() and r.name == "anyvm" for r in caplog.records), \
         [r.getMessage() for r in caplog.records]
+
+
+def test_ctrl_c_interrupts_a_long_wait(make_vm):
+    import os
+    import signal
+
+    vm = make_vm("anyvm.noagent=1", forwards=False)
+    vm.start()
+    threading.Timer(1.0, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+    t = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        vm.wait_ready(timeout=60)
+    assert time.monotonic() - t < 5, "Ctrl-C did not interrupt the wait promptly"
+    assert vm.state == "running"  # nothing was torn down by the interrupt itself

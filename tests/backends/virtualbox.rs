@@ -391,6 +391,34 @@ async fn readiness_waits_on_the_run_level_and_reports_when_additions_stall() {
 }
 
 #[tokio::test]
+async fn readiness_can_also_wait_for_guest_properties() {
+    let f = fake_with(|o| {
+        o.ready_properties = vec![
+            "/VirtualBox/GuestInfo/Net/0/V4/IP".into(),
+            "/VirtualBox/GuestInfo/OS/LoggedInUsers".into(),
+        ]
+    });
+    let vm = f.client.define(f.spec("props")).await.unwrap();
+    vm.start().await.unwrap();
+    // additions are up, but nobody is logged in yet
+    let e = vm
+        .wait_ready(&ReadySpec::default().timeout(Duration::from_secs(2)))
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("LoggedInUsers is \"0\""), "{e}");
+    f.faults(r#"{"logged_in_users": 1}"#);
+    vm.wait_ready(&ReadySpec::default().timeout(Duration::from_secs(5)))
+        .await
+        .unwrap();
+    f.faults(r#"{"logged_in_users": 1, "no_ip": true}"#);
+    let e = vm
+        .wait_ready(&ReadySpec::default().timeout(Duration::from_secs(2)))
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("V4/IP is unset"), "{e}");
+}
+
+#[tokio::test]
 async fn graceful_stop_falls_back_when_acpi_is_ignored() {
     let f = new_fake();
     let vm = f.client.define(f.spec("acpi")).await.unwrap();

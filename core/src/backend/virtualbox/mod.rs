@@ -48,6 +48,10 @@ pub struct VirtualBoxOptions {
     pub start_type: String,
     /// Guest Additions run level that counts as ready (2 = services, 3 = desktop session).
     pub ready_run_level: u32,
+    /// Guest properties that must also have a value before the guest counts as ready, e.g.
+    /// `/VirtualBox/GuestInfo/Net/0/V4/IP` (networking up) or
+    /// `/VirtualBox/GuestInfo/OS/LoggedInUsers` (a user logged in; "0" counts as no value).
+    pub ready_properties: Vec<String>,
     /// Where serial console logs are written.
     pub console_dir: PathBuf,
     /// Extra environment for VBoxManage, e.g. `VBOX_USER_HOME` to pick a VirtualBox home.
@@ -63,6 +67,7 @@ impl Default for VirtualBoxOptions {
             lock_retries: 5,
             start_type: "headless".into(),
             ready_run_level: 2,
+            ready_properties: Vec::new(),
             console_dir: crate::client::default_state_dir().join("console"),
             env: Vec::new(),
         }
@@ -251,6 +256,30 @@ impl VirtualBoxBackend {
         a.extend(os(&["--uart1", "0x3F8", "4", "--uartmode1", "file"]));
         a.push(self.console_path(&spec.name).into_os_string());
         a
+    }
+
+    /// Every configured readiness property has a (non-"0") value.
+    async fn ready_properties(&self, ctx: &Ctx, vm: &VmName) -> Result<()> {
+        for prop in &self.opts.ready_properties {
+            let out = self
+                .vbox(ctx, os(&["guestproperty", "get", vm.as_str(), prop]))
+                .await?;
+            match parse::guest_property(&out.stdout_str()) {
+                Some(v) if !v.trim().is_empty() && v.trim() != "0" => {}
+                v => {
+                    return Err(Error::backend(
+                        ctx.clone(),
+                        "VBoxManage",
+                        format!(
+                            "guest property {prop} is {}, waiting for a value",
+                            v.map(|v| format!("{v:?}"))
+                                .unwrap_or_else(|| "unset".into())
+                        ),
+                    ))
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Write the password to a private file that lives for one call.
@@ -925,7 +954,7 @@ impl Backend for VirtualBoxBackend {
         let get = os(&["guestproperty", "get", vm.as_str(), RUN_LEVEL]);
         let now = level(self.vbox(&ctx, get.clone()).await?);
         if now >= self.opts.ready_run_level {
-            return Ok(());
+            return self.ready_properties(&ctx, vm).await;
         }
         let wait_ms = timeout
             .saturating_sub(Duration::from_millis(200))
@@ -953,7 +982,7 @@ impl Backend for VirtualBoxBackend {
             .await?;
         let now = level(self.vbox(&ctx, get).await?);
         if now >= self.opts.ready_run_level {
-            Ok(())
+            self.ready_properties(&ctx, vm).await
         } else {
             Err(Error::backend(
                 ctx,
