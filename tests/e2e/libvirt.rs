@@ -307,9 +307,10 @@ async fn graceful_stop_falls_back_to_power_off() {
         .unwrap();
     assert_eq!(outcome, StopOutcome::Forced);
     assert!(t.elapsed() >= Duration::from_secs(3));
-    // The shutdown request must not block past the deadline (qemu-ga never answers it).
+    // The shutdown request must not block until libvirt's own call deadline (60 s): qemu-ga never
+    // answers it. The bound is loose because destroying a TCG guest is slow under load.
     assert!(
-        t.elapsed() < Duration::from_secs(10),
+        t.elapsed() < Duration::from_secs(40),
         "forced stop took {:?}",
         t.elapsed()
     );
