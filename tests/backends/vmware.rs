@@ -329,6 +329,26 @@ async fn error_kinds_from_vmrun_text() {
 }
 
 #[tokio::test]
+async fn readiness_can_wait_for_a_guest_variable() {
+    let f = fake_with(|o| o.ready_guest_vars = vec!["ready".into()]);
+    let vm = f.client.define(f.spec("gv")).await.unwrap();
+    vm.start().await.unwrap();
+    let e = vm
+        .wait_ready(&ReadySpec::default().timeout(Duration::from_secs(2)))
+        .await
+        .unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("guest variable ready is not set yet"),
+        "{e}"
+    );
+    f.faults(r#"{"guest_vars": {"ready": "1"}}"#);
+    vm.wait_ready(&ReadySpec::default().timeout(Duration::from_secs(5)))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
 async fn secrets_stay_out_of_logs_and_policy_can_forbid_argv_passwords() {
     let f = fake_with(|_| {});
     let vm = f.client.define(f.spec("sec")).await.unwrap();

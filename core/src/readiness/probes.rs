@@ -57,10 +57,16 @@ impl ProbeCtx {
 pub(super) async fn run_until_pass(ctx: &ProbeCtx, probe: &Probe, mut on_fail: impl FnMut(String)) {
     let mut delay = FIRST_RETRY;
     let mut events = ctx.events.as_ref().map(|e| e.resubscribe());
+    let mut failed_before = false;
     loop {
         match check(ctx, probe).await {
             Ok(()) => return,
-            Err(e) => on_fail(e),
+            // An attempt cut short as the deadline nears says less than the failure before it.
+            Err(Failure::AttemptTimedOut(_)) if failed_before => {}
+            Err(Failure::AttemptTimedOut(e) | Failure::Failed(e)) => {
+                failed_before = true;
+                on_fail(e)
+            }
         }
         let sleep = tokio::time::sleep(delay);
         delay = (delay * 3 / 2).min(MAX_RETRY);
@@ -94,14 +100,34 @@ pub(super) async fn run_until_pass(ctx: &ProbeCtx, probe: &Probe, mut on_fail: i
     }
 }
 
-async fn check(ctx: &ProbeCtx, probe: &Probe) -> Result<(), String> {
-    let t = ctx.attempt_timeout();
+enum Failure {
+    Failed(String),
+    AttemptTimedOut(String),
+}
+
+fn backend_failure(e: crate::Error) -> Failure {
+    if e.kind() == crate::ErrorKind::Timeout {
+        Failure::AttemptTimedOut(e.to_string())
+    } else {
+        Failure::Failed(e.to_string())
+    }
+}
+
+async fn check(ctx: &ProbeCtx, probe: &Probe) -> Result<(), Failure> {
     match probe {
         Probe::Agent => ctx
             .backend
-            .agent_ping(&ctx.vm, t)
+            .agent_ping(&ctx.vm, ctx.attempt_timeout())
             .await
-            .map_err(|e| e.to_string()),
+            .map_err(backend_failure),
+        _ => check_other(ctx, probe).await.map_err(Failure::Failed),
+    }
+}
+
+async fn check_other(ctx: &ProbeCtx, probe: &Probe) -> Result<(), String> {
+    let t = ctx.attempt_timeout();
+    match probe {
+        Probe::Agent => unreachable!("handled by check"),
         Probe::Tcp { guest_port } => {
             let (addr, port) = ctx.host_side(*guest_port)?;
             connect(&addr, port, t).await.map(|_| ())

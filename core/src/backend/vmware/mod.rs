@@ -53,6 +53,9 @@ pub struct VmwareOptions {
     pub host_network: Option<String>,
     /// Refuse guest operations that would put the password on vmrun's command line.
     pub forbid_secrets_in_argv: bool,
+    /// Guest variables (`readVariable VMX guestVar NAME`) that must be non-empty before the guest
+    /// counts as ready: a value the guest publishes (e.g. with `vmware-rpctool "info-set guestinfo.ready 1"`).
+    pub ready_guest_vars: Vec<String>,
     /// Extra environment for vmrun.
     pub env: Vec<(String, String)>,
 }
@@ -67,6 +70,7 @@ impl Default for VmwareOptions {
             state_dir: crate::client::default_state_dir(),
             host_network: None,
             forbid_secrets_in_argv: false,
+            ready_guest_vars: Vec::new(),
             env: Vec::new(),
         }
     }
@@ -860,10 +864,30 @@ impl Backend for VmwareBackend {
         let ctx = Ctx::vm("vmware tools", vm);
         let e = self.entry(&ctx, vm)?;
         let out = self
-            .vmrun(&ctx, "checkToolsState", vec![e.vmx.into()], Some(timeout))
+            .vmrun(
+                &ctx,
+                "checkToolsState",
+                vec![e.vmx.clone().into()],
+                Some(timeout),
+            )
             .await?;
         match out.stdout_str().trim() {
-            "running" => Ok(()),
+            "running" => {
+                for var in &self.opts.ready_guest_vars {
+                    let args = vec![e.vmx.clone().into(), "guestVar".into(), var.into()];
+                    let v = self
+                        .vmrun(&ctx, "readVariable", args, Some(timeout))
+                        .await?;
+                    if v.stdout_str().trim().is_empty() {
+                        return Err(Error::backend(
+                            ctx,
+                            "vmrun",
+                            format!("guest variable {var} is not set yet"),
+                        ));
+                    }
+                }
+                Ok(())
+            }
             s => Err(Error::backend(
                 ctx,
                 "vmrun",
