@@ -205,6 +205,20 @@ pub trait Backend: Send + Sync + fmt::Debug {
     async fn console_log(&self, vm: &VmName) -> Result<Option<std::path::PathBuf>>;
 }
 
+/// The guest account for tools that log in to the guest, or an Auth error saying how to give one.
+pub fn require_credentials(
+    ctx: &crate::error::Ctx,
+    creds: Option<&Credentials>,
+    what: &str,
+) -> Result<Credentials> {
+    creds.cloned().ok_or_else(|| Error::Auth {
+        ctx: ctx.clone(),
+        reason: format!(
+            "{what} needs a guest account; set credentials in the config or Vm::with_credentials"
+        ),
+    })
+}
+
 /// The error for an operation a backend does not offer.
 pub fn unsupported(backend: &str, vm: &VmName, what: &str) -> Error {
     Error::InvalidState {

@@ -304,10 +304,7 @@ impl VirtualBoxBackend {
     }
 
     fn need_creds(ctx: &Ctx, creds: Option<&Credentials>) -> Result<Credentials> {
-        creds.cloned().ok_or_else(|| Error::Auth {
-            ctx: ctx.clone(),
-            reason: "VirtualBox guest control needs a guest account; set credentials in the config or Vm::with_credentials".into(),
-        })
+        super::require_credentials(ctx, creds, "VirtualBox guest control")
     }
 
     /// `guestcontrol VM SUBCMD --username U [--passwordfile F] ...rest`

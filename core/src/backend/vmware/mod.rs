@@ -217,10 +217,7 @@ impl VmwareBackend {
     }
 
     fn need_creds(ctx: &Ctx, creds: Option<&Credentials>) -> Result<Credentials> {
-        creds.cloned().ok_or_else(|| Error::Auth {
-            ctx: ctx.clone(),
-            reason: "vmrun guest operations need a guest account; set credentials in the config or Vm::with_credentials".into(),
-        })
+        super::require_credentials(ctx, creds, "vmrun guest operations")
     }
 
     async fn host_network(&self, ctx: &Ctx) -> Result<String> {
