@@ -251,7 +251,7 @@ pub unsafe extern "C" fn anyvm_client_open(
     guard(|| {
         out_ptr(out, "out")?;
         let uri = opt_cstr(uri, "uri")?
-            .unwrap_or("libvirt:qemu:///system")
+            .unwrap_or(anyvm::DEFAULT_BACKEND)
             .to_string();
         let mut opts = ClientOptions::default();
         if let Some(d) = opt_cstr(state_dir, "state_dir")? {
@@ -276,18 +276,10 @@ pub unsafe extern "C" fn anyvm_client_open_config(
         out_ptr(out, "out")?;
         let path = cstr(config_path, "config_path")?;
         let config = Config::load(path).map_err(from_core)?;
-        let uri = config
-            .backend
-            .clone()
-            .unwrap_or_else(|| "libvirt:qemu:///system".into());
-        let mut opts = ClientOptions::default();
-        if let Some(d) = &config.state_dir {
-            opts = opts.state_dir(d);
-        }
-        if let Some(r) = &config.port_range {
-            opts = opts.port_range(r.clone());
-        }
-        let client = block(Client::connect_with(&uri, opts))?;
+        let client = block(Client::connect_with(
+            &config.backend_uri(),
+            config.client_options(),
+        ))?;
         *out = CLIENTS.insert(anyvm_client_t {
             client,
             config: Some(config),
@@ -303,15 +295,7 @@ pub unsafe extern "C" fn anyvm_client_delete(client: *mut anyvm_client_t) {
 }
 
 fn with_creds(c: &anyvm_client_t, vm: anyvm::Vm) -> anyvm::Vm {
-    match c
-        .config
-        .as_ref()
-        .and_then(|cfg| cfg.machines.get(vm.name().as_str()))
-        .and_then(|m| m.credentials.clone())
-    {
-        Some(cr) => vm.with_credentials(cr),
-        None => vm,
-    }
+    vm.with_config_credentials(c.config.as_ref())
 }
 
 /// Open an existing VM by name. \param out free with anyvm_vm_delete()

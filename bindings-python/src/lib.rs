@@ -12,9 +12,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyvm::{
-    Client as CoreClient, ClientOptions, Config, Credentials, ExecRequest, ForwardSpec, HostPort,
-    Probe, Protocol, ReadySpec, SecretSource, SshOptions, StopOptions, Vm as CoreVm, VmName,
-    VmSpec,
+    Client as CoreClient, Config, Credentials, ExecRequest, ForwardSpec, HostPort, Probe, Protocol,
+    ReadySpec, SecretSource, SshOptions, StopOptions, Vm as CoreVm, VmName, VmSpec,
 };
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
@@ -248,10 +247,13 @@ fn connect(
         None => None,
     };
     let uri = uri
-        .or_else(|| config.as_ref().and_then(|c| c.backend.clone()))
-        .unwrap_or_else(|| "libvirt:qemu:///system".into());
-    let mut opts = ClientOptions::default();
-    if let Some(d) = state_dir.or_else(|| config.as_ref().and_then(|c| c.state_dir.clone())) {
+        .or_else(|| config.as_ref().map(Config::backend_uri))
+        .unwrap_or_else(|| anyvm::DEFAULT_BACKEND.into());
+    let mut opts = config
+        .as_ref()
+        .map(Config::client_options)
+        .unwrap_or_default();
+    if let Some(d) = state_dir {
         opts = opts.state_dir(d);
     }
     if let Some((a, b)) = port_range {
@@ -261,8 +263,6 @@ fn connect(
             ));
         }
         opts = opts.port_range(a..=b);
-    } else if let Some(r) = config.as_ref().and_then(|c| c.port_range.clone()) {
-        opts = opts.port_range(r);
     }
     let inner = block(py, true, CoreClient::connect_with(&uri, opts))?;
     Ok(Client { inner, config })
@@ -270,15 +270,7 @@ fn connect(
 
 impl Client {
     fn attach_creds(&self, vm: CoreVm) -> CoreVm {
-        match self
-            .config
-            .as_ref()
-            .and_then(|c| c.machines.get(vm.name().as_str()))
-            .and_then(|m| m.credentials.clone())
-        {
-            Some(c) => vm.with_credentials(c),
-            None => vm,
-        }
+        vm.with_config_credentials(self.config.as_ref())
     }
 
     fn machine(&self, py: Python<'_>, name: &str) -> PyResult<anyvm::MachineConfig> {

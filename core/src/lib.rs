@@ -32,7 +32,7 @@ pub mod types;
 pub mod util;
 pub mod vm;
 
-pub use backend::{Backend, BackendUri, VmEvent, VmEventKind};
+pub use backend::{Backend, BackendUri, VmEvent, VmEventKind, DEFAULT_BACKEND};
 pub use client::{Client, ClientOptions};
 pub use config::{Config, MachineConfig};
 pub use credentials::{Credentials, Secret, SecretSource};

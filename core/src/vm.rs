@@ -48,6 +48,14 @@ impl Vm {
         self.with_credentials_opt(Some(c))
     }
 
+    /// Use the guest account `config` gives for this VM, if it gives one.
+    pub fn with_config_credentials(self, config: Option<&crate::Config>) -> Self {
+        match config.and_then(|c| c.credentials(self.name.as_str())) {
+            Some(c) => self.with_credentials(c),
+            None => self,
+        }
+    }
+
     fn with_credentials_opt(mut self, c: Option<Credentials>) -> Self {
         self.credentials = c;
         self

@@ -41,6 +41,9 @@ pub enum VmEventKind {
     AgentDisconnected,
 }
 
+/// The backend used when neither the caller nor the configuration names one.
+pub const DEFAULT_BACKEND: &str = "libvirt:qemu:///system";
+
 /// Which hypervisor, and how to reach it: `libvirt:qemu:///system`, `virtualbox`, `vmware:ws`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BackendUri {

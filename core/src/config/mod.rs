@@ -272,6 +272,32 @@ impl Config {
         })
     }
 
+    /// The backend URI the file names, else [`crate::DEFAULT_BACKEND`].
+    pub fn backend_uri(&self) -> String {
+        self.backend
+            .clone()
+            .unwrap_or_else(|| crate::DEFAULT_BACKEND.into())
+    }
+
+    /// Client options from the file's `state_dir` and `port_range` (defaults for what it omits).
+    pub fn client_options(&self) -> crate::ClientOptions {
+        let mut opts = crate::ClientOptions::default();
+        if let Some(d) = &self.state_dir {
+            opts = opts.state_dir(d);
+        }
+        if let Some(r) = &self.port_range {
+            opts = opts.port_range(r.clone());
+        }
+        opts
+    }
+
+    /// The guest account the file gives for a machine, if any.
+    pub fn credentials(&self, machine: &str) -> Option<Credentials> {
+        self.machines
+            .get(machine)
+            .and_then(|m| m.credentials.clone())
+    }
+
     pub fn machine(&self, name: &str) -> Result<&MachineConfig> {
         self.machines.get(name).ok_or_else(|| {
             let known: Vec<&str> = self.machines.keys().map(String::as_str).collect();

@@ -17,6 +17,14 @@ pub fn hostfwd_rule(proto: Protocol, host_addr: &str, host_port: u16, guest_port
     format!("{proto}:{host_addr}:{host_port}-:{guest_port}")
 }
 
+/// The monitor command that removes a forward added with `hostfwd_add`.
+pub fn hostfwd_remove(f: &crate::types::PortForward) -> String {
+    format!(
+        "hostfwd_remove {NETDEV_ID} {}:{}:{}",
+        f.proto, f.host_addr, f.host_port
+    )
+}
+
 pub fn resolve_accel(a: Accel) -> &'static str {
     match a {
         Accel::Kvm => "kvm",

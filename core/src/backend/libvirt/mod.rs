@@ -261,6 +261,21 @@ impl LibvirtBackend {
         agent::ret(&reply).map_err(|m| agent_err(ctx, m))
     }
 
+    /// `guest-file-open`, returning the agent's handle.
+    async fn open_guest_file(&self, ctx: &Ctx, vm: &VmName, path: &str, mode: &str) -> Result<i64> {
+        let reply = self
+            .agent(
+                ctx,
+                vm,
+                agent::file_open(path, mode),
+                self.opts.agent_timeout,
+            )
+            .await?;
+        reply
+            .as_i64()
+            .ok_or_else(|| agent_err(ctx, format!("guest-file-open returned {reply}")))
+    }
+
     fn console_path(&self, vm: &VmName) -> PathBuf {
         self.opts.console_dir.join(format!("{vm}.log"))
     }
@@ -825,17 +840,7 @@ impl Backend for LibvirtBackend {
         let mut f = tokio::fs::File::open(host)
             .await
             .map_err(|e| Error::io(ctx.clone(), host, e))?;
-        let reply = self
-            .agent(
-                &ctx,
-                vm,
-                agent::file_open(guest, "wb"),
-                self.opts.agent_timeout,
-            )
-            .await?;
-        let handle = reply
-            .as_i64()
-            .ok_or_else(|| agent_err(&ctx, format!("guest-file-open returned {reply}")))?;
+        let handle = self.open_guest_file(&ctx, vm, guest, "wb").await?;
         let mut total = 0u64;
         let mut buf = vec![0u8; self.opts.write_chunk];
         let res: Result<()> = async {
@@ -882,17 +887,7 @@ impl Backend for LibvirtBackend {
         _creds: Option<Credentials>,
     ) -> Result<u64> {
         let ctx = Ctx::vm(format!("copy {guest} to {}", host.display()), vm);
-        let reply = self
-            .agent(
-                &ctx,
-                vm,
-                agent::file_open(guest, "rb"),
-                self.opts.agent_timeout,
-            )
-            .await?;
-        let handle = reply
-            .as_i64()
-            .ok_or_else(|| agent_err(&ctx, format!("guest-file-open returned {reply}")))?;
+        let handle = self.open_guest_file(&ctx, vm, guest, "rb").await?;
         let tmp = host.with_file_name(format!(
             ".{}.anyvm-part",
             host.file_name()
@@ -954,17 +949,7 @@ impl Backend for LibvirtBackend {
         _creds: Option<Credentials>,
     ) -> Result<Vec<u8>> {
         let ctx = Ctx::vm(format!("read {guest}"), vm);
-        let reply = self
-            .agent(
-                &ctx,
-                vm,
-                agent::file_open(guest, "r"),
-                self.opts.agent_timeout,
-            )
-            .await?;
-        let handle = reply
-            .as_i64()
-            .ok_or_else(|| agent_err(&ctx, format!("guest-file-open returned {reply}")))?;
+        let handle = self.open_guest_file(&ctx, vm, guest, "r").await?;
         let mut out = Vec::new();
         let res: Result<()> = async {
             while out.len() < limit {
@@ -1022,17 +1007,7 @@ impl Backend for LibvirtBackend {
         if let Err(e) = self.redefine(&ctx, spec).await {
             if running {
                 let _ = self
-                    .monitor(
-                        &ctx,
-                        vm,
-                        format!(
-                            "hostfwd_remove {} {}:{}:{}",
-                            domain_xml::NETDEV_ID,
-                            fwd.proto,
-                            fwd.host_addr,
-                            fwd.host_port
-                        ),
-                    )
+                    .monitor(&ctx, vm, domain_xml::hostfwd_remove(fwd))
                     .await;
             }
             return Err(e);
@@ -1045,17 +1020,7 @@ impl Backend for LibvirtBackend {
         let mut spec = self.stored_spec(&ctx, vm).await?;
         if self.state(vm).await? != VmState::ShutOff {
             let out = self
-                .monitor(
-                    &ctx,
-                    vm,
-                    format!(
-                        "hostfwd_remove {} {}:{}:{}",
-                        domain_xml::NETDEV_ID,
-                        fwd.proto,
-                        fwd.host_addr,
-                        fwd.host_port
-                    ),
-                )
+                .monitor(&ctx, vm, domain_xml::hostfwd_remove(fwd))
                 .await?;
             if !out.contains("removed") {
                 tracing::warn!(vm = %vm, reply = %out.trim(), "QEMU did not confirm the forward removal");

@@ -282,6 +282,22 @@ impl VirtualBoxBackend {
         Ok(())
     }
 
+    /// Change NAT rules of NIC 1: live (`controlvm natpf1`) when the VM runs, in its settings
+    /// (`modifyvm --natpf1`) otherwise.
+    async fn natpf1(&self, ctx: &Ctx, vm: &VmName, rule_args: &[&str]) -> Result<()> {
+        let live = !matches!(
+            self.state(vm).await?,
+            VmState::ShutOff | VmState::Saved | VmState::Crashed
+        );
+        let mut a = if live {
+            os(&["controlvm", vm.as_str(), "natpf1"])
+        } else {
+            os(&["modifyvm", vm.as_str(), "--natpf1"])
+        };
+        a.extend(os(rule_args));
+        self.vbox(ctx, a).await.map(|_| ())
+    }
+
     /// Write the password to a private file that lives for one call.
     fn password_file(
         &self,
@@ -903,16 +919,7 @@ impl Backend for VirtualBoxBackend {
 
     async fn forward_add(&self, vm: &VmName, fwd: &PortForward) -> Result<()> {
         let ctx = Ctx::vm(format!("forward add {}", fwd.name), vm);
-        let running = !matches!(
-            self.state(vm).await?,
-            VmState::ShutOff | VmState::Saved | VmState::Crashed
-        );
-        let a = if running {
-            os(&["controlvm", vm.as_str(), "natpf1", &rule(fwd)])
-        } else {
-            os(&["modifyvm", vm.as_str(), "--natpf1", &rule(fwd)])
-        };
-        self.vbox(&ctx, a).await?;
+        self.natpf1(&ctx, vm, &[&rule(fwd)]).await?;
         if let Some(mut spec) = self.spec(vm).await? {
             spec.forwards.push(crate::types::ForwardSpec::from(fwd));
             self.store_spec(&ctx, &spec).await?;
@@ -922,16 +929,7 @@ impl Backend for VirtualBoxBackend {
 
     async fn forward_remove(&self, vm: &VmName, fwd: &PortForward) -> Result<()> {
         let ctx = Ctx::vm(format!("forward remove {}", fwd.name), vm);
-        let running = !matches!(
-            self.state(vm).await?,
-            VmState::ShutOff | VmState::Saved | VmState::Crashed
-        );
-        let a = if running {
-            os(&["controlvm", vm.as_str(), "natpf1", "delete", &fwd.name])
-        } else {
-            os(&["modifyvm", vm.as_str(), "--natpf1", "delete", &fwd.name])
-        };
-        self.vbox(&ctx, a).await?;
+        self.natpf1(&ctx, vm, &["delete", &fwd.name]).await?;
         if let Some(mut spec) = self.spec(vm).await? {
             spec.forwards.retain(|f| f.name != fwd.name);
             self.store_spec(&ctx, &spec).await?;

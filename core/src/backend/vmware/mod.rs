@@ -216,6 +216,17 @@ impl VmwareBackend {
                 .is_some_and(|(x, y)| x == y)
     }
 
+    /// State from `vmrun list` (running), anyvm's pause flag, and a `.vmss` file (suspended).
+    fn state_of(e: &Entry, running: &[PathBuf]) -> VmState {
+        let up = running.iter().any(|r| Self::same_file(r, &e.vmx));
+        match (up, e.paused) {
+            (true, true) => VmState::Paused,
+            (true, false) => VmState::Running,
+            _ if e.vmx.with_extension("vmss").exists() => VmState::Saved,
+            _ => VmState::ShutOff,
+        }
+    }
+
     fn need_creds(ctx: &Ctx, creds: Option<&Credentials>) -> Result<Credentials> {
         super::require_credentials(ctx, creds, "vmrun guest operations")
     }
@@ -340,13 +351,7 @@ impl Backend for VmwareBackend {
             .vms
             .iter()
             .map(|(name, e)| {
-                let up = running.iter().any(|r| Self::same_file(r, &e.vmx));
-                let state = match (up, e.paused) {
-                    (true, true) => VmState::Paused,
-                    (true, false) => VmState::Running,
-                    _ if e.vmx.with_extension("vmss").exists() => VmState::Saved,
-                    _ => VmState::ShutOff,
-                };
+                let state = Self::state_of(e, &running);
                 VmInfo {
                     name: name.clone(),
                     state,
@@ -454,17 +459,7 @@ impl Backend for VmwareBackend {
     async fn state(&self, vm: &VmName) -> Result<VmState> {
         let ctx = Ctx::vm("state", vm);
         let e = self.entry(&ctx, vm)?;
-        let up = self
-            .running(&ctx)
-            .await?
-            .iter()
-            .any(|r| Self::same_file(r, &e.vmx));
-        Ok(match (up, e.paused) {
-            (true, true) => VmState::Paused,
-            (true, false) => VmState::Running,
-            _ if e.vmx.with_extension("vmss").exists() => VmState::Saved,
-            _ => VmState::ShutOff,
-        })
+        Ok(Self::state_of(&e, &self.running(&ctx).await?))
     }
 
     async fn start(&self, vm: &VmName) -> Result<()> {

@@ -8,8 +8,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyvm::{
-    Client, ClientOptions, Config, Error, ExecRequest, ForwardSpec, HostPort, Protocol, ReadySpec,
-    SshOptions, StopOptions, VmName,
+    Client, Config, Error, ExecRequest, ForwardSpec, HostPort, Protocol, ReadySpec, SshOptions,
+    StopOptions, VmName,
 };
 use clap::{Parser, Subcommand};
 use serde_json::json;
@@ -251,16 +251,11 @@ impl App {
 
     /// A VM handle carrying the guest account from the config, if the config has one.
     async fn open(&self, name: &str) -> anyvm::Result<anyvm::Vm> {
-        let vm = self.client.vm(name).await?;
-        let creds = self
-            .config
-            .as_ref()
-            .and_then(|c| c.machines.get(name))
-            .and_then(|m| m.credentials.clone());
-        Ok(match creds {
-            Some(c) => vm.with_credentials(c),
-            None => vm,
-        })
+        Ok(self
+            .client
+            .vm(name)
+            .await?
+            .with_config_credentials(self.config.as_ref()))
     }
 
     fn machine(&self, name: &str) -> anyvm::Result<&anyvm::MachineConfig> {
@@ -592,11 +587,7 @@ impl App {
                 identity,
                 guest_port,
             } => {
-                let cred = self
-                    .config
-                    .as_ref()
-                    .and_then(|c| c.machines.get(&name))
-                    .and_then(|m| m.credentials.clone());
+                let cred = self.config.as_ref().and_then(|c| c.credentials(&name));
                 let opts = SshOptions {
                     user: user.or(cred.as_ref().map(|c| c.user.clone())),
                     identity_file: identity.or(cred.and_then(|c| c.identity_file)),
@@ -660,17 +651,12 @@ async fn build(cli: &Cli) -> anyvm::Result<App> {
     let backend = cli
         .backend
         .clone()
-        .or_else(|| config.as_ref().and_then(|c| c.backend.clone()))
-        .unwrap_or_else(|| "libvirt:qemu:///system".into());
-    let mut opts = ClientOptions::default();
-    if let Some(c) = &config {
-        if let Some(d) = &c.state_dir {
-            opts = opts.state_dir(d);
-        }
-        if let Some(r) = &c.port_range {
-            opts = opts.port_range(r.clone());
-        }
-    }
+        .or_else(|| config.as_ref().map(Config::backend_uri))
+        .unwrap_or_else(|| anyvm::DEFAULT_BACKEND.into());
+    let opts = config
+        .as_ref()
+        .map(Config::client_options)
+        .unwrap_or_default();
     let client = Client::connect_with(&backend, opts).await?;
     Ok(App {
         client,
