@@ -7,7 +7,7 @@ log() { printf 'setup-host: %s\n' "$*" >&2; }
 
 PKGS=(qemu-system-x86 libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev
       pkg-config openssh-client busybox-static qemu-guest-agent dropbear-bin cpio gzip
-      qemu-utils iproute2 procps gcc g++ make valgrind)
+      qemu-utils iproute2 procps gcc g++ make valgrind openssh-server)
 
 missing=()
 for p in "${PKGS[@]}"; do

@@ -190,6 +190,11 @@ struct anyvm_error_t *anyvm_vm_stop(const struct anyvm_vm_t *vm,
                                     enum anyvm_stop_outcome_t *outcome);
 
 /**
+ * Hardware reset: the guest restarts at once, without a shutdown.
+ */
+struct anyvm_error_t *anyvm_vm_reset(const struct anyvm_vm_t *vm);
+
+/**
  * Power off and remove the VM with its snapshots, clone disks and port leases.
  */
 struct anyvm_error_t *anyvm_vm_destroy(const struct anyvm_vm_t *vm);

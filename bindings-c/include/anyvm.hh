@@ -117,6 +117,8 @@ public:
                                     : StopOutcome::AlreadyOff;
   }
 
+  /// Hardware reset: the guest restarts at once, without a shutdown.
+  void reset() const { detail::check(anyvm_vm_reset(raw_.get())); }
   void destroy() const { detail::check(anyvm_vm_destroy(raw_.get())); }
 
   /** Probes: "agent", "tcp:PORT", "ssh:PORT"; empty means the guest agent. */

@@ -295,7 +295,7 @@ pub unsafe extern "C" fn anyvm_client_delete(client: *mut anyvm_client_t) {
 }
 
 fn with_creds(c: &anyvm_client_t, vm: anyvm::Vm) -> anyvm::Vm {
-    vm.with_config_credentials(c.config.as_ref())
+    vm.with_config(c.config.as_ref())
 }
 
 /// Open an existing VM by name. \param out free with anyvm_vm_delete()
@@ -439,6 +439,12 @@ pub unsafe extern "C" fn anyvm_vm_stop(
         }
         Ok(())
     })
+}
+
+/// Hardware reset: the guest restarts at once, without a shutdown.
+#[no_mangle]
+pub unsafe extern "C" fn anyvm_vm_reset(vm: *const anyvm_vm_t) -> *mut anyvm_error_t {
+    vm_call(vm, |v| block(v.reset()))
 }
 
 /// Power off and remove the VM with its snapshots, clone disks and port leases.

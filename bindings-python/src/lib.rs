@@ -270,7 +270,7 @@ fn connect(
 
 impl Client {
     fn attach_creds(&self, vm: CoreVm) -> CoreVm {
-        vm.with_config_credentials(self.config.as_ref())
+        vm.with_config(self.config.as_ref())
     }
 
     fn machine(&self, py: Python<'_>, name: &str) -> PyResult<anyvm::MachineConfig> {
@@ -438,6 +438,11 @@ impl Vm {
     fn resume(&self, py: Python<'_>) -> PyResult<()> {
         let vm = self.inner.clone();
         block(py, true, async move { vm.resume().await })
+    }
+    /// Hardware reset: the guest restarts at once, without a shutdown.
+    fn reset(&self, py: Python<'_>) -> PyResult<()> {
+        let vm = self.inner.clone();
+        block(py, true, async move { vm.reset().await })
     }
     fn save_state(&self, py: Python<'_>) -> PyResult<()> {
         let vm = self.inner.clone();

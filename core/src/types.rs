@@ -299,6 +299,18 @@ pub enum StopOutcome {
     Forced,
 }
 
+/// How exec and file copy reach the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum GuestChannel {
+    /// The hypervisor's guest tools: QEMU guest agent, Guest Additions, VMware Tools.
+    #[default]
+    Tools,
+    /// OpenSSH with the credentials' key, to sshd on `port` in the guest (through its forward,
+    /// or at the guest's address). For sites whose policy forbids passwords on command lines.
+    Ssh { port: u16 },
+}
+
 /// A program to run in the guest. Build with [`ExecRequest::new`] and the chained setters.
 #[derive(Debug, Clone)]
 pub struct ExecRequest {

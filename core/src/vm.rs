@@ -4,16 +4,17 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::backend::ForwardTransport;
 use crate::backend::{Backend, VmEventKind};
 use crate::credentials::Credentials;
 use crate::error::{Ctx, Error, Result};
 use crate::name::VmName;
 use crate::ports::PortAllocator;
 use crate::readiness::{self, ReadyReport, ReadySpec};
-use crate::ssh::{self, SshConfig, SshOptions};
+use crate::ssh::{self, SshConfig, SshOptions, SshTarget, Tunnels};
 use crate::types::{
-    ExecOutput, ExecRequest, ForwardSpec, HostPort, PortForward, SharedFolder, SnapshotInfo,
-    StopOptions, StopOutcome, VmSpec, VmState,
+    ExecOutput, ExecRequest, ForwardSpec, GuestChannel, HostPort, PortForward, SharedFolder,
+    SnapshotInfo, StopOptions, StopOutcome, VmSpec, VmState,
 };
 
 /// A handle on one VM. Cheap to clone; all methods are async and cancel-safe at await points.
@@ -24,6 +25,7 @@ pub struct Vm {
     ports: PortAllocator,
     state_dir: PathBuf,
     credentials: Option<Credentials>,
+    channel: GuestChannel,
 }
 
 impl Vm {
@@ -39,6 +41,38 @@ impl Vm {
             ports,
             state_dir,
             credentials: None,
+            channel: GuestChannel::Tools,
+        }
+    }
+
+    /// How exec and file copy reach the guest: its tools (agent, Guest Additions, VMware Tools;
+    /// the default) or ssh with the credentials' key ([`GuestChannel::Ssh`]).
+    pub fn with_guest_channel(mut self, channel: GuestChannel) -> Self {
+        self.channel = channel;
+        self
+    }
+
+    pub fn guest_channel(&self) -> GuestChannel {
+        self.channel
+    }
+
+    /// The guest's sshd port anyvm logs in to (exec channel, tunnels): the ssh channel's, else 22.
+    pub fn ssh_port(&self) -> u16 {
+        match self.channel {
+            GuestChannel::Ssh { port } => port,
+            GuestChannel::Tools => 22,
+        }
+    }
+
+    /// Credentials and guest channel from the machine's entry in `config`, where it has them.
+    pub fn with_config(self, config: Option<&crate::Config>) -> Self {
+        let channel = config
+            .and_then(|c| c.machines.get(self.name.as_str()))
+            .map(|m| m.guest_channel);
+        let vm = self.with_config_credentials(config);
+        match channel {
+            Some(ch) => vm.with_guest_channel(ch),
+            None => vm,
         }
     }
 
@@ -102,6 +136,12 @@ impl Vm {
 
     /// Graceful shutdown with a deadline, then power off. Returns which of the two happened.
     pub async fn stop(&self, opts: StopOptions) -> Result<StopOutcome> {
+        let out = self.stop_inner(opts).await;
+        self.close_tunnels().await;
+        out
+    }
+
+    async fn stop_inner(&self, opts: StopOptions) -> Result<StopOutcome> {
         let state = self.state().await?;
         if matches!(state, VmState::ShutOff | VmState::Saved) {
             return Ok(StopOutcome::AlreadyOff);
@@ -180,7 +220,15 @@ impl Vm {
 
     /// Cut the power at once.
     pub async fn power_off(&self) -> Result<()> {
-        self.backend.power_off(&self.name).await
+        let out = self.backend.power_off(&self.name).await;
+        self.close_tunnels().await;
+        out
+    }
+    /// Hardware reset: the guest restarts at once (ssh tunnels reopen at the next `wait_ready`).
+    pub async fn reset(&self) -> Result<()> {
+        self.backend.reset(&self.name).await?;
+        self.close_tunnels().await;
+        Ok(())
     }
     pub async fn pause(&self) -> Result<()> {
         self.backend.pause(&self.name).await
@@ -189,12 +237,15 @@ impl Vm {
         self.backend.resume(&self.name).await
     }
     pub async fn save_state(&self) -> Result<()> {
-        self.backend.save_state(&self.name).await
+        self.backend.save_state(&self.name).await?;
+        self.close_tunnels().await;
+        Ok(())
     }
 
     /// Power off if needed, remove the definition, its snapshots, the disks anyvm created for it,
     /// its port leases and its known_hosts file.
     pub async fn destroy(&self) -> Result<()> {
+        self.close_tunnels().await;
         if !matches!(self.state().await?, VmState::ShutOff | VmState::Saved) {
             self.backend.power_off(&self.name).await?;
         }
@@ -217,13 +268,18 @@ impl Vm {
 
     pub async fn exec(&self, req: &ExecRequest) -> Result<ExecOutput> {
         req.validate()?;
-        let out = match (&req.credentials, &self.credentials) {
-            (None, Some(c)) => {
-                let mut r = req.clone();
-                r.credentials = Some(c.clone());
-                self.backend.exec(&self.name, &r).await?
+        let mut r = req.clone();
+        if r.credentials.is_none() {
+            r.credentials = self.credentials.clone();
+        }
+        let out = match self.channel {
+            GuestChannel::Tools => self.backend.exec(&self.name, &r).await?,
+            GuestChannel::Ssh { port } => {
+                self.ssh_target_for(port, r.credentials.as_ref())
+                    .await?
+                    .exec(&r)
+                    .await?
             }
-            _ => self.backend.exec(&self.name, req).await?,
         };
         if out.stdout_truncated || out.stderr_truncated {
             tracing::warn!(vm = %self.name, program = %req.program, "guest output was truncated by the backend's capture limit");
@@ -266,16 +322,166 @@ impl Vm {
             });
         }
         check_guest_path(guest)?;
-        self.backend
-            .copy_to(&self.name, host, guest, self.credentials.clone())
-            .await
+        match self.channel {
+            GuestChannel::Tools => {
+                self.backend
+                    .copy_to(&self.name, host, guest, self.credentials.clone())
+                    .await
+            }
+            GuestChannel::Ssh { port } => {
+                self.ssh_target(port)
+                    .await?
+                    .upload(host, guest, COPY_TIMEOUT)
+                    .await
+            }
+        }
     }
 
     pub async fn copy_from(&self, guest: &str, host: impl AsRef<Path>) -> Result<u64> {
         check_guest_path(guest)?;
-        self.backend
-            .copy_from(&self.name, guest, host.as_ref(), self.credentials.clone())
+        match self.channel {
+            GuestChannel::Tools => {
+                self.backend
+                    .copy_from(&self.name, guest, host.as_ref(), self.credentials.clone())
+                    .await
+            }
+            GuestChannel::Ssh { port } => {
+                self.ssh_target(port)
+                    .await?
+                    .download(guest, host.as_ref(), COPY_TIMEOUT)
+                    .await
+            }
+        }
+    }
+
+    /// A small guest file, through whichever channel this handle uses.
+    pub(crate) async fn read_guest_file(&self, guest: &str, limit: usize) -> Result<Vec<u8>> {
+        match self.channel {
+            GuestChannel::Tools => {
+                self.backend
+                    .read_file(&self.name, guest, limit, self.credentials.clone())
+                    .await
+            }
+            GuestChannel::Ssh { .. } => {
+                let ctx = self.ctx(&format!("read {guest}"));
+                let tmp = tempfile::tempdir()
+                    .map_err(|e| Error::io(ctx.clone(), std::env::temp_dir(), e))?;
+                let p = tmp.path().join("f");
+                self.copy_from(guest, &p).await?;
+                let mut data = std::fs::read(&p).map_err(|e| Error::io(ctx, &p, e))?;
+                data.truncate(limit);
+                Ok(data)
+            }
+        }
+    }
+
+    /// Where the host reaches the guest's `guest_port`: a hypervisor forward to it, else the
+    /// guest's own address where the backend can tell it.
+    pub async fn ssh_endpoint(&self, guest_port: u16) -> Result<(String, u16)> {
+        if self.backend.forward_transport() == ForwardTransport::Hypervisor {
+            if let Some(f) = self
+                .forwards()
+                .await?
+                .into_iter()
+                .find(|f| f.guest_port == guest_port && f.proto == crate::types::Protocol::Tcp)
+            {
+                let host = if f.host_addr == "0.0.0.0" {
+                    "127.0.0.1".to_string()
+                } else {
+                    f.host_addr
+                };
+                return Ok((host, f.host_port));
+            }
+        }
+        match self.backend.guest_address(&self.name).await? {
+            Some(ip) => Ok((ip, guest_port)),
+            None => Err(Error::InvalidState {
+                ctx: self.ctx("ssh"),
+                state: format!("no forward to guest port {guest_port}"),
+                hint: format!(
+                    "add one: anyvm forward add {} --guest-port {guest_port}",
+                    self.name
+                ),
+            }),
+        }
+    }
+
+    /// How anyvm itself logs in to the guest over ssh (key from the credentials, host key pinned
+    /// in anyvm's per-VM known_hosts).
+    pub async fn ssh_target(&self, guest_port: u16) -> Result<SshTarget> {
+        self.ssh_target_for(guest_port, self.credentials.as_ref())
             .await
+    }
+
+    async fn ssh_target_for(
+        &self,
+        guest_port: u16,
+        creds: Option<&Credentials>,
+    ) -> Result<SshTarget> {
+        let ctx = self.ctx("ssh");
+        let creds = crate::backend::require_credentials(&ctx, creds, "ssh to the guest")?;
+        let identity_file = creds.identity_file.clone().ok_or_else(|| Error::Auth {
+            ctx: ctx.clone(),
+            reason: format!(
+                "ssh logins use keys only; give user {:?} an identity_file",
+                creds.user
+            ),
+        })?;
+        let (host, port) = self.ssh_endpoint(guest_port).await?;
+        Ok(SshTarget {
+            vm: self.name.to_string(),
+            host,
+            port,
+            user: creds.user.clone(),
+            identity_file,
+            known_hosts: ssh::known_hosts_path(
+                &self.state_dir,
+                &self.backend.uri(),
+                self.name.as_str(),
+            ),
+            host_key_alias: ssh::host_key_alias(self.name.as_str()),
+            connect_timeout: Duration::from_secs(15),
+        })
+    }
+
+    /// Tunnels for this VM's forwards, when anyvm carries them (see [`crate::ssh::tunnel`]).
+    fn tunnels(&self) -> Option<Tunnels> {
+        (self.backend.forward_transport() == ForwardTransport::SshTunnel)
+            .then(|| Tunnels::new(&self.state_dir, &self.backend.uri(), self.name.as_str()))
+    }
+
+    /// (Re)open the ssh tunnel of every forward; retries while the guest's sshd is not up yet.
+    async fn open_tunnels(&self, deadline: Instant) -> Result<()> {
+        let Some(t) = self.tunnels() else {
+            return Ok(());
+        };
+        let forwards = self.backend.forwards(&self.name).await?;
+        if forwards.is_empty() {
+            return Ok(());
+        }
+        let target = self.ssh_target(self.ssh_port()).await?;
+        for f in &forwards {
+            loop {
+                let left = deadline.saturating_duration_since(Instant::now());
+                match t.open(&target, f, left.max(Duration::from_secs(5))).await {
+                    Ok(()) => break,
+                    Err(e @ Error::Backend { .. }) if Instant::now() + TUNNEL_RETRY < deadline => {
+                        tracing::debug!(vm = %self.name, error = %e, "guest sshd not reachable yet");
+                        tokio::time::sleep(TUNNEL_RETRY).await;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn close_tunnels(&self) {
+        if let Some(t) = self.tunnels() {
+            if let Ok(f) = self.backend.forwards(&self.name).await {
+                t.close_all(&f).await;
+            }
+        }
     }
 
     pub async fn forwards(&self) -> Result<Vec<PortForward>> {
@@ -339,6 +545,20 @@ impl Vm {
             let _ = self.ports.release(&uri, self.name.as_str(), Some(&purpose));
             return Err(e);
         }
+        if let Some(t) = self.tunnels() {
+            let opened = async {
+                if self.state().await? != VmState::Running {
+                    return Ok(());
+                }
+                let target = self.ssh_target(self.ssh_port()).await?;
+                t.open(&target, &fwd, Duration::from_secs(60)).await
+            };
+            if let Err(e) = opened.await {
+                let _ = self.backend.forward_remove(&self.name, &fwd).await;
+                let _ = self.ports.release(&uri, self.name.as_str(), Some(&purpose));
+                return Err(e);
+            }
+        }
         Ok(fwd)
     }
 
@@ -353,6 +573,9 @@ impl Vm {
                 ctx: self.ctx("forward remove"),
                 what: format!("forward {name_or_port:?}"),
             })?;
+        if let Some(t) = self.tunnels() {
+            t.close(&fwd.name).await;
+        }
         self.backend.forward_remove(&self.name, &fwd).await?;
         self.ports.release(
             &self.backend.uri(),
@@ -363,8 +586,18 @@ impl Vm {
     }
 
     /// Wait until the guest passes `spec`'s probes, or fail with the probe still failing.
+    /// Where anyvm carries forwards as ssh tunnels, they are (re)opened once the probes pass.
     pub async fn wait_ready(&self, spec: &ReadySpec) -> Result<ReadyReport> {
-        readiness::wait_ready(self.backend.clone(), &self.name, spec).await
+        let deadline = Instant::now() + spec.timeout;
+        let this = self.clone();
+        let exec: readiness::GuestExec = Arc::new(move |req| {
+            let vm = this.clone();
+            Box::pin(async move { vm.exec(&req).await })
+        });
+        let report =
+            readiness::wait_ready_with(self.backend.clone(), &self.name, spec, Some(exec)).await?;
+        self.open_tunnels(deadline).await?;
+        Ok(report)
     }
 
     pub async fn ssh_config(&self, opts: &SshOptions) -> Result<SshConfig> {
@@ -432,7 +665,8 @@ impl Vm {
             self.ports.clone(),
             self.state_dir.clone(),
         )
-        .with_credentials_opt(self.credentials.clone()))
+        .with_credentials_opt(self.credentials.clone())
+        .with_guest_channel(self.channel))
     }
 
     /// Offer a host folder to the guest. The host path must exist; symlinks are resolved first.
@@ -458,6 +692,10 @@ impl Vm {
         self.backend.console_log(&self.name).await
     }
 }
+
+/// scp of big files through a software-emulated guest is slow; this bounds a hung transfer.
+const COPY_TIMEOUT: Duration = Duration::from_secs(1800);
+const TUNNEL_RETRY: Duration = Duration::from_millis(500);
 
 fn check_snapshot_name(name: &str) -> Result<()> {
     VmName::new(name).map(|_| ()).map_err(|e| match e {

@@ -436,6 +436,29 @@ async fn graceful_stop_falls_back_when_acpi_is_ignored() {
 }
 
 #[tokio::test]
+async fn reset_restarts_a_running_vm_and_refuses_a_stopped_one() {
+    let f = new_fake();
+    let vm = f.client.define(f.spec("rst")).await.unwrap();
+    let e = vm.reset().await.unwrap_err();
+    assert_eq!(e.kind(), anyvm::ErrorKind::InvalidState, "{e}");
+    assert!(e.to_string().contains("'rst'"), "{e}");
+    vm.start().await.unwrap();
+    f.faults(r#"{"boot_delay": 1.0}"#);
+    vm.reset().await.unwrap();
+    assert_eq!(vm.state().await.unwrap(), VmState::Running);
+    // the guest boots again: readiness waits for the run level once more
+    let t = std::time::Instant::now();
+    vm.wait_ready(&ReadySpec::default().timeout(Duration::from_secs(10)))
+        .await
+        .unwrap();
+    assert!(
+        t.elapsed() >= Duration::from_millis(500),
+        "{:?}",
+        t.elapsed()
+    );
+}
+
+#[tokio::test]
 async fn versions_are_detected_and_6_1_has_no_cwd_flag() {
     let f = new_fake();
     f.faults(r#"{"version": "6.1.50_Debianr161033", "version_warning": true}"#);

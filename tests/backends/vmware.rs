@@ -6,10 +6,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyvm::backend::vmware::{VmwareBackend, VmwareOptions};
+use anyvm::backend::Backend;
 use anyvm::{
-    Boot, Client, ClientOptions, Credentials, Error, ExecRequest, ForwardSpec, HostPort, ReadySpec,
-    Secret, SecretSource, StopOptions, StopOutcome, VmName, VmSpec, VmState,
+    Boot, Client, ClientOptions, Credentials, Error, ErrorKind, ExecRequest, ForwardSpec,
+    GuestChannel, HostPort, ReadySpec, Secret, SecretSource, StopOptions, StopOutcome, VmName,
+    VmSpec, VmState,
 };
+
+#[path = "../support/sshd.rs"]
+mod sshd;
 
 fn fake() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fakes/vmrun")
@@ -445,4 +450,303 @@ async fn shared_folders_and_cli() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let o = run(&["destroy", "cli1"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+/// Key-based credentials for the loopback sshd that stands in for the guest's.
+fn ssh_creds(d: &sshd::Sshd) -> Credentials {
+    Credentials::user(d.user.clone()).identity_file(&d.client_key)
+}
+
+#[tokio::test]
+async fn ssh_channel_serves_sites_that_forbid_argv_passwords() {
+    let d = sshd::Sshd::start();
+    let f = fake_with(|o| o.forbid_secrets_in_argv = true);
+    f.faults(r#"{"guest_ip": "127.0.0.1"}"#);
+    let vm = f.client.define(f.spec("viassh")).await.unwrap();
+    vm.start().await.unwrap();
+
+    // The tools channel would need -gp: refused, and the refusal says what to do instead.
+    let e = vm
+        .clone()
+        .with_credentials(creds())
+        .exec(&ExecRequest::new("true"))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::PolicyDenied { .. }), "{e}");
+    assert!(e.to_string().contains("guest_channel"), "{e}");
+
+    let vm = vm
+        .with_credentials(ssh_creds(&d))
+        .with_guest_channel(GuestChannel::Ssh { port: d.port });
+    // argv boundaries and shell metacharacters survive the remote shell
+    let tricky = ["a b", "it's", "$(touch /tmp/anyvm-pwned)", "`id`", "*", ""];
+    let out = vm
+        .exec(
+            &ExecRequest::new("/usr/bin/printf")
+                .args(std::iter::once("[%s]").chain(tricky.iter().copied())),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        out.stdout_str(),
+        "[a b][it's][$(touch /tmp/anyvm-pwned)][`id`][*][]"
+    );
+    assert!(!Path::new("/tmp/anyvm-pwned").exists());
+
+    // exit code, stderr, env, cwd and stdin
+    let work = f.dir.path().join("work dir");
+    std::fs::create_dir_all(&work).unwrap();
+    let mut req = ExecRequest::new("/bin/sh")
+        .args(["-c", "pwd; echo \"$MC_RUN\"; cat; echo oops >&2; exit 7"]);
+    req.env.insert("MC_RUN".into(), "run 42".into());
+    req.cwd = Some(work.display().to_string());
+    req.stdin = Some(b"from stdin\n".to_vec());
+    let out = vm.exec(&req).await.unwrap();
+    assert_eq!(out.exit_code, Some(7));
+    assert_eq!(
+        out.stdout_str(),
+        format!("{}\nrun 42\nfrom stdin\n", work.display())
+    );
+    assert_eq!(out.stderr_str(), "oops\n");
+
+    // file copy both ways (scp over SFTP), a path with a space
+    let src = f.dir.path().join("in.dat");
+    let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    std::fs::write(&src, &data).unwrap();
+    let guest = work.join("staged in.dat").display().to_string();
+    assert_eq!(vm.copy_to(&src, &guest).await.unwrap(), data.len() as u64);
+    let back = f.dir.path().join("back.dat");
+    assert_eq!(
+        vm.copy_from(&guest, &back).await.unwrap(),
+        data.len() as u64
+    );
+    assert_eq!(std::fs::read(&back).unwrap(), data);
+    let e = vm
+        .copy_from("/nonexistent/anyvm.dat", &back)
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::NotFound, "{e}");
+
+    // Nothing went through vmrun's guest commands, so no password was ever on a command line.
+    let calls = f.calls();
+    for c in ["runProgramInGuest", "copyFileFromHostToGuest", "-gp"] {
+        assert!(!calls.contains(c), "{c} in {calls}");
+    }
+
+    // The first key seen is pinned in anyvm's own known_hosts: a different key is refused.
+    let kh = std::fs::read_dir(f.dir.path().join("state/ssh"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path().join("viassh.known_hosts"))
+        .find(|p| p.exists())
+        .expect("per-VM known_hosts written");
+    let pinned = std::fs::read_to_string(&kh).unwrap();
+    assert!(pinned.contains(d.host_public_key().split_whitespace().nth(1).unwrap()));
+    std::fs::write(
+        &kh,
+        "anyvm.viassh ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBm2HAkD0L5gYO6gqQ0mYtV0z4Lw8kR6G8nP3pQd0x1a\n",
+    )
+    .unwrap();
+    let e = vm.exec(&ExecRequest::new("true")).await.unwrap_err();
+    assert!(matches!(e, Error::Auth { .. }), "{e}");
+    assert!(e.to_string().contains("host key"), "{e}");
+    std::fs::write(&kh, pinned).unwrap();
+
+    // A key the guest does not accept is an Auth error naming the VM, not a hang or exit 255.
+    let other = f.dir.path().join("other_key");
+    let st = std::process::Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(&other)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let e = vm
+        .clone()
+        .with_credentials(Credentials::user(d.user.clone()).identity_file(&other))
+        .exec(&ExecRequest::new("true"))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::Auth { .. }), "{e}");
+    assert!(e.to_string().contains("viassh"), "{e}");
+
+    // Passwords are never handed to ssh: a password-only account is refused up front.
+    let e = vm
+        .clone()
+        .with_credentials(creds())
+        .exec(&ExecRequest::new("true"))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::Auth { .. }), "{e}");
+    assert!(e.to_string().contains("identity_file"), "{e}");
+
+    // The CLI takes the same channel from the config file.
+    let cfg = f.dir.path().join("anyvm.toml");
+    let vmx = f.vmx("cli2");
+    std::fs::write(
+        &cfg,
+        format!(
+            "backend = \"vmware:ws\"\nport_range = [49900, 49949]\n[machines.cli2]\nvmx = \"{}\"\nguest_channel = \"ssh\"\nssh_port = {}\ncredentials = {{ user = \"{}\", identity_file = \"{}\" }}\n",
+            vmx.display(),
+            d.port,
+            d.user,
+            d.client_key.display()
+        ),
+    )
+    .unwrap();
+    let run = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_anyvm"))
+            .arg("-c")
+            .arg(&cfg)
+            .args(args)
+            .env("ANYVM_VMRUN", fake())
+            .env("ANYVM_FAKE_VMRUN_HOME", f.home())
+            .env("ANYVM_STATE_DIR", f.dir.path().join("cli-state"))
+            .output()
+            .unwrap()
+    };
+    let o = run(&["up", "cli2"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = run(&[
+        "exec",
+        "cli2",
+        "--",
+        "/bin/sh",
+        "-c",
+        "echo via ssh; exit 5",
+    ]);
+    assert_eq!(
+        o.status.code(),
+        Some(5),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "via ssh\n");
+    let o = run(&["destroy", "cli2"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+/// A TCP service standing in for one in the guest: answers each line with "echo: LINE".
+fn echo_server() -> (u16, std::thread::JoinHandle<()>) {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let h = std::thread::spawn(move || {
+        for c in l.incoming().flatten() {
+            std::thread::spawn(move || {
+                use std::io::{BufRead, Write};
+                let mut w = c.try_clone().unwrap();
+                for line in std::io::BufReader::new(c).lines().map_while(|l| l.ok()) {
+                    let _ = writeln!(w, "echo: {line}");
+                }
+            });
+        }
+    });
+    (port, h)
+}
+
+fn roundtrip(port: u16) -> std::io::Result<String> {
+    use std::io::{BufRead, Write};
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    c.set_read_timeout(Some(Duration::from_secs(5)))?;
+    writeln!(c, "ping")?;
+    let mut line = String::new();
+    std::io::BufReader::new(c).read_line(&mut line)?;
+    Ok(line)
+}
+
+#[tokio::test]
+async fn player_forwards_ride_ssh_tunnels() {
+    let d = sshd::Sshd::start();
+    let (svc, _h) = echo_server();
+    let f = fake_with(|o| o.flavor = "player".into());
+    f.faults(r#"{"player": true, "guest_ip": "127.0.0.1"}"#);
+    let mut spec = f.spec("pl");
+    spec.forwards.clear();
+    spec.forwards.push(ForwardSpec::new("svc", svc));
+    let vm = f
+        .client
+        .define(spec)
+        .await
+        .unwrap()
+        .with_credentials(ssh_creds(&d))
+        .with_guest_channel(GuestChannel::Ssh { port: d.port });
+    assert_eq!(
+        f.backend.forward_transport(),
+        anyvm::backend::ForwardTransport::SshTunnel
+    );
+    let declared = vm.forwards().await.unwrap()[0].clone();
+
+    // Declared forwards open once the guest is ready (its sshd answers).
+    vm.start().await.unwrap();
+    vm.wait_ready(&ReadySpec::default().timeout(Duration::from_secs(20)))
+        .await
+        .unwrap();
+    assert_eq!(roundtrip(declared.host_port).unwrap(), "echo: ping\n");
+
+    // Runtime forwards open at once; vmrun's host-network commands are never used.
+    let (svc2, _h2) = echo_server();
+    let added = vm
+        .forward_add(&ForwardSpec::new("svc2", svc2))
+        .await
+        .unwrap();
+    assert_eq!(roundtrip(added.host_port).unwrap(), "echo: ping\n");
+    assert!(!f.calls().contains("PortForwarding"), "{}", f.calls());
+
+    // A taken host port fails the add (ExitOnForwardFailure) and leaves nothing behind.
+    let blocker = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = blocker.local_addr().unwrap().port();
+    let mut clash = ForwardSpec::new("clash", svc);
+    clash.host_port = HostPort::Fixed(taken);
+    let e = vm.forward_add(&clash).await.unwrap_err();
+    assert!(matches!(e, Error::PortInUse { .. }), "{e}");
+    assert!(vm
+        .forwards()
+        .await
+        .unwrap()
+        .iter()
+        .all(|f| f.name != "clash"));
+    drop(blocker);
+
+    // ssh cannot carry UDP: refused with the reason.
+    let mut udp = ForwardSpec::new("dns", 53);
+    udp.proto = anyvm::Protocol::Udp;
+    let e = vm.forward_add(&udp).await.unwrap_err();
+    assert!(e.to_string().contains("TCP only"), "{e}");
+
+    // Removing a forward closes its tunnel.
+    vm.forward_remove("svc2").await.unwrap();
+    assert!(roundtrip(added.host_port).is_err());
+
+    // Stopping closes the rest; readiness after the next start reopens them.
+    vm.stop(StopOptions::default()).await.unwrap();
+    assert!(roundtrip(declared.host_port).is_err());
+    vm.start().await.unwrap();
+    vm.wait_ready(&ReadySpec::default().timeout(Duration::from_secs(20)))
+        .await
+        .unwrap();
+    assert_eq!(roundtrip(declared.host_port).unwrap(), "echo: ping\n");
+
+    // reset closes them too (the guest's sshd restarts)
+    vm.reset().await.unwrap();
+    assert!(f.calls().contains("\"reset\""));
+    assert!(roundtrip(declared.host_port).is_err());
+
+    vm.destroy().await.unwrap();
+    assert!(roundtrip(declared.host_port).is_err());
+    let leftovers: Vec<_> = std::fs::read_dir(f.dir.path().join("state/tunnels"))
+        .map(|r| r.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+#[tokio::test]
+async fn reset_needs_a_running_vm() {
+    let f = fake_with(|_| {});
+    let vm = f.client.define(f.spec("rs")).await.unwrap();
+    let e = vm.reset().await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidState, "{e}");
+    assert!(e.to_string().contains("'rs'"), "{e}");
+    vm.start().await.unwrap();
+    vm.reset().await.unwrap();
+    assert_eq!(vm.state().await.unwrap(), VmState::Running);
+    vm.destroy().await.unwrap();
 }

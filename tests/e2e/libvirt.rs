@@ -9,8 +9,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyvm::{
-    Error, ExecRequest, ForwardSpec, HostPort, Probe, ReadySpec, SshOptions, StopOptions,
-    StopOutcome, VmName, VmState,
+    Credentials, Error, ExecRequest, ForwardSpec, GuestChannel, HostPort, Probe, ReadySpec,
+    SshOptions, StopOptions, StopOutcome, VmName, VmState,
 };
 use common::*;
 
@@ -207,6 +207,44 @@ async fn lifecycle_exec_copy_and_ssh() {
             || err.contains("HOST IDENTIFICATION HAS CHANGED"),
         "{err}"
     );
+
+    // The ssh guest channel on a real guest sshd (dropbear, busybox sh): argv survives the
+    // remote shell, and the host key pinned from the agent is the one checked.
+    vm.ssh_config(&SshOptions::default()).await.unwrap();
+    let via_ssh = vm
+        .clone()
+        .with_credentials(Credentials::user("root").identity_file(guest().client_key()))
+        .with_guest_channel(GuestChannel::Ssh { port: 22 });
+    let out = via_ssh
+        .exec(
+            &ExecRequest::new("printf")
+                .args(["[%s]", "a b", "it's", "$(reboot)", ";exit 3"])
+                .env("X", "y z")
+                .cwd("/tmp"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (out.exit_code, out.stdout_str().as_str()),
+        (Some(0), "[a b][it's][$(reboot)][;exit 3]")
+    );
+    let out = via_ssh
+        .exec(&ExecRequest::new("sh").args(["-c", "exit 9"]))
+        .await
+        .unwrap();
+    assert_eq!(out.exit_code, Some(9));
+
+    // reset restarts the guest at once; readiness sees it come back
+    let boot_id = || async {
+        vm.exec(&ExecRequest::new("cat").arg("/proc/sys/kernel/random/boot_id"))
+            .await
+            .unwrap()
+            .stdout_str()
+    };
+    let before = boot_id().await;
+    vm.reset().await.unwrap();
+    vm.wait_ready(&ready()).await.unwrap();
+    assert_ne!(boot_id().await, before);
 
     // pause / resume
     vm.pause().await.unwrap();

@@ -41,6 +41,16 @@ pub enum VmEventKind {
     AgentDisconnected,
 }
 
+/// How a backend's port forwards reach the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ForwardTransport {
+    /// The hypervisor forwards (QEMU hostfwd, VirtualBox NAT rules, VMware NAT host network).
+    Hypervisor,
+    /// anyvm runs one ssh local forward per port to the guest's address (see [`crate::ssh::tunnel`]).
+    SshTunnel,
+}
+
 /// The backend used when neither the caller nor the configuration names one.
 pub const DEFAULT_BACKEND: &str = "libvirt:qemu:///system";
 
@@ -202,10 +212,35 @@ pub trait Backend: Send + Sync + fmt::Debug {
         Err(unsupported(self.id(), vm, "shared folders"))
     }
 
+    /// Hardware reset: the guest restarts at once, without shutting down.
+    async fn reset(&self, vm: &VmName) -> Result<()>;
+
+    /// Who carries port forwards: the hypervisor, or ssh tunnels run by anyvm.
+    fn forward_transport(&self) -> ForwardTransport {
+        ForwardTransport::Hypervisor
+    }
+    /// An address at which the host reaches the guest directly (bridged, host-only or NAT
+    /// network), where the backend can tell; `None` when only forwards reach it.
+    async fn guest_address(&self, vm: &VmName) -> Result<Option<String>> {
+        let _ = vm;
+        Ok(None)
+    }
+
     /// Event stream, for backends that have one; `None` means callers must poll.
     fn subscribe(&self) -> Option<broadcast::Receiver<VmEvent>>;
     /// Path of the serial console log on the host, where the backend keeps one.
     async fn console_log(&self, vm: &VmName) -> Result<Option<std::path::PathBuf>>;
+}
+
+/// A mock with the defaults every real backend shares (hypervisor forwards, no guest address),
+/// so tests only set up what they exercise.
+#[cfg(test)]
+pub(crate) fn mock() -> MockBackend {
+    let mut b = MockBackend::new();
+    b.expect_forward_transport()
+        .return_const(ForwardTransport::Hypervisor);
+    b.expect_guest_address().returning(|_| Ok(None));
+    b
 }
 
 /// The guest account for tools that log in to the guest, or an Auth error saying how to give one.

@@ -18,6 +18,8 @@
 //! forwards = [{ name = "ssh", guest_port = 22, host_port = "auto" }]
 //! console = { vnc = "auto" }
 //! credentials = { user = "root", identity_file = "/path/key", password_file = "/path/pw" }
+//! guest_channel = "ssh"               # exec/copy over ssh with the key above (default "tools")
+//! ssh_port = 22
 //! ready = { timeout_s = 60, mode = "all", probes = [{ kind = "agent" }, { kind = "ssh_banner", guest_port = 22 }] }
 //! ```
 
@@ -30,7 +32,7 @@ use crate::credentials::{Credentials, SecretSource};
 use crate::error::{Error, Result};
 use crate::name::VmName;
 use crate::readiness::ReadySpec;
-use crate::types::{Accel, Boot, ConsoleSpec, DiskSpec, ForwardSpec, VmSpec};
+use crate::types::{Accel, Boot, ConsoleSpec, DiskSpec, ForwardSpec, GuestChannel, VmSpec};
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -67,6 +69,17 @@ struct RawMachine {
     credentials: Option<RawCredentials>,
     #[serde(default)]
     ready: Option<ReadySpec>,
+    /// "tools" (default) or "ssh".
+    guest_channel: Option<RawChannel>,
+    /// sshd's port in the guest when guest_channel = "ssh".
+    ssh_port: Option<u16>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum RawChannel {
+    Tools,
+    Ssh,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -85,6 +98,7 @@ pub struct MachineConfig {
     pub spec: VmSpec,
     pub credentials: Option<Credentials>,
     pub ready: ReadySpec,
+    pub guest_channel: GuestChannel,
 }
 
 /// A loaded `anyvm.toml`.
@@ -253,6 +267,29 @@ impl Config {
             ready
                 .validate()
                 .map_err(|e| Error::config(file.clone(), key("ready"), e.to_string()))?;
+            let guest_channel = match (m.guest_channel, m.ssh_port) {
+                (Some(RawChannel::Ssh), port) => {
+                    let ssh_key = credentials.as_ref().and_then(|c| c.identity_file.as_ref());
+                    if ssh_key.is_none() {
+                        return Err(Error::config(
+                            file,
+                            key("guest_channel"),
+                            "\"ssh\" needs credentials with an identity_file (ssh logins use keys only)",
+                        ));
+                    }
+                    GuestChannel::Ssh {
+                        port: port.unwrap_or(22),
+                    }
+                }
+                (_, Some(_)) => {
+                    return Err(Error::config(
+                        file,
+                        key("ssh_port"),
+                        "only used with guest_channel = \"ssh\"",
+                    ))
+                }
+                _ => GuestChannel::Tools,
+            };
             machines.insert(
                 name,
                 MachineConfig {
@@ -260,6 +297,7 @@ impl Config {
                     spec,
                     credentials,
                     ready,
+                    guest_channel,
                 },
             );
         }

@@ -12,10 +12,10 @@ use std::time::{Duration, Instant};
 use futures::future::{join_all, select_all, FutureExt};
 use serde::{Deserialize, Serialize};
 
-use crate::backend::{Backend, VmEventKind};
+use crate::backend::{Backend, ForwardTransport, VmEventKind};
 use crate::error::{Ctx, Error, Result};
 use crate::name::VmName;
-use crate::types::VmState;
+use crate::types::{ExecOutput, ExecRequest, VmState};
 
 /// One condition the guest must meet.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -158,10 +158,25 @@ struct ProbeStatus {
     passed_at: Option<Duration>,
 }
 
+/// How command probes run guest programs (the `Vm` handle's exec, with its credentials and channel).
+pub(crate) type GuestExec = Arc<
+    dyn Fn(ExecRequest) -> futures::future::BoxFuture<'static, Result<ExecOutput>> + Send + Sync,
+>;
+
+#[cfg(test)]
 pub(crate) async fn wait_ready(
     backend: Arc<dyn Backend>,
     vm: &VmName,
     spec: &ReadySpec,
+) -> Result<ReadyReport> {
+    wait_ready_with(backend, vm, spec, None).await
+}
+
+pub(crate) async fn wait_ready_with(
+    backend: Arc<dyn Backend>,
+    vm: &VmName,
+    spec: &ReadySpec,
+    exec: Option<GuestExec>,
 ) -> Result<ReadyReport> {
     spec.validate()?;
     let ctx = Ctx::vm("wait_ready", vm);
@@ -182,7 +197,8 @@ pub(crate) async fn wait_ready(
         .probes
         .iter()
         .any(|p| matches!(p, Probe::Tcp { .. } | Probe::SshBanner { .. }));
-    let forwards = if needs_ports {
+    let direct = backend.forward_transport() == ForwardTransport::SshTunnel;
+    let forwards = if needs_ports && !direct {
         backend.forwards(vm).await?
     } else {
         Vec::new()
@@ -205,6 +221,8 @@ pub(crate) async fn wait_ready(
             backend: backend.clone(),
             vm: vm.clone(),
             forwards: forwards.clone(),
+            direct,
+            exec: exec.clone(),
             deadline,
             events: events.as_ref().map(|e| e.resubscribe()),
         };

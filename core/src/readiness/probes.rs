@@ -17,6 +17,10 @@ pub(super) struct ProbeCtx {
     pub backend: Arc<dyn Backend>,
     pub vm: VmName,
     pub forwards: Vec<PortForward>,
+    /// Ports are reached at the guest's own address (forwards are ssh tunnels that need the
+    /// guest up first).
+    pub direct: bool,
+    pub exec: Option<super::GuestExec>,
     pub deadline: std::time::Instant,
     pub events: Option<broadcast::Receiver<VmEvent>>,
 }
@@ -34,7 +38,14 @@ impl ProbeCtx {
             .clamp(Duration::from_millis(100), ATTEMPT_CAP)
     }
 
-    fn host_side(&self, guest_port: u16) -> Result<(String, u16), String> {
+    async fn host_side(&self, guest_port: u16) -> Result<(String, u16), String> {
+        if self.direct {
+            return match self.backend.guest_address(&self.vm).await {
+                Ok(Some(ip)) => Ok((ip, guest_port)),
+                Ok(None) => Err("the backend cannot tell the guest's address".into()),
+                Err(e) => Err(e.to_string()),
+            };
+        }
         self.forwards
             .iter()
             .find(|f| f.guest_port == guest_port && f.proto == Protocol::Tcp)
@@ -129,11 +140,11 @@ async fn check_other(ctx: &ProbeCtx, probe: &Probe) -> Result<(), String> {
     match probe {
         Probe::Agent => unreachable!("handled by check"),
         Probe::Tcp { guest_port } => {
-            let (addr, port) = ctx.host_side(*guest_port)?;
+            let (addr, port) = ctx.host_side(*guest_port).await?;
             connect(&addr, port, t).await.map(|_| ())
         }
         Probe::SshBanner { guest_port } => {
-            let (addr, port) = ctx.host_side(*guest_port)?;
+            let (addr, port) = ctx.host_side(*guest_port).await?;
             let mut s = connect(&addr, port, t).await?;
             let mut buf = Vec::new();
             let read = tokio::time::timeout_at(Instant::now() + t, async {
@@ -168,7 +179,11 @@ async fn check_other(ctx: &ProbeCtx, probe: &Probe) -> Result<(), String> {
             let req = ExecRequest::from_argv(argv)
                 .map_err(|e| e.to_string())?
                 .timeout(t);
-            match ctx.backend.exec(&ctx.vm, &req).await {
+            let out = match &ctx.exec {
+                Some(exec) => exec(req).await,
+                None => ctx.backend.exec(&ctx.vm, &req).await,
+            };
+            match out {
                 Ok(out) if out.success() => Ok(()),
                 Ok(out) => Err(format!(
                     "exit code {:?}, stderr: {}",

@@ -3,7 +3,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::*;
-use crate::backend::MockBackend;
+use crate::backend::mock;
 use crate::error::Error;
 
 fn name() -> VmName {
@@ -12,7 +12,7 @@ fn name() -> VmName {
 
 #[tokio::test]
 async fn agent_probe_retries_until_it_answers() {
-    let mut b = MockBackend::new();
+    let mut b = mock();
     b.expect_subscribe().returning(|| None);
     b.expect_state().returning(|_| Ok(VmState::Running));
     let calls = Arc::new(AtomicUsize::new(0));
@@ -41,7 +41,7 @@ async fn agent_probe_retries_until_it_answers() {
 
 #[tokio::test]
 async fn timeout_names_the_failing_probe_and_its_last_error() {
-    let mut b = MockBackend::new();
+    let mut b = mock();
     b.expect_subscribe().returning(|| None);
     b.expect_state().returning(|_| Ok(VmState::Running));
     b.expect_agent_ping().returning(|_, _| Ok(()));
@@ -66,7 +66,7 @@ async fn timeout_names_the_failing_probe_and_its_last_error() {
 
 #[tokio::test]
 async fn any_mode_passes_on_the_first_probe() {
-    let mut b = MockBackend::new();
+    let mut b = mock();
     b.expect_subscribe().returning(|| None);
     b.expect_state().returning(|_| Ok(VmState::Running));
     b.expect_agent_ping()
@@ -96,7 +96,7 @@ async fn any_mode_passes_on_the_first_probe() {
 
 #[tokio::test]
 async fn a_vm_that_stops_fails_the_wait_at_once() {
-    let mut b = MockBackend::new();
+    let mut b = mock();
     b.expect_subscribe().returning(|| None);
     let n = Arc::new(AtomicUsize::new(0));
     let c = n.clone();
@@ -126,7 +126,7 @@ async fn a_vm_that_stops_fails_the_wait_at_once() {
 
 #[tokio::test]
 async fn refuses_a_vm_that_is_not_running_and_bad_specs() {
-    let mut b = MockBackend::new();
+    let mut b = mock();
     b.expect_subscribe().returning(|| None);
     b.expect_state().returning(|_| Ok(VmState::ShutOff));
     let b = Arc::new(b);

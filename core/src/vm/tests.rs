@@ -3,7 +3,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::*;
-use crate::backend::MockBackend;
+use crate::backend::{mock, MockBackend};
 
 fn vm_with(b: MockBackend, dir: &Path) -> Vm {
     let ports = PortAllocator::new(dir, 43000..=43999);
@@ -18,7 +18,7 @@ fn vm_with(b: MockBackend, dir: &Path) -> Vm {
 #[tokio::test]
 async fn stop_powers_off_when_the_guest_ignores_shutdown() {
     let dir = tempfile::tempdir().unwrap();
-    let mut b = MockBackend::new();
+    let mut b = mock();
     let off = Arc::new(AtomicBool::new(false));
     let o = off.clone();
     b.expect_state().returning(move |_| {
@@ -51,7 +51,7 @@ async fn stop_powers_off_when_the_guest_ignores_shutdown() {
 #[tokio::test]
 async fn stop_is_graceful_when_the_guest_complies() {
     let dir = tempfile::tempdir().unwrap();
-    let mut b = MockBackend::new();
+    let mut b = mock();
     let off = Arc::new(AtomicBool::new(false));
     let o = off.clone();
     b.expect_state().returning(move |_| {
@@ -78,7 +78,7 @@ async fn stop_is_graceful_when_the_guest_complies() {
 #[tokio::test]
 async fn forward_add_allocates_and_releases_on_backend_failure() {
     let dir = tempfile::tempdir().unwrap();
-    let mut b = MockBackend::new();
+    let mut b = mock();
     b.expect_uri().returning(|| "mock:".into());
     b.expect_forwards().returning(|_| Ok(vec![]));
     b.expect_forward_add().returning(|vm, _| {
@@ -109,7 +109,7 @@ async fn forward_add_allocates_and_releases_on_backend_failure() {
 async fn define_with_ports_resolves_auto_and_gives_leases_back_on_failure() {
     let dir = tempfile::tempdir().unwrap();
     let ports = PortAllocator::new(dir.path(), 43000..=43999);
-    let mut b = MockBackend::new();
+    let mut b = mock();
     b.expect_uri().returning(|| "mock:".into());
     b.expect_define().times(1).returning(|spec| {
         assert!(spec
@@ -141,7 +141,7 @@ async fn define_with_ports_resolves_auto_and_gives_leases_back_on_failure() {
 #[tokio::test]
 async fn exec_checked_turns_nonzero_exit_into_guest_command_error() {
     let dir = tempfile::tempdir().unwrap();
-    let mut b = MockBackend::new();
+    let mut b = mock();
     b.expect_exec().returning(|_, _| {
         Ok(ExecOutput {
             exit_code: Some(2),

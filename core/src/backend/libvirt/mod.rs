@@ -572,6 +572,13 @@ impl Backend for LibvirtBackend {
         .await
     }
 
+    async fn reset(&self, vm: &VmName) -> Result<()> {
+        self.dom(&Ctx::vm("reset", vm), vm, |d, c| {
+            d.reset().map_err(|e| map_err(c, e))
+        })
+        .await
+    }
+
     async fn pause(&self, vm: &VmName) -> Result<()> {
         self.dom(&Ctx::vm("pause", vm), vm, |d, c| {
             d.suspend().map_err(|e| map_err(c, e))

@@ -586,6 +586,13 @@ impl Backend for VirtualBoxBackend {
         .map(|_| ())
     }
 
+    async fn reset(&self, vm: &VmName) -> Result<()> {
+        let ctx = Ctx::vm("reset", vm);
+        self.vbox(&ctx, os(&["controlvm", vm.as_str(), "reset"]))
+            .await
+            .map(|_| ())
+    }
+
     async fn power_off(&self, vm: &VmName) -> Result<()> {
         let ctx = Ctx::vm("power off", vm);
         match self

@@ -12,7 +12,9 @@
 //! Port forwards use the NAT host network's port forwarding (`setPortForwarding`, Workstation Pro
 //! and Fusion Pro). They are host-wide rules pointing at the guest's current IP, so anyvm sets them
 //! when the VM starts (after `getGuestIPAddress -wait`) and removes them when it is destroyed.
-//! Player has no host-network commands: forwards are refused there with a clear error.
+//! Player (and vmrun without host-network commands, with `forwards_over_ssh`) has none: there
+//! forwards are ssh local forwards run by anyvm to the guest's IP (see [`crate::ssh::tunnel`]);
+//! vmrun is not involved and the rules live in anyvm's inventory only.
 
 mod errors;
 mod parse;
@@ -27,7 +29,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
 use super::tool::{resolve_binary, ToolRunner};
-use super::{Backend, VmEvent};
+use super::{Backend, ForwardTransport, VmEvent};
 use crate::credentials::Credentials;
 use crate::error::{Ctx, Error, Result};
 use crate::name::VmName;
@@ -53,6 +55,9 @@ pub struct VmwareOptions {
     pub host_network: Option<String>,
     /// Refuse guest operations that would put the password on vmrun's command line.
     pub forbid_secrets_in_argv: bool,
+    /// Carry forwards over ssh tunnels even on Workstation/Fusion (vmrun without host-network
+    /// commands). Player always does.
+    pub forwards_over_ssh: bool,
     /// Guest variables (`readVariable VMX guestVar NAME`) that must be non-empty before the guest
     /// counts as ready: a value the guest publishes (e.g. with `vmware-rpctool "info-set guestinfo.ready 1"`).
     pub ready_guest_vars: Vec<String>,
@@ -70,6 +75,7 @@ impl Default for VmwareOptions {
             state_dir: crate::client::default_state_dir(),
             host_network: None,
             forbid_secrets_in_argv: false,
+            forwards_over_ssh: false,
             ready_guest_vars: Vec::new(),
             env: Vec::new(),
         }
@@ -179,7 +185,7 @@ impl VmwareBackend {
             if self.opts.forbid_secrets_in_argv {
                 return Err(Error::PolicyDenied {
                     ctx: ctx.clone(),
-                    reason: "vmrun would put the guest password on its command line; use ssh to the guest (anyvm ssh-config) or allow it in the VMware options".into(),
+                    reason: "vmrun would put the guest password on its command line; reach the guest over ssh instead (guest_channel = \"ssh\" in the machine's config, Vm::with_guest_channel in the API)".into(),
                 });
             }
             a.extend(os(&["-gu", &c.user]));
@@ -437,7 +443,7 @@ impl Backend for VmwareBackend {
             .as_ref()
             .map(VmSpec::resolved_forwards)
             .unwrap_or_default();
-        if !forwards.is_empty() {
+        if !forwards.is_empty() && self.forward_transport() == ForwardTransport::Hypervisor {
             if let Ok(net) = self.host_network(&ctx).await {
                 for f in &forwards {
                     let _ = self.delete_forward(&ctx, &net, f).await;
@@ -479,7 +485,7 @@ impl Backend for VmwareBackend {
             .as_ref()
             .map(VmSpec::resolved_forwards)
             .unwrap_or_default();
-        if !forwards.is_empty() {
+        if !forwards.is_empty() && self.forward_transport() == ForwardTransport::Hypervisor {
             let net = self.host_network(&ctx).await?;
             let ip = self.guest_ip(&ctx, &e.vmx).await?;
             for f in &forwards {
@@ -508,6 +514,14 @@ impl Backend for VmwareBackend {
             Ok(_) | Err(Error::InvalidState { .. }) => {}
             Err(err) => return Err(err),
         }
+        self.update_entry(&ctx, vm, |e| e.paused = false)
+    }
+
+    async fn reset(&self, vm: &VmName) -> Result<()> {
+        let ctx = Ctx::vm("reset", vm);
+        let e = self.entry(&ctx, vm)?;
+        self.vmrun(&ctx, "reset", vec![e.vmx.into(), "hard".into()], None)
+            .await?;
         self.update_entry(&ctx, vm, |e| e.paused = false)
     }
 
@@ -825,10 +839,12 @@ impl Backend for VmwareBackend {
     async fn forward_add(&self, vm: &VmName, fwd: &PortForward) -> Result<()> {
         let ctx = Ctx::vm(format!("forward add {}", fwd.name), vm);
         let e = self.entry(&ctx, vm)?;
-        let net = self.host_network(&ctx).await?;
-        if self.state(vm).await? == VmState::Running {
-            let ip = self.guest_ip(&ctx, &e.vmx).await?;
-            self.set_forward(&ctx, vm, &net, &ip, fwd).await?;
+        if self.forward_transport() == ForwardTransport::Hypervisor {
+            let net = self.host_network(&ctx).await?;
+            if self.state(vm).await? == VmState::Running {
+                let ip = self.guest_ip(&ctx, &e.vmx).await?;
+                self.set_forward(&ctx, vm, &net, &ip, fwd).await?;
+            }
         }
         self.update_entry(&ctx, vm, |e| {
             if let Some(s) = e.spec.as_mut() {
@@ -839,10 +855,12 @@ impl Backend for VmwareBackend {
 
     async fn forward_remove(&self, vm: &VmName, fwd: &PortForward) -> Result<()> {
         let ctx = Ctx::vm(format!("forward remove {}", fwd.name), vm);
-        let net = self.host_network(&ctx).await?;
-        match self.delete_forward(&ctx, &net, fwd).await {
-            Ok(()) | Err(Error::NotFound { .. }) => {}
-            Err(e) => return Err(e),
+        if self.forward_transport() == ForwardTransport::Hypervisor {
+            let net = self.host_network(&ctx).await?;
+            match self.delete_forward(&ctx, &net, fwd).await {
+                Ok(()) | Err(Error::NotFound { .. }) => {}
+                Err(e) => return Err(e),
+            }
         }
         self.update_entry(&ctx, vm, |e| {
             if let Some(s) = e.spec.as_mut() {
@@ -932,6 +950,20 @@ impl Backend for VmwareBackend {
         )
         .await
         .map(|_| ())
+    }
+
+    fn forward_transport(&self) -> ForwardTransport {
+        if self.opts.flavor == "player" || self.opts.forwards_over_ssh {
+            ForwardTransport::SshTunnel
+        } else {
+            ForwardTransport::Hypervisor
+        }
+    }
+
+    async fn guest_address(&self, vm: &VmName) -> Result<Option<String>> {
+        let ctx = Ctx::vm("guest address", vm);
+        let e = self.entry(&ctx, vm)?;
+        self.guest_ip(&ctx, &e.vmx).await.map(Some)
     }
 
     fn subscribe(&self) -> Option<broadcast::Receiver<VmEvent>> {

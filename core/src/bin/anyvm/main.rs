@@ -71,6 +71,10 @@ enum Cmd {
     Resume {
         name: String,
     },
+    /// Hardware reset: restart the guest at once, without a shutdown.
+    Reset {
+        name: String,
+    },
     /// Save memory to disk and stop; the next start resumes.
     Save {
         name: String,
@@ -255,7 +259,7 @@ impl App {
             .client
             .vm(name)
             .await?
-            .with_config_credentials(self.config.as_ref()))
+            .with_config(self.config.as_ref()))
     }
 
     fn machine(&self, name: &str) -> anyvm::Result<&anyvm::MachineConfig> {
@@ -379,6 +383,12 @@ impl App {
                 self.open(&name).await?.resume().await?;
                 self.out(json!({"name": name, "state": "running"}), || {
                     format!("{name}: resumed")
+                });
+            }
+            Cmd::Reset { name } => {
+                self.open(&name).await?.reset().await?;
+                self.out(json!({"name": name, "state": "running"}), || {
+                    format!("{name}: reset")
                 });
             }
             Cmd::Save { name } => {

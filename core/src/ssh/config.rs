@@ -10,7 +10,6 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use crate::error::{Ctx, Error, Result};
-use crate::types::Protocol;
 use crate::vm::Vm;
 
 /// Public host key files tried in the guest, strongest first.
@@ -73,31 +72,25 @@ fn quote(p: &Path) -> String {
     }
 }
 
-pub(crate) async fn ssh_config(vm: &Vm, opts: &SshOptions) -> Result<SshConfig> {
-    let ctx = Ctx::vm("ssh_config", vm.name());
-    let guest_port = opts.guest_port.unwrap_or(22);
-    let fwd = vm
-        .forwards()
-        .await?
-        .into_iter()
-        .find(|f| f.guest_port == guest_port && f.proto == Protocol::Tcp)
-        .ok_or_else(|| Error::InvalidState {
-            ctx: ctx.clone(),
-            state: format!("no forward to guest port {guest_port}"),
-            hint: format!(
-                "add one: anyvm forward add {} --guest-port {guest_port}",
-                vm.name()
-            ),
-        })?;
+/// anyvm's known_hosts file for one VM; ssh logins made by anyvm itself use it too.
+pub(crate) fn known_hosts_path(state_dir: &Path, uri: &str, vm: &str) -> PathBuf {
+    state_dir
+        .join("ssh")
+        .join(sanitize(uri))
+        .join(format!("{vm}.known_hosts"))
+}
 
+/// The `HostKeyAlias` a VM's keys are pinned under.
+pub(crate) fn host_key_alias(vm: &str) -> String {
+    format!("anyvm.{vm}")
+}
+
+/// Read the guest's public host keys from inside it (agent, tools or ssh channel).
+async fn guest_host_keys(vm: &Vm, ctx: &Ctx) -> Result<Vec<String>> {
     let mut keys = Vec::new();
     let mut last_err = None;
     for path in HOST_KEY_PATHS {
-        match vm
-            .backend()
-            .read_file(vm.name(), path, 16 * 1024, vm.credentials().cloned())
-            .await
-        {
+        match vm.read_guest_file(path, 16 * 1024).await {
             Ok(bytes) => {
                 let text = String::from_utf8_lossy(&bytes);
                 keys.extend(text.lines().filter_map(parse_public_key));
@@ -110,7 +103,7 @@ pub(crate) async fn ssh_config(vm: &Vm, opts: &SshOptions) -> Result<SshConfig> 
         return Err(match last_err {
             Some(e) => e,
             None => Error::NotFound {
-                ctx,
+                ctx: ctx.clone(),
                 what: format!(
                     "no SSH host public key in the guest (looked at {})",
                     HOST_KEY_PATHS.join(", ")
@@ -118,36 +111,25 @@ pub(crate) async fn ssh_config(vm: &Vm, opts: &SshOptions) -> Result<SshConfig> 
             },
         });
     }
+    Ok(keys)
+}
 
-    let host_key_alias = format!("anyvm.{}", vm.name());
-    let dir = vm
-        .state_dir()
-        .join("ssh")
-        .join(sanitize(&vm.backend().uri()));
-    std::fs::create_dir_all(&dir).map_err(|e| Error::io(ctx.clone(), &dir, e))?;
-    let known_hosts = dir.join(format!("{}.known_hosts", vm.name()));
-    let body: String = keys
-        .iter()
-        .map(|k| format!("{host_key_alias} {k}\n"))
-        .collect();
-    let tmp = known_hosts.with_extension("tmp");
-    std::fs::write(&tmp, body)
-        .and_then(|_| std::fs::rename(&tmp, &known_hosts))
-        .map_err(|e| Error::io(ctx.clone(), &known_hosts, e))?;
+pub(crate) async fn ssh_config(vm: &Vm, opts: &SshOptions) -> Result<SshConfig> {
+    let ctx = Ctx::vm("ssh_config", vm.name());
+    let guest_port = opts.guest_port.unwrap_or(22);
+    let (host_name, port) = vm.ssh_endpoint(guest_port).await?;
+    let keys = guest_host_keys(vm, &ctx).await?;
+    let host_key_alias = host_key_alias(vm.name().as_str());
+    let known_hosts = known_hosts_path(vm.state_dir(), &vm.backend().uri(), vm.name().as_str());
+    super::session::pin_keys(&ctx, &known_hosts, &host_key_alias, &keys)?;
 
     let alias = opts
         .alias
         .clone()
         .unwrap_or_else(|| format!("anyvm-{}", vm.name()));
     let user = opts.user.clone().unwrap_or_else(|| "root".into());
-    let host_name = if fwd.host_addr == "0.0.0.0" {
-        "127.0.0.1".to_string()
-    } else {
-        fwd.host_addr.clone()
-    };
     let mut stanza = format!(
-        "Host {alias}\n  HostName {host_name}\n  Port {}\n  User {user}\n  HostKeyAlias {host_key_alias}\n  UserKnownHostsFile {}\n  StrictHostKeyChecking yes\n  CheckHostIP no\n",
-        fwd.host_port,
+        "Host {alias}\n  HostName {host_name}\n  Port {port}\n  User {user}\n  HostKeyAlias {host_key_alias}\n  UserKnownHostsFile {}\n  StrictHostKeyChecking yes\n  CheckHostIP no\n",
         quote(&known_hosts)
     );
     if let Some(id) = &opts.identity_file {
@@ -159,7 +141,7 @@ pub(crate) async fn ssh_config(vm: &Vm, opts: &SshOptions) -> Result<SshConfig> 
     Ok(SshConfig {
         alias,
         host_name,
-        port: fwd.host_port,
+        port,
         user,
         identity_file: opts.identity_file.clone(),
         host_key_alias,

@@ -1,0 +1,316 @@
+//! Exec and file copy over OpenSSH, for guests whose tools channel needs a password on a command
+//! line (vmrun `-gp`) or is not there at all.
+//!
+//! Logins are key-only (`BatchMode=yes`): the ssh client never prompts, and no password goes to
+//! it. The host key is pinned in anyvm's per-VM known_hosts file: keys read from the guest through
+//! its agent when there is one, else the first key seen (`accept-new`), and strict from then on.
+//! ssh runs the remote program through the login shell, so the argv is quoted element by element
+//! ([`shell_quote`]); nothing the caller passes is interpreted by that shell.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::backend::tool::resolve_binary;
+use crate::error::{Ctx, Error, Result};
+use crate::types::{ExecOutput, ExecRequest};
+use crate::util::command::{ToolCommand, ToolOutput};
+
+/// How to reach one guest's sshd.
+#[derive(Debug, Clone)]
+pub struct SshTarget {
+    /// VM name, for messages.
+    pub vm: String,
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+    pub identity_file: PathBuf,
+    pub known_hosts: PathBuf,
+    pub host_key_alias: String,
+    pub connect_timeout: Duration,
+}
+
+/// Quote one word for a POSIX shell: the shell sees exactly `s`.
+pub fn shell_quote(s: &str) -> String {
+    if !s.is_empty()
+        && s.bytes()
+            .all(|c| c.is_ascii_alphanumeric() || b"-_./=:,@+%".contains(&c))
+    {
+        return s.to_string();
+    }
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+/// The remote command line for an exec request: `cd DIR && exec env K=V PROGRAM ARGS...`.
+pub fn remote_command(req: &ExecRequest) -> String {
+    let mut words: Vec<String> = Vec::new();
+    if let Some(cwd) = &req.cwd {
+        words.push(format!("cd {} &&", shell_quote(cwd)));
+    }
+    words.push("exec".into());
+    if !req.env.is_empty() {
+        words.push("env".into());
+        words.extend(
+            req.env
+                .iter()
+                .map(|(k, v)| shell_quote(&format!("{k}={v}"))),
+        );
+    }
+    words.push(shell_quote(&req.program));
+    words.extend(req.args.iter().map(|a| shell_quote(a)));
+    words.join(" ")
+}
+
+pub(crate) fn ssh_binary(name: &str) -> Result<PathBuf> {
+    let env = if name == "scp" {
+        "ANYVM_SCP"
+    } else {
+        "ANYVM_SSH"
+    };
+    resolve_binary(name, None, env)
+}
+
+impl SshTarget {
+    fn ctx(&self, op: &str) -> Ctx {
+        Ctx::vm(
+            format!("{op} (ssh {}@{}:{})", self.user, self.host, self.port),
+            &self.vm,
+        )
+    }
+
+    /// Options every ssh/scp call shares: no user config, no prompts, pinned host key.
+    pub(crate) fn options(&self) -> Vec<OsString> {
+        let pinned = std::fs::metadata(&self.known_hosts)
+            .map(|m| m.len() > 0)
+            .unwrap_or(false);
+        let mut o: Vec<OsString> = vec!["-F".into(), "none".into()];
+        for opt in [
+            "BatchMode=yes".to_string(),
+            "IdentitiesOnly=yes".to_string(),
+            "PasswordAuthentication=no".to_string(),
+            "KbdInteractiveAuthentication=no".to_string(),
+            format!("UserKnownHostsFile={}", self.known_hosts.display()),
+            "GlobalKnownHostsFile=/dev/null".to_string(),
+            format!("HostKeyAlias={}", self.host_key_alias),
+            format!(
+                "StrictHostKeyChecking={}",
+                if pinned { "yes" } else { "accept-new" }
+            ),
+            "CheckHostIP=no".to_string(),
+            format!("ConnectTimeout={}", self.connect_timeout.as_secs().max(1)),
+            "ServerAliveInterval=5".to_string(),
+            "ServerAliveCountMax=3".to_string(),
+            "LogLevel=ERROR".to_string(),
+        ] {
+            o.push("-o".into());
+            o.push(opt.into());
+        }
+        o.push("-i".into());
+        o.push(self.identity_file.clone().into());
+        o
+    }
+
+    fn check_identity(&self, ctx: &Ctx) -> Result<()> {
+        if self.identity_file.is_file() {
+            return Ok(());
+        }
+        Err(Error::Auth {
+            ctx: ctx.clone(),
+            reason: format!(
+                "identity file {} does not exist (ssh logins use keys only)",
+                self.identity_file.display()
+            ),
+        })
+    }
+
+    fn ensure_known_hosts_dir(&self, ctx: &Ctx) -> Result<()> {
+        if let Some(d) = self.known_hosts.parent() {
+            std::fs::create_dir_all(d).map_err(|e| Error::io(ctx.clone(), d, e))?;
+        }
+        Ok(())
+    }
+
+    /// `user@host` (IPv6 in brackets when `scp` needs it).
+    fn destination(&self, bracket_v6: bool) -> String {
+        if bracket_v6 && self.host.contains(':') {
+            format!("{}@[{}]", self.user, self.host)
+        } else {
+            format!("{}@{}", self.user, self.host)
+        }
+    }
+
+    /// Run a program in the guest. Exit code 255 with one of ssh's own error lines is an ssh
+    /// failure (typed error), anything else is the program's result.
+    pub async fn exec(&self, req: &ExecRequest) -> Result<ExecOutput> {
+        let ctx = self.ctx(&format!("exec {}", req.program));
+        self.check_identity(&ctx)?;
+        self.ensure_known_hosts_dir(&ctx)?;
+        let mut args = self.options();
+        args.extend(["-p".into(), self.port.to_string().into()]);
+        if req.stdin.is_none() {
+            args.push("-n".into());
+        }
+        args.push(self.destination(false).into());
+        args.push("--".into());
+        args.push(remote_command(req).into());
+        let mut cmd = ToolCommand::new(ssh_binary("ssh")?, args, req.timeout);
+        cmd.display = format!("ssh {} {}", self.destination(false), req.program);
+        cmd.stdin = req.stdin.clone();
+        let out = cmd.run(&ctx).await?;
+        if out.code == Some(255) {
+            if let Some(err) = classify(&ctx, &out) {
+                return Err(err);
+            }
+        }
+        Ok(ExecOutput {
+            exit_code: out.code,
+            signal: None,
+            stdout: out.stdout,
+            stderr: out.stderr,
+            duration: out.duration,
+            stdout_truncated: false,
+            stderr_truncated: false,
+        })
+    }
+
+    /// Copy a host file into the guest (scp over the SFTP protocol).
+    pub async fn upload(&self, host: &Path, guest: &str, timeout: Duration) -> Result<u64> {
+        let ctx = self.ctx(&format!("copy {} to {guest}", host.display()));
+        let len = std::fs::metadata(host)
+            .map_err(|e| Error::io(ctx.clone(), host, e))?
+            .len();
+        let dst = format!("{}:{guest}", self.destination(true));
+        self.scp(&ctx, host.as_os_str().to_owned(), dst.into(), timeout)
+            .await?;
+        Ok(len)
+    }
+
+    /// Copy a guest file to the host.
+    pub async fn download(&self, guest: &str, host: &Path, timeout: Duration) -> Result<u64> {
+        let ctx = self.ctx(&format!("copy {guest} to {}", host.display()));
+        let src = format!("{}:{guest}", self.destination(true));
+        self.scp(&ctx, src.into(), host.as_os_str().to_owned(), timeout)
+            .await?;
+        Ok(std::fs::metadata(host)
+            .map_err(|e| Error::io(ctx.clone(), host, e))?
+            .len())
+    }
+
+    async fn scp(&self, ctx: &Ctx, src: OsString, dst: OsString, timeout: Duration) -> Result<()> {
+        self.check_identity(ctx)?;
+        self.ensure_known_hosts_dir(ctx)?;
+        let mut args = self.options();
+        args.extend(["-q".into(), "-P".into(), self.port.to_string().into()]);
+        args.extend(["--".into(), src, dst]);
+        let mut cmd = ToolCommand::new(ssh_binary("scp")?, args, timeout);
+        cmd.display = format!("scp {}", self.destination(false));
+        let out = cmd.run(ctx).await?;
+        match out.code {
+            Some(0) => Ok(()),
+            _ => {
+                if let Some(err) = classify(ctx, &out) {
+                    return Err(err);
+                }
+                let msg = out.stderr_str().trim().to_string();
+                if msg.contains("No such file") {
+                    return Err(Error::NotFound {
+                        ctx: ctx.clone(),
+                        what: msg,
+                    });
+                }
+                Err(Error::backend(ctx.clone(), "scp", msg))
+            }
+        }
+    }
+}
+
+/// Turn ssh's own failures (a known message on stderr) into typed errors. Callers only ask when
+/// the exit code can be ssh's: 255 for ssh, any failure for scp.
+pub(crate) fn classify(ctx: &Ctx, out: &ToolOutput) -> Option<Error> {
+    let text = out.stderr_str();
+    let line = text
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("")
+        .trim()
+        .to_string();
+    let has = |s: &str| text.contains(s);
+    if has("Permission denied (") || has("Too many authentication failures") {
+        return Some(Error::Auth {
+            ctx: ctx.clone(),
+            reason: format!("the guest refused the key: {line}"),
+        });
+    }
+    if has("REMOTE HOST IDENTIFICATION HAS CHANGED") || has("Host key verification failed") {
+        return Some(Error::Auth {
+            ctx: ctx.clone(),
+            reason: "the guest's host key does not match the pinned one; if the guest was \
+                     rebuilt, remove its known_hosts file in anyvm's state dir"
+                .into(),
+        });
+    }
+    if has("Connection timed out") || has("Operation timed out") {
+        return Some(Error::Timeout {
+            ctx: ctx.clone(),
+            after: Duration::ZERO,
+            what: format!("the guest's sshd ({line})"),
+        });
+    }
+    let ssh_own = [
+        "Connection refused",
+        "No route to host",
+        "Could not resolve hostname",
+        "Connection closed by",
+        "Connection reset by",
+        "kex_exchange_identification",
+        "Network is unreachable",
+    ];
+    if ssh_own.iter().any(|s| has(s)) {
+        return Some(Error::backend(
+            ctx.clone(),
+            "ssh",
+            format!("cannot reach the guest's sshd: {line}"),
+        ));
+    }
+    None
+}
+
+/// Write keys (`type base64` lines) as the pinned known_hosts of a target.
+pub(crate) fn pin_keys(ctx: &Ctx, known_hosts: &Path, alias: &str, keys: &[String]) -> Result<()> {
+    if let Some(d) = known_hosts.parent() {
+        std::fs::create_dir_all(d).map_err(|e| Error::io(ctx.clone(), d, e))?;
+    }
+    let body: String = keys.iter().map(|k| format!("{alias} {k}\n")).collect();
+    let tmp = known_hosts.with_extension("tmp");
+    std::fs::write(&tmp, body)
+        .and_then(|_| std::fs::rename(&tmp, known_hosts))
+        .map_err(|e| Error::io(ctx.clone(), known_hosts, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    #[test]
+    fn quoting_survives_metacharacters() {
+        assert_eq!(shell_quote("/bin/echo"), "/bin/echo");
+        assert_eq!(shell_quote(""), "''");
+        assert_eq!(shell_quote("a b"), "'a b'");
+        assert_eq!(shell_quote("it's; rm -rf /"), r"'it'\''s; rm -rf /'");
+        assert_eq!(shell_quote("$(id)`x`"), "'$(id)`x`'");
+    }
+
+    #[test]
+    fn remote_command_keeps_argv_boundaries() {
+        let mut req = ExecRequest::new("/bin/printf");
+        req.args = vec!["%s|".into(), "a b".into(), "$HOME".into()];
+        req.cwd = Some("/tmp/x y".into());
+        req.env = BTreeMap::from([("K".to_string(), "v w".to_string())]);
+        assert_eq!(
+            remote_command(&req),
+            "cd '/tmp/x y' && exec env 'K=v w' /bin/printf '%s|' 'a b' '$HOME'"
+        );
+    }
+}
