@@ -159,10 +159,10 @@ async fn full_lifecycle_through_the_core_api() {
     assert_eq!(vm.copy_to(&src, &g).await.unwrap(), 5000);
     let back = f.dir.path().join("b.bin");
     assert_eq!(vm.copy_from(&g, &back).await.unwrap(), 5000);
-    assert!(matches!(
-        vm.copy_from("/no/such", &back).await.unwrap_err(),
-        Error::NotFound { .. }
-    ));
+    let e = vm.copy_from("/no/such", &back).await.unwrap_err();
+    assert!(matches!(e, Error::NotFound { .. }), "{e}");
+    assert!(e.to_string().contains("guest file /no/such"), "{e}");
+    assert!(f.calls().contains("\"fileExistsInGuest\""));
 
     let added = vm.forward_add(&ForwardSpec::new("web", 80)).await.unwrap();
     assert_eq!(vm.forwards().await.unwrap().len(), 2);

@@ -149,6 +149,7 @@ static void session(anyvm_client_t *client, const char *guest, const char *work)
   anyvm_stop_outcome_t o;
   ok(anyvm_vm_stop(vm, false, 60.0, &o), "stop");
   CHECK(o == ANYVM_STOP_GRACEFUL, "outcome %d", o);
+  expect_error(anyvm_vm_reset(vm), ANYVM_ERROR_INVALID_STATE, "reset", "reset of a stopped vm");
   ok(anyvm_vm_snapshot_take(vm, "s1"), "snapshot");
   ok(anyvm_vm_snapshot_restore(vm, "s1"), "restore");
   expect_error(anyvm_vm_snapshot_restore(vm, "nope"), ANYVM_ERROR_NOT_FOUND, "snapshot", "missing snapshot");

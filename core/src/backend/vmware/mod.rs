@@ -811,6 +811,23 @@ impl Backend for VmwareBackend {
         let ctx = Ctx::vm(format!("copy {guest} to {}", host.display()), vm);
         let creds = Self::need_creds(&ctx, creds.as_ref())?;
         let e = self.entry(&ctx, vm)?;
+        // copyFileFromGuestToHost says only "A file was not found", which could be either side.
+        let exists = self
+            .vmrun_auth(
+                &ctx,
+                "fileExistsInGuest",
+                vec![e.vmx.clone().into(), guest.into()],
+                None,
+                Some(&creds),
+                false,
+            )
+            .await?;
+        if exists.stdout_str().contains("does not exist") {
+            return Err(Error::NotFound {
+                ctx,
+                what: format!("guest file {guest}"),
+            });
+        }
         let args = vec![e.vmx.into(), guest.into(), host.into()];
         self.vmrun_auth(
             &ctx,
