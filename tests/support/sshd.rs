@@ -59,6 +59,7 @@ impl Sshd {
             .arg("-f")
             .arg(d.join("sshd_config"))
             .stdin(Stdio::null())
+            .stderr(std::fs::File::create(d.join("sshd.log")).unwrap())
             .spawn()
             .expect("start /usr/sbin/sshd (package openssh-server)");
         let user = std::env::var("USER")
@@ -83,7 +84,8 @@ impl Sshd {
             }
             assert!(
                 Instant::now() < until,
-                "sshd did not come up on port {port}"
+                "sshd did not come up on port {port}: {}",
+                std::fs::read_to_string(s.dir.path().join("sshd.log")).unwrap_or_default()
             );
             std::thread::sleep(Duration::from_millis(50));
         }
