@@ -536,6 +536,83 @@ pub struct VmSpec {
     pub console: ConsoleSpec,
     #[serde(default)]
     pub accel: Accel,
+    /// What the guest may reach on the network.
+    #[serde(default)]
+    pub network: Network,
+    /// Host folders offered to the guest from boot.
+    #[serde(default)]
+    pub shares: Vec<SharedFolder>,
+}
+
+/// The guest's outbound network (inbound forwards work in every mode).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(tag = "mode", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Network {
+    /// Full NAT: the guest reaches the host (as 10.0.2.2 on QEMU) and beyond.
+    #[default]
+    Nat,
+    /// The guest reaches only the listed endpoints, each at the gateway address
+    /// (10.0.2.2:`guest_port` on QEMU user networking), and nothing else.
+    Restricted {
+        #[serde(default)]
+        allow: Vec<Endpoint>,
+    },
+    /// No outbound connections at all.
+    None,
+}
+
+/// A host-side service a restricted guest may reach.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Endpoint {
+    /// Where the service runs, as the host sees it (default 127.0.0.1).
+    #[serde(default = "loopback")]
+    pub host: String,
+    pub port: u16,
+    /// The port the guest connects to at the gateway address (default: `port`).
+    pub guest_port: Option<u16>,
+}
+
+fn loopback() -> String {
+    "127.0.0.1".into()
+}
+
+impl Endpoint {
+    pub fn guest_port(&self) -> u16 {
+        self.guest_port.unwrap_or(self.port)
+    }
+}
+
+impl Network {
+    pub fn validate(&self) -> Result<()> {
+        if let Network::Restricted { allow } = self {
+            let mut seen = std::collections::BTreeSet::new();
+            for e in allow {
+                let what = format!("network endpoint {}:{}", e.host, e.port);
+                if e.port == 0 || e.guest_port == Some(0) {
+                    return Err(Error::invalid_arg(what, "ports must be 1-65535"));
+                }
+                if e.host.is_empty()
+                    || !e
+                        .host
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || ".-:".contains(c))
+                {
+                    return Err(Error::invalid_arg(
+                        what,
+                        "host must be an IP address or a DNS name",
+                    ));
+                }
+                if !seen.insert(e.guest_port()) {
+                    return Err(Error::invalid_arg(
+                        what,
+                        format!("guest port {} is allowed twice", e.guest_port()),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 fn default_cpus() -> u32 {
@@ -556,6 +633,8 @@ impl VmSpec {
             forwards: Vec::new(),
             console: ConsoleSpec::default(),
             accel: Accel::Auto,
+            network: Network::Nat,
+            shares: Vec::new(),
         }
     }
 
@@ -609,6 +688,17 @@ impl VmSpec {
                 return Err(Error::invalid_arg(
                     what("disks"),
                     format!("{} must be an absolute path", d.path.display()),
+                ));
+            }
+        }
+        self.network.validate()?;
+        let mut share_names = std::collections::HashSet::new();
+        for s in &self.shares {
+            s.validate()?;
+            if !share_names.insert(&s.name) {
+                return Err(Error::invalid_arg(
+                    what("shares"),
+                    format!("share name {:?} is used twice", s.name),
                 ));
             }
         }
@@ -693,6 +783,9 @@ pub struct SharedFolder {
     pub readonly: bool,
     #[serde(default)]
     pub automount: bool,
+    /// Where `Vm::shared_folder_mount` mounts it in the guest.
+    #[serde(default)]
+    pub guest_path: Option<String>,
 }
 
 impl SharedFolder {
@@ -714,6 +807,14 @@ impl SharedFolder {
                 what,
                 format!("{} must be an absolute path", self.host_path.display()),
             ));
+        }
+        if let Some(g) = &self.guest_path {
+            if !g.starts_with('/') || g.contains('\0') || g.contains('\n') || g.contains("..") {
+                return Err(Error::invalid_arg(
+                    what,
+                    format!("guest_path {g:?} must be an absolute path without '..'"),
+                ));
+            }
         }
         Ok(())
     }

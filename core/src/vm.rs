@@ -9,6 +9,7 @@ use crate::backend::{Backend, VmEventKind};
 use crate::credentials::Credentials;
 use crate::error::{Ctx, Error, Result};
 use crate::name::VmName;
+use crate::policy::Policy;
 use crate::ports::PortAllocator;
 use crate::readiness::{self, ReadyReport, ReadySpec};
 use crate::ssh::{self, SshConfig, SshOptions, SshTarget, Tunnels};
@@ -16,6 +17,7 @@ use crate::types::{
     ExecOutput, ExecRequest, ForwardSpec, GuestChannel, HostPort, PortForward, SharedFolder,
     SnapshotInfo, StopOptions, StopOutcome, VmSpec, VmState,
 };
+use serde_json::json;
 
 /// A handle on one VM. Cheap to clone; all methods are async and cancel-safe at await points.
 #[derive(Debug, Clone)]
@@ -26,6 +28,7 @@ pub struct Vm {
     state_dir: PathBuf,
     credentials: Option<Credentials>,
     channel: GuestChannel,
+    policy: Option<Arc<Policy>>,
 }
 
 impl Vm {
@@ -42,7 +45,63 @@ impl Vm {
             state_dir,
             credentials: None,
             channel: GuestChannel::Tools,
+            policy: None,
         }
+    }
+
+    /// Enforce `policy` on this handle (and the clones made from it): exec allowlist, shared
+    /// folder roots, secrets on command lines, audit log.
+    pub fn with_policy(mut self, policy: Policy) -> Self {
+        self.policy = Some(Arc::new(policy));
+        self
+    }
+
+    pub fn policy(&self) -> Option<&Policy> {
+        self.policy.as_deref()
+    }
+
+    /// Run an operation and, when the policy names an audit log, record it with its outcome.
+    /// `args` never holds secrets: callers pass names, paths and argv only.
+    async fn audited<T>(
+        &self,
+        op: &str,
+        args: serde_json::Value,
+        f: impl std::future::Future<Output = Result<T>>,
+    ) -> Result<T> {
+        let r = f.await;
+        if let Some(log) = self.policy.as_ref().and_then(|p| p.audit_log.as_ref()) {
+            crate::policy::audit(log, self.name.as_str(), op, &args, r.as_ref().map(|_| ()));
+        }
+        r
+    }
+
+    /// Refuse, before anything runs, what the policy forbids for an exec.
+    fn check_exec_policy(&self, req: &ExecRequest) -> Result<()> {
+        let Some(p) = &self.policy else {
+            return Ok(());
+        };
+        let ctx = self.ctx(&format!("exec {}", req.program));
+        p.check_exec(&ctx, &req.program)?;
+        self.check_argv_secrets(&ctx, req.credentials.as_ref().or(self.credentials.as_ref()))
+    }
+
+    fn check_argv_secrets(&self, ctx: &Ctx, creds: Option<&Credentials>) -> Result<()> {
+        let forbid = self.policy.as_ref().is_some_and(|p| !p.secrets_in_argv);
+        let has_password = creds.is_some_and(|c| c.password.is_some());
+        if forbid
+            && has_password
+            && self.channel == GuestChannel::Tools
+            && self.backend.tools_take_secrets_in_argv()
+        {
+            return Err(Error::PolicyDenied {
+                ctx: ctx.clone(),
+                reason: format!(
+                    "the {} backend's tools would put the guest password on a command line; reach the guest over ssh instead (guest_channel = \"ssh\")",
+                    self.backend.id()
+                ),
+            });
+        }
+        Ok(())
     }
 
     /// How exec and file copy reach the guest: its tools (agent, Guest Additions, VMware Tools;
@@ -90,6 +149,11 @@ impl Vm {
         }
     }
 
+    fn with_policy_opt(mut self, p: Option<Arc<Policy>>) -> Self {
+        self.policy = p;
+        self
+    }
+
     fn with_credentials_opt(mut self, c: Option<Credentials>) -> Self {
         self.credentials = c;
         self
@@ -123,22 +187,30 @@ impl Vm {
 
     /// Start the VM (headless). Starting a running VM does nothing.
     pub async fn start(&self) -> Result<()> {
-        match self.state().await? {
-            VmState::Running => Ok(()),
-            VmState::Paused => Err(Error::InvalidState {
-                ctx: self.ctx("start"),
-                state: "paused".into(),
-                hint: format!("resume it instead (anyvm resume {})", self.name),
-            }),
-            _ => self.backend.start(&self.name).await,
-        }
+        let args = json!({});
+        self.audited("start", args, async move {
+            match self.state().await? {
+                VmState::Running => Ok(()),
+                VmState::Paused => Err(Error::InvalidState {
+                    ctx: self.ctx("start"),
+                    state: "paused".into(),
+                    hint: format!("resume it instead (anyvm resume {})", self.name),
+                }),
+                _ => self.backend.start(&self.name).await,
+            }
+        })
+        .await
     }
 
     /// Graceful shutdown with a deadline, then power off. Returns which of the two happened.
     pub async fn stop(&self, opts: StopOptions) -> Result<StopOutcome> {
-        let out = self.stop_inner(opts).await;
-        self.close_tunnels().await;
-        out
+        let args = json!({"force": opts.force, "timeout_s": opts.timeout.as_secs_f64()});
+        self.audited("stop", args, async move {
+            let out = self.stop_inner(opts).await;
+            self.close_tunnels().await;
+            out
+        })
+        .await
     }
 
     async fn stop_inner(&self, opts: StopOptions) -> Result<StopOutcome> {
@@ -220,71 +292,118 @@ impl Vm {
 
     /// Cut the power at once.
     pub async fn power_off(&self) -> Result<()> {
-        let out = self.backend.power_off(&self.name).await;
-        self.close_tunnels().await;
-        out
+        let args = json!({});
+        self.audited("power_off", args, async move {
+            let out = self.backend.power_off(&self.name).await;
+            self.close_tunnels().await;
+            out
+        })
+        .await
     }
     /// Hardware reset: the guest restarts at once (ssh tunnels reopen at the next `wait_ready`).
     pub async fn reset(&self) -> Result<()> {
-        self.backend.reset(&self.name).await?;
-        self.close_tunnels().await;
-        Ok(())
+        let args = json!({});
+        self.audited("reset", args, async move {
+            self.backend.reset(&self.name).await?;
+            self.close_tunnels().await;
+            Ok(())
+        })
+        .await
     }
     pub async fn pause(&self) -> Result<()> {
-        self.backend.pause(&self.name).await
+        let args = json!({});
+        self.audited("pause", args, async move {
+            self.backend.pause(&self.name).await
+        })
+        .await
     }
     pub async fn resume(&self) -> Result<()> {
-        self.backend.resume(&self.name).await
+        let args = json!({});
+        self.audited("resume", args, async move {
+            self.backend.resume(&self.name).await
+        })
+        .await
     }
     pub async fn save_state(&self) -> Result<()> {
-        self.backend.save_state(&self.name).await?;
-        self.close_tunnels().await;
-        Ok(())
+        let args = json!({});
+        self.audited("save_state", args, async move {
+            self.backend.save_state(&self.name).await?;
+            self.close_tunnels().await;
+            Ok(())
+        })
+        .await
     }
 
     /// Power off if needed, remove the definition, its snapshots, the disks anyvm created for it,
     /// its port leases and its known_hosts file.
     pub async fn destroy(&self) -> Result<()> {
-        self.close_tunnels().await;
-        if !matches!(self.state().await?, VmState::ShutOff | VmState::Saved) {
-            self.backend.power_off(&self.name).await?;
-        }
-        self.backend.undefine(&self.name).await?;
-        self.ports
-            .release(&self.backend.uri(), self.name.as_str(), None)?;
-        let kh = self
-            .state_dir
-            .join("ssh")
-            .read_dir()
-            .into_iter()
-            .flatten()
-            .flatten()
-            .map(|d| d.path().join(format!("{}.known_hosts", self.name)));
-        for p in kh {
-            let _ = std::fs::remove_file(p);
-        }
-        Ok(())
+        let args = json!({});
+        self.audited("destroy", args, async move {
+            self.close_tunnels().await;
+            if !matches!(self.state().await?, VmState::ShutOff | VmState::Saved) {
+                self.backend.power_off(&self.name).await?;
+            }
+            self.backend.undefine(&self.name).await?;
+            self.ports
+                .release(&self.backend.uri(), self.name.as_str(), None)?;
+            let kh = self
+                .state_dir
+                .join("ssh")
+                .read_dir()
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|d| d.path().join(format!("{}.known_hosts", self.name)));
+            for p in kh {
+                let _ = std::fs::remove_file(p);
+            }
+            Ok(())
+        })
+        .await
     }
 
     pub async fn exec(&self, req: &ExecRequest) -> Result<ExecOutput> {
-        req.validate()?;
-        let mut r = req.clone();
-        if r.credentials.is_none() {
-            r.credentials = self.credentials.clone();
-        }
-        let out = match self.channel {
-            GuestChannel::Tools => self.backend.exec(&self.name, &r).await?,
-            GuestChannel::Ssh { port } => {
-                self.ssh_target_for(port, r.credentials.as_ref())
-                    .await?
-                    .exec(&r)
-                    .await?
+        self.exec_as("exec", req, true).await
+    }
+
+    /// Exec for anyvm's own probes (resource checks, mounts): audited under `op`, not subject
+    /// to the exec allowlist, which governs what users run.
+    pub(crate) async fn exec_internal(&self, op: &str, req: &ExecRequest) -> Result<ExecOutput> {
+        self.exec_as(op, req, false).await
+    }
+
+    async fn exec_as(&self, op: &str, req: &ExecRequest, allowlist: bool) -> Result<ExecOutput> {
+        let args = json!({
+            "argv": std::iter::once(&req.program).chain(&req.args).collect::<Vec<_>>(),
+            "cwd": req.cwd,
+            "env_keys": req.env.keys().collect::<Vec<_>>(),
+        });
+        self.audited(op, args, async move {
+            req.validate()?;
+            if allowlist {
+                self.check_exec_policy(req)?;
+            } else {
+                self.check_argv_secrets(&self.ctx(op), req.credentials.as_ref().or(self.credentials.as_ref()))?;
             }
-        };
-        if out.stdout_truncated || out.stderr_truncated {
-            tracing::warn!(vm = %self.name, program = %req.program, "guest output was truncated by the backend's capture limit");
-        }
-        Ok(out)
+            let mut r = req.clone();
+            if r.credentials.is_none() {
+                r.credentials = self.credentials.clone();
+            }
+            let out = match self.channel {
+                GuestChannel::Tools => self.backend.exec(&self.name, &r).await?,
+                GuestChannel::Ssh { port } => {
+                    self.ssh_target_for(port, r.credentials.as_ref())
+                        .await?
+                        .exec(&r)
+                        .await?
+                }
+            };
+            if out.stdout_truncated || out.stderr_truncated {
+                tracing::warn!(vm = %self.name, program = %req.program, "guest output was truncated by the backend's capture limit");
+            }
+            Ok(out)
+        })
+        .await
     }
 
     /// Run and require exit code 0.
@@ -314,44 +433,52 @@ impl Vm {
     }
 
     pub async fn copy_to(&self, host: impl AsRef<Path>, guest: &str) -> Result<u64> {
-        let host = host.as_ref();
-        if !host.is_file() {
-            return Err(Error::NotFound {
-                ctx: self.ctx("copy_to"),
-                what: format!("host file {}", host.display()),
-            });
-        }
-        check_guest_path(guest)?;
-        match self.channel {
-            GuestChannel::Tools => {
-                self.backend
-                    .copy_to(&self.name, host, guest, self.credentials.clone())
-                    .await
+        let args = json!({"host": host.as_ref().display().to_string(), "guest": guest});
+        self.audited("copy_to", args, async move {
+            let host = host.as_ref();
+            if !host.is_file() {
+                return Err(Error::NotFound {
+                    ctx: self.ctx("copy_to"),
+                    what: format!("host file {}", host.display()),
+                });
             }
-            GuestChannel::Ssh { port } => {
-                self.ssh_target(port)
-                    .await?
-                    .upload(host, guest, COPY_TIMEOUT)
-                    .await
+            check_guest_path(guest)?;
+            match self.channel {
+                GuestChannel::Tools => {
+                    self.backend
+                        .copy_to(&self.name, host, guest, self.credentials.clone())
+                        .await
+                }
+                GuestChannel::Ssh { port } => {
+                    self.ssh_target(port)
+                        .await?
+                        .upload(host, guest, COPY_TIMEOUT)
+                        .await
+                }
             }
-        }
+        })
+        .await
     }
 
     pub async fn copy_from(&self, guest: &str, host: impl AsRef<Path>) -> Result<u64> {
-        check_guest_path(guest)?;
-        match self.channel {
-            GuestChannel::Tools => {
-                self.backend
-                    .copy_from(&self.name, guest, host.as_ref(), self.credentials.clone())
-                    .await
+        let args = json!({"guest": guest, "host": host.as_ref().display().to_string()});
+        self.audited("copy_from", args, async move {
+            check_guest_path(guest)?;
+            match self.channel {
+                GuestChannel::Tools => {
+                    self.backend
+                        .copy_from(&self.name, guest, host.as_ref(), self.credentials.clone())
+                        .await
+                }
+                GuestChannel::Ssh { port } => {
+                    self.ssh_target(port)
+                        .await?
+                        .download(guest, host.as_ref(), COPY_TIMEOUT)
+                        .await
+                }
             }
-            GuestChannel::Ssh { port } => {
-                self.ssh_target(port)
-                    .await?
-                    .download(guest, host.as_ref(), COPY_TIMEOUT)
-                    .await
-            }
-        }
+        })
+        .await
     }
 
     /// A small guest file, through whichever channel this handle uses.
@@ -490,99 +617,107 @@ impl Vm {
 
     /// Add a forward (works on running and stopped VMs). `Auto` host ports are allocated safely.
     pub async fn forward_add(&self, spec: &ForwardSpec) -> Result<PortForward> {
-        spec.validate()?;
-        let ctx = self.ctx("forward add");
-        let existing = self.forwards().await?;
-        if existing.iter().any(|f| f.name == spec.name) {
-            return Err(Error::invalid_arg(
-                format!("forward {:?}", spec.name),
-                format!(
-                    "vm '{}' already has a forward with that name; remove it first",
-                    self.name
-                ),
-            ));
-        }
-        let uri = self.backend.uri();
-        let purpose = format!("forward:{}", spec.name);
-        let port = match spec.host_port {
-            HostPort::Auto => self.ports.allocate(
-                &uri,
-                self.name.as_str(),
-                &purpose,
-                &spec.host_addr,
-                spec.proto,
-            )?,
-            HostPort::Fixed(p) => {
-                if let Some(f) = existing
-                    .iter()
-                    .find(|f| f.host_port == p && f.proto == spec.proto)
-                {
-                    return Err(Error::PortInUse {
-                        ctx,
-                        port: p,
-                        reason: format!("already forwarded by '{}'", f.name),
-                    });
-                }
-                self.ports.reserve(
+        let args = json!({"spec": spec});
+        self.audited("forward_add", args, async move {
+            spec.validate()?;
+            let ctx = self.ctx("forward add");
+            let existing = self.forwards().await?;
+            if existing.iter().any(|f| f.name == spec.name) {
+                return Err(Error::invalid_arg(
+                    format!("forward {:?}", spec.name),
+                    format!(
+                        "vm '{}' already has a forward with that name; remove it first",
+                        self.name
+                    ),
+                ));
+            }
+            let uri = self.backend.uri();
+            let purpose = format!("forward:{}", spec.name);
+            let port = match spec.host_port {
+                HostPort::Auto => self.ports.allocate(
                     &uri,
                     self.name.as_str(),
                     &purpose,
                     &spec.host_addr,
                     spec.proto,
-                    p,
-                )?;
-                p
-            }
-        };
-        let fwd = PortForward {
-            name: spec.name.clone(),
-            proto: spec.proto,
-            host_addr: spec.host_addr.clone(),
-            host_port: port,
-            guest_port: spec.guest_port,
-        };
-        if let Err(e) = self.backend.forward_add(&self.name, &fwd).await {
-            let _ = self.ports.release(&uri, self.name.as_str(), Some(&purpose));
-            return Err(e);
-        }
-        if let Some(t) = self.tunnels() {
-            let opened = async {
-                if self.state().await? != VmState::Running {
-                    return Ok(());
+                )?,
+                HostPort::Fixed(p) => {
+                    if let Some(f) = existing
+                        .iter()
+                        .find(|f| f.host_port == p && f.proto == spec.proto)
+                    {
+                        return Err(Error::PortInUse {
+                            ctx,
+                            port: p,
+                            reason: format!("already forwarded by '{}'", f.name),
+                        });
+                    }
+                    self.ports.reserve(
+                        &uri,
+                        self.name.as_str(),
+                        &purpose,
+                        &spec.host_addr,
+                        spec.proto,
+                        p,
+                    )?;
+                    p
                 }
-                let target = self.ssh_target(self.ssh_port()).await?;
-                t.open(&target, &fwd, Duration::from_secs(60)).await
             };
-            if let Err(e) = opened.await {
-                let _ = self.backend.forward_remove(&self.name, &fwd).await;
+            let fwd = PortForward {
+                name: spec.name.clone(),
+                proto: spec.proto,
+                host_addr: spec.host_addr.clone(),
+                host_port: port,
+                guest_port: spec.guest_port,
+            };
+            if let Err(e) = self.backend.forward_add(&self.name, &fwd).await {
                 let _ = self.ports.release(&uri, self.name.as_str(), Some(&purpose));
                 return Err(e);
             }
-        }
-        Ok(fwd)
+            if let Some(t) = self.tunnels() {
+                let opened = async {
+                    if self.state().await? != VmState::Running {
+                        return Ok(());
+                    }
+                    let target = self.ssh_target(self.ssh_port()).await?;
+                    t.open(&target, &fwd, Duration::from_secs(60)).await
+                };
+                if let Err(e) = opened.await {
+                    let _ = self.backend.forward_remove(&self.name, &fwd).await;
+                    let _ = self.ports.release(&uri, self.name.as_str(), Some(&purpose));
+                    return Err(e);
+                }
+            }
+            Ok(fwd)
+        })
+        .await
     }
 
     /// Remove a forward by its name (or its host port, given as a number).
     pub async fn forward_remove(&self, name_or_port: &str) -> Result<PortForward> {
-        let fwd = self
-            .forwards()
-            .await?
-            .into_iter()
-            .find(|f| f.name == name_or_port || f.host_port.to_string() == name_or_port)
-            .ok_or_else(|| Error::NotFound {
-                ctx: self.ctx("forward remove"),
-                what: format!("forward {name_or_port:?}"),
-            })?;
-        if let Some(t) = self.tunnels() {
-            t.close(&fwd.name).await;
-        }
-        self.backend.forward_remove(&self.name, &fwd).await?;
-        self.ports.release(
-            &self.backend.uri(),
-            self.name.as_str(),
-            Some(&format!("forward:{}", fwd.name)),
-        )?;
-        Ok(fwd)
+        let args = json!({"forward": name_or_port});
+        self.audited("forward_remove", args, async move {
+            let fwd = self
+                .forwards()
+                .await?
+                .into_iter()
+                .find(|f| f.name == name_or_port || f.host_port.to_string() == name_or_port)
+                .ok_or_else(|| Error::NotFound {
+                    ctx: self.ctx("forward remove"),
+                    what: format!("forward {name_or_port:?}"),
+                })?;
+            if let Some(t) = self.tunnels() {
+                t.close(&fwd.name).await;
+            }
+            self.backend.forward_remove(&self.name, &fwd).await?;
+            self.ports.release(
+                &self.backend.uri(),
+                self.name.as_str(),
+                Some(&format!("forward:{}", fwd.name)),
+            )?;
+            Ok(fwd)
+        })
+        .await
     }
 
     /// Wait until the guest passes `spec`'s probes, or fail with the probe still failing.
@@ -605,18 +740,30 @@ impl Vm {
     }
 
     pub async fn snapshot_take(&self, name: &str, description: &str) -> Result<()> {
-        check_snapshot_name(name)?;
-        self.backend
-            .snapshot_take(&self.name, name, description)
-            .await
+        let args = json!({"snapshot": name});
+        self.audited("snapshot_take", args, async move {
+            check_snapshot_name(name)?;
+            self.backend
+                .snapshot_take(&self.name, name, description)
+                .await
+        })
+        .await
     }
     pub async fn snapshot_restore(&self, name: &str) -> Result<()> {
-        check_snapshot_name(name)?;
-        self.backend.snapshot_restore(&self.name, name).await
+        let args = json!({"snapshot": name});
+        self.audited("snapshot_restore", args, async move {
+            check_snapshot_name(name)?;
+            self.backend.snapshot_restore(&self.name, name).await
+        })
+        .await
     }
     pub async fn snapshot_delete(&self, name: &str) -> Result<()> {
-        check_snapshot_name(name)?;
-        self.backend.snapshot_delete(&self.name, name).await
+        let args = json!({"snapshot": name});
+        self.audited("snapshot_delete", args, async move {
+            check_snapshot_name(name)?;
+            self.backend.snapshot_delete(&self.name, name).await
+        })
+        .await
     }
     pub async fn snapshots(&self) -> Result<Vec<SnapshotInfo>> {
         self.backend.snapshot_list(&self.name).await
@@ -625,64 +772,82 @@ impl Vm {
     /// A copy-on-write clone of this VM (at `snapshot`, or its current disks when it is off).
     /// The clone gets fresh host ports for every forward and console.
     pub async fn clone_linked(&self, new_name: &VmName, snapshot: Option<&str>) -> Result<Vm> {
-        if let Some(s) = snapshot {
-            check_snapshot_name(s)?;
-        }
-        if self.backend.exists(new_name).await? {
-            return Err(Error::InvalidState {
-                ctx: Ctx::vm("clone", new_name),
-                state: "already defined".into(),
-                hint: "choose another name or destroy the existing VM".into(),
-            });
-        }
-        let ctx = Ctx::vm(format!("clone to {new_name}"), &self.name);
-        let mut spec = self
-            .backend
-            .spec(&self.name)
-            .await?
-            .ok_or_else(|| Error::InvalidState {
-                ctx: ctx.clone(),
-                state: "not defined by anyvm".into(),
-                hint: "only VMs defined through anyvm carry the spec a clone is made from".into(),
-            })?;
-        spec.name = new_name.clone();
-        for f in &mut spec.forwards {
-            f.host_port = HostPort::Auto;
-        }
-        if spec.console.vnc.is_some() {
-            spec.console.vnc = Some(HostPort::Auto);
-        }
-        let backend = self.backend.clone();
-        let snapshot = snapshot.map(str::to_string);
-        let base = self.name.clone();
-        with_ports(&self.backend, &self.ports, spec, move |spec| async move {
-            backend.clone_linked(&base, snapshot, &spec).await
+        let args = json!({"clone": new_name.as_str(), "snapshot": snapshot});
+        self.audited("clone_linked", args, async move {
+            if let Some(s) = snapshot {
+                check_snapshot_name(s)?;
+            }
+            if self.backend.exists(new_name).await? {
+                return Err(Error::InvalidState {
+                    ctx: Ctx::vm("clone", new_name),
+                    state: "already defined".into(),
+                    hint: "choose another name or destroy the existing VM".into(),
+                });
+            }
+            let ctx = Ctx::vm(format!("clone to {new_name}"), &self.name);
+            let mut spec =
+                self.backend
+                    .spec(&self.name)
+                    .await?
+                    .ok_or_else(|| Error::InvalidState {
+                        ctx: ctx.clone(),
+                        state: "not defined by anyvm".into(),
+                        hint: "only VMs defined through anyvm carry the spec a clone is made from"
+                            .into(),
+                    })?;
+            spec.name = new_name.clone();
+            for f in &mut spec.forwards {
+                f.host_port = HostPort::Auto;
+            }
+            if spec.console.vnc.is_some() {
+                spec.console.vnc = Some(HostPort::Auto);
+            }
+            let backend = self.backend.clone();
+            let snapshot = snapshot.map(str::to_string);
+            let base = self.name.clone();
+            with_ports(&self.backend, &self.ports, spec, move |spec| async move {
+                backend.clone_linked(&base, snapshot, &spec).await
+            })
+            .await?;
+            Ok(Vm::new(
+                new_name.clone(),
+                self.backend.clone(),
+                self.ports.clone(),
+                self.state_dir.clone(),
+            )
+            .with_credentials_opt(self.credentials.clone())
+            .with_guest_channel(self.channel)
+            .with_policy_opt(self.policy.clone()))
         })
-        .await?;
-        Ok(Vm::new(
-            new_name.clone(),
-            self.backend.clone(),
-            self.ports.clone(),
-            self.state_dir.clone(),
-        )
-        .with_credentials_opt(self.credentials.clone())
-        .with_guest_channel(self.channel))
+        .await
     }
 
     /// Offer a host folder to the guest. The host path must exist; symlinks are resolved first.
     pub async fn shared_folder_add(&self, folder: &SharedFolder) -> Result<SharedFolder> {
-        folder.validate()?;
-        let host_path = std::fs::canonicalize(&folder.host_path)
-            .map_err(|e| Error::io(self.ctx("shared folder add"), &folder.host_path, e))?;
-        let f = SharedFolder {
-            host_path,
-            ..folder.clone()
-        };
-        self.backend.shared_folder_add(&self.name, &f).await?;
-        Ok(f)
+        let args = json!({"folder": folder});
+        self.audited("shared_folder_add", args, async move {
+            folder.validate()?;
+            let ctx = self.ctx(&format!("shared folder add {}", folder.name));
+            if let Some(p) = &self.policy {
+                p.check_share(&ctx, &folder.host_path)?;
+            }
+            let host_path = std::fs::canonicalize(&folder.host_path)
+                .map_err(|e| Error::io(ctx.clone(), &folder.host_path, e))?;
+            let f = SharedFolder {
+                host_path,
+                ..folder.clone()
+            };
+            self.backend.shared_folder_add(&self.name, &f).await?;
+            Ok(f)
+        })
+        .await
     }
     pub async fn shared_folder_remove(&self, name: &str) -> Result<()> {
-        self.backend.shared_folder_remove(&self.name, name).await
+        let args = json!({"folder": name});
+        self.audited("shared_folder_remove", args, async move {
+            self.backend.shared_folder_remove(&self.name, name).await
+        })
+        .await
     }
     pub async fn shared_folders(&self) -> Result<Vec<SharedFolder>> {
         self.backend.shared_folders(&self.name).await

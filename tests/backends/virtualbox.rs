@@ -528,6 +528,7 @@ async fn shared_folders_add_list_remove() {
         host_path: host.clone(),
         readonly: true,
         automount: true,
+        guest_path: None,
     };
     vm.shared_folder_add(&sf).await.unwrap();
     let l = vm.shared_folders().await.unwrap();
@@ -543,6 +544,7 @@ async fn shared_folders_add_list_remove() {
         host_path: "/nonexistent/dir".into(),
         readonly: true,
         automount: false,
+        guest_path: None,
     };
     assert!(matches!(
         vm.shared_folder_add(&bad).await.unwrap_err(),

@@ -402,6 +402,7 @@ async fn shared_folders_and_cli() {
         host_path: host,
         readonly: true,
         automount: false,
+        guest_path: None,
     })
     .await
     .unwrap();

@@ -215,6 +215,12 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// Hardware reset: the guest restarts at once, without shutting down.
     async fn reset(&self, vm: &VmName) -> Result<()>;
 
+    /// Whether guest operations through the tools put the guest password on a command line
+    /// (vmrun `-gp`); policy `secrets_in_argv = false` refuses them.
+    fn tools_take_secrets_in_argv(&self) -> bool {
+        false
+    }
+
     /// Who carries port forwards: the hypervisor, or ssh tunnels run by anyvm.
     fn forward_transport(&self) -> ForwardTransport {
         ForwardTransport::Hypervisor
@@ -255,6 +261,24 @@ pub fn require_credentials(
             "{what} needs a guest account; set credentials in the config or Vm::with_credentials"
         ),
     })
+}
+
+/// Backends without per-VM network restriction refuse `restricted` and `none` instead of
+/// silently giving the guest full NAT.
+pub fn require_nat_network(ctx: &crate::error::Ctx, backend: &str, spec: &VmSpec) -> Result<()> {
+    match spec.network {
+        crate::types::Network::Nat => Ok(()),
+        ref n => Err(Error::PolicyDenied {
+            ctx: ctx.clone(),
+            reason: format!(
+                "network mode {:?} cannot be enforced by the {backend} backend (its NAT has no per-VM allowlist); use libvirt for restricted guests or mode \"nat\"",
+                match n {
+                    crate::types::Network::Restricted { .. } => "restricted",
+                    _ => "none",
+                }
+            ),
+        }),
+    }
 }
 
 /// The error for an operation a backend does not offer.

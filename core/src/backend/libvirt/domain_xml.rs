@@ -6,7 +6,7 @@
 
 use std::path::Path;
 
-use crate::types::{Accel, Boot, HostPort, Protocol, VmSpec};
+use crate::types::{Accel, Boot, HostPort, Network, Protocol, VmSpec};
 use crate::util::xml::escape;
 
 pub const NETDEV_ID: &str = "anyvm0";
@@ -74,7 +74,30 @@ pub fn spec_from_metadata(xml: &str) -> Result<VmSpec, String> {
     serde_json::from_str(&text).map_err(|e| format!("anyvm metadata is not a valid spec: {e}"))
 }
 
-pub fn domain_xml(spec: &VmSpec, uuid: Option<&str>, console_log: &Path) -> String {
+/// The guest's gateway on QEMU user networking; restricted endpoints appear there.
+pub const GATEWAY: &str = "10.0.2.2";
+
+/// Host-side paths a definition refers to.
+pub struct HostSide<'a> {
+    pub console_log: &'a Path,
+    pub virtiofsd: &'a Path,
+    /// Folder holding this VM's read-only bind mounts, one per read-only share.
+    pub ro_mounts: &'a Path,
+}
+
+/// What virtiofsd serves for a share: read-only shares go through a read-only bind mount, so
+/// the host kernel refuses writes whatever the guest (even root) does.
+pub fn share_source(s: &crate::types::SharedFolder, ro_mounts: &Path) -> std::path::PathBuf {
+    if s.readonly {
+        ro_mounts.join(&s.name)
+    } else {
+        s.host_path.clone()
+    }
+}
+
+pub fn domain_xml(spec: &VmSpec, uuid: Option<&str>, host: &HostSide<'_>) -> String {
+    let console_log = host.console_log;
+    let virtiofsd = host.virtiofsd;
     let mut x = String::new();
     let dtype = resolve_accel(spec.accel);
     x.push_str(&format!(
@@ -92,6 +115,12 @@ pub fn domain_xml(spec: &VmSpec, uuid: Option<&str>, console_log: &Path) -> Stri
         "  <memory unit='MiB'>{}</memory>\n  <vcpu>{}</vcpu>\n  <os>\n    <type arch='x86_64'>hvm</type>\n",
         spec.memory_mib, spec.cpus
     ));
+    if !spec.shares.is_empty() {
+        // vhost-user (virtiofsd) needs guest RAM it can map.
+        x.push_str(
+            "  <memoryBacking><source type='memfd'/><access mode='shared'/></memoryBacking>\n",
+        );
+    }
     match &spec.boot {
         Boot::Kernel {
             kernel,
@@ -138,8 +167,37 @@ pub fn domain_xml(spec: &VmSpec, uuid: Option<&str>, console_log: &Path) -> Stri
             "    <graphics type='vnc' port='{p}' autoport='no' listen='127.0.0.1'/>\n    <video><model type='vga'/></video>\n"
         ));
     }
+    for s in &spec.shares {
+        let source = share_source(s, host.ro_mounts);
+        x.push_str(&format!(
+            "    <filesystem type='mount' accessmode='passthrough'><driver type='virtiofs' queue='1024'/><binary path='{}'/><source dir='{}'/><target dir='{}'/></filesystem>\n",
+            escape(&virtiofsd.display().to_string()),
+            escape(&source.display().to_string()),
+            escape(&s.name),
+        ));
+    }
     x.push_str("    <memballoon model='none'/>\n  </devices>\n");
     let mut netdev = format!("user,id={NETDEV_ID}");
+    match &spec.network {
+        Network::Nat => {}
+        // restrict=on drops every connection the guest starts; guestfwd rules are the only way out.
+        Network::None => netdev.push_str(",restrict=on"),
+        Network::Restricted { allow } => {
+            netdev.push_str(",restrict=on");
+            for e in allow {
+                let host = if e.host.contains(':') {
+                    format!("[{}]", e.host)
+                } else {
+                    e.host.clone()
+                };
+                netdev.push_str(&format!(
+                    ",guestfwd=tcp:{GATEWAY}:{}-tcp:{host}:{}",
+                    e.guest_port(),
+                    e.port
+                ));
+            }
+        }
+    }
     for f in &spec.forwards {
         if let HostPort::Fixed(p) = f.host_port {
             netdev.push_str(&format!(
@@ -182,9 +240,56 @@ mod tests {
         s
     }
 
+    fn host() -> HostSide<'static> {
+        HostSide {
+            console_log: Path::new("/log/t1.log"),
+            virtiofsd: Path::new("/usr/lib/qemu/virtiofsd"),
+            ro_mounts: Path::new("/state/shares/t1"),
+        }
+    }
+
+    #[test]
+    fn network_policy_and_shares_render() {
+        let mut s = spec();
+        let x = domain_xml(&s, None, &host());
+        assert!(!x.contains("restrict=on") && !x.contains("memoryBacking"));
+        s.network = Network::Restricted {
+            allow: vec![crate::types::Endpoint {
+                host: "127.0.0.1".into(),
+                port: 3306,
+                guest_port: Some(13306),
+            }],
+        };
+        s.shares.push(crate::types::SharedFolder {
+            name: "calib".into(),
+            host_path: "/data/calib".into(),
+            readonly: true,
+            automount: false,
+            guest_path: None,
+        });
+        s.shares.push(crate::types::SharedFolder {
+            name: "out".into(),
+            host_path: "/data/out".into(),
+            readonly: false,
+            automount: false,
+            guest_path: None,
+        });
+        let x = domain_xml(&s, None, &host());
+        assert!(
+            x.contains(",restrict=on,guestfwd=tcp:10.0.2.2:13306-tcp:127.0.0.1:3306"),
+            "{x}"
+        );
+        assert!(x.contains("<access mode='shared'/>"));
+        // read-only shares are served from the read-only bind mount, never the folder itself
+        assert!(x.contains("<source dir='/state/shares/t1/calib'/><target dir='calib'/>"));
+        assert!(x.contains("<source dir='/data/out'/><target dir='out'/>"));
+        s.network = Network::None;
+        assert!(domain_xml(&s, None, &host()).contains("user,id=anyvm0,restrict=on,hostfwd"));
+    }
+
     #[test]
     fn xml_has_forwards_agent_and_escaped_text() {
-        let x = domain_xml(&spec(), None, Path::new("/log/t1.log"));
+        let x = domain_xml(&spec(), None, &host());
         assert!(x.contains("<domain type='qemu'"));
         assert!(x.contains("hostfwd=tcp:127.0.0.1:40022-:22"));
         assert!(x.contains("org.qemu.guest_agent.0"));

@@ -26,8 +26,8 @@ use crate::credentials::Credentials;
 use crate::error::{Ctx, Error, Result};
 use crate::name::VmName;
 use crate::types::{
-    DiskFormat, ExecOutput, ExecRequest, ForwardSpec, HostPort, PortForward, SnapshotInfo, VmInfo,
-    VmSpec, VmState,
+    DiskFormat, ExecOutput, ExecRequest, ForwardSpec, HostPort, PortForward, SharedFolder,
+    SnapshotInfo, VmInfo, VmSpec, VmState,
 };
 use crate::util::command::ToolCommand;
 
@@ -51,6 +51,23 @@ pub struct LibvirtOptions {
     pub write_chunk: usize,
     /// Bytes per guest-file-read.
     pub read_chunk: usize,
+    /// Read-only bind mounts of read-only shares, one folder per VM.
+    pub shares_dir: PathBuf,
+    /// vhost-user filesystem daemon for shares.
+    pub virtiofsd: PathBuf,
+}
+
+/// Where Debian/Ubuntu (QEMU ≤ 7) and Fedora/newer distributions put virtiofsd.
+fn find_virtiofsd() -> PathBuf {
+    [
+        "/usr/lib/qemu/virtiofsd",
+        "/usr/libexec/virtiofsd",
+        "/usr/lib/virtiofsd",
+    ]
+    .iter()
+    .map(PathBuf::from)
+    .find(|p| p.exists())
+    .unwrap_or_else(|| "/usr/libexec/virtiofsd".into())
 }
 
 impl Default for LibvirtOptions {
@@ -64,6 +81,8 @@ impl Default for LibvirtOptions {
             qemu_img_timeout: Duration::from_secs(600),
             write_chunk: 96 * 1024,
             read_chunk: 1024 * 1024,
+            shares_dir: base.join("shares"),
+            virtiofsd: find_virtiofsd(),
         }
     }
 }
@@ -300,6 +319,8 @@ impl LibvirtBackend {
     /// Rewrite the persistent definition from `spec`, keeping the domain's UUID.
     async fn redefine(&self, ctx: &Ctx, spec: VmSpec) -> Result<()> {
         let log = self.console_path(&spec.name);
+        let ro = self.ro_mounts(&spec.name);
+        let host = self.clone();
         let name = spec.name.to_string();
         self.call(ctx, self.opts.call_timeout, {
             let c = ctx.clone();
@@ -308,7 +329,7 @@ impl LibvirtBackend {
                     .lookup_domain_by_name(&name)
                     .map_err(|e| map_err(&c, e))?;
                 let uuid = d.uuid_string().map_err(|e| map_err(&c, e))?;
-                let xml = domain_xml::domain_xml(&spec, Some(&uuid), &log);
+                let xml = domain_xml::domain_xml(&spec, Some(&uuid), &host.host_side(&log, &ro));
                 conn.define_domain_xml(&xml)
                     .map(|_| ())
                     .map_err(|e| map_err(&c, e))
@@ -339,9 +360,70 @@ impl LibvirtBackend {
         Ok(())
     }
 
+    fn host_side<'a>(&'a self, log: &'a Path, ro: &'a Path) -> domain_xml::HostSide<'a> {
+        domain_xml::HostSide {
+            console_log: log,
+            virtiofsd: &self.opts.virtiofsd,
+            ro_mounts: ro,
+        }
+    }
+
+    fn ro_mounts(&self, vm: &VmName) -> PathBuf {
+        self.opts.shares_dir.join(vm.as_str())
+    }
+
+    /// Read-only shares need their read-only bind mounts before QEMU starts (they do not
+    /// survive a host reboot, so every start makes sure).
+    fn prepare_shares(&self, ctx: &Ctx, spec: &VmSpec) -> Result<()> {
+        let ro: Vec<_> = spec.shares.iter().filter(|s| s.readonly).collect();
+        if ro.is_empty() {
+            return Ok(());
+        }
+        if !self.is_local() {
+            return Err(Error::PolicyDenied {
+                ctx: ctx.clone(),
+                reason: "read-only shares are enforced with a bind mount on the libvirt host; anyvm can only make it when libvirt is local".into(),
+            });
+        }
+        let dir = self.ro_mounts(&spec.name);
+        for s in ro {
+            crate::util::bindmount::ensure_readonly(ctx, &s.host_path, &dir.join(&s.name))?;
+        }
+        Ok(())
+    }
+
+    fn release_shares(&self, vm: &VmName, names: impl IntoIterator<Item = String>) {
+        let dir = self.ro_mounts(vm);
+        for n in names {
+            crate::util::bindmount::release(&dir.join(n));
+        }
+        let _ = std::fs::remove_dir(&dir);
+    }
+
     fn check_host_paths(&self, ctx: &Ctx, spec: &VmSpec) -> Result<()> {
         if !self.is_local() {
             return Ok(());
+        }
+        for s in &spec.shares {
+            if !s.host_path.is_dir() {
+                return Err(Error::NotFound {
+                    ctx: ctx.clone(),
+                    what: format!(
+                        "host folder {} for share {:?}",
+                        s.host_path.display(),
+                        s.name
+                    ),
+                });
+            }
+        }
+        if !spec.shares.is_empty() && !self.opts.virtiofsd.exists() {
+            return Err(Error::NotFound {
+                ctx: ctx.clone(),
+                what: format!(
+                    "virtiofsd at {} (shares need it; install the distribution's virtiofsd/qemu package)",
+                    self.opts.virtiofsd.display()
+                ),
+            });
         }
         let mut paths: Vec<&Path> = spec.disks.iter().map(|d| d.path.as_path()).collect();
         if let crate::types::Boot::Kernel { kernel, initrd, .. } = &spec.boot {
@@ -487,7 +569,11 @@ impl Backend for LibvirtBackend {
             std::fs::create_dir_all(&self.opts.console_dir)
                 .map_err(|e| Error::io(ctx.clone(), &self.opts.console_dir, e))?;
         }
-        let xml = domain_xml::domain_xml(spec, None, &self.console_path(&spec.name));
+        let xml = domain_xml::domain_xml(
+            spec,
+            None,
+            &self.host_side(&self.console_path(&spec.name), &self.ro_mounts(&spec.name)),
+        );
         self.call(&ctx, self.opts.call_timeout, {
             let c = ctx.clone();
             move |conn| {
@@ -515,6 +601,7 @@ impl Backend for LibvirtBackend {
                     tracing::warn!(vm = %vm, path = %d.path.display(), error = %e, "could not remove clone disk");
                 }
             }
+            self.release_shares(vm, spec.shares.into_iter().map(|s| s.name));
         }
         let _ = std::fs::remove_file(self.console_path(vm));
         Ok(())
@@ -525,7 +612,11 @@ impl Backend for LibvirtBackend {
     }
 
     async fn start(&self, vm: &VmName) -> Result<()> {
-        self.dom(&Ctx::vm("start", vm), vm, |d, c| {
+        let ctx = Ctx::vm("start", vm);
+        if let Ok(spec) = self.stored_spec(&ctx, vm).await {
+            self.prepare_shares(&ctx, &spec)?;
+        }
+        self.dom(&ctx, vm, |d, c| {
             d.create().map(|_| ()).map_err(|e| map_err(c, e))
         })
         .await
@@ -986,6 +1077,58 @@ impl Backend for LibvirtBackend {
     async fn forwards(&self, vm: &VmName) -> Result<Vec<PortForward>> {
         let ctx = Ctx::vm("forwards", vm);
         Ok(self.stored_spec(&ctx, vm).await?.resolved_forwards())
+    }
+
+    /// virtiofs shares are part of the definition (libvirt 9 cannot hot-plug them): the VM
+    /// must be off. Read-only ones are served through a read-only bind mount.
+    async fn shared_folder_add(&self, vm: &VmName, folder: &SharedFolder) -> Result<()> {
+        let ctx = Ctx::vm(format!("shared folder add {}", folder.name), vm);
+        let mut spec = self.stored_spec(&ctx, vm).await?;
+        if spec.shares.iter().any(|s| s.name == folder.name) {
+            return Err(Error::invalid_arg(
+                format!("shared folder {:?}", folder.name),
+                format!("vm '{vm}' already has a share with that name; remove it first"),
+            ));
+        }
+        let state = self.state(vm).await?;
+        if state != VmState::ShutOff {
+            return Err(Error::InvalidState {
+                ctx,
+                state: state.to_string(),
+                hint: "virtiofs shares are added while the VM is off; stop it first".into(),
+            });
+        }
+        spec.shares.push(folder.clone());
+        self.check_host_paths(&ctx, &spec)?;
+        self.redefine(&ctx, spec).await
+    }
+
+    async fn shared_folder_remove(&self, vm: &VmName, name: &str) -> Result<()> {
+        let ctx = Ctx::vm(format!("shared folder remove {name}"), vm);
+        let mut spec = self.stored_spec(&ctx, vm).await?;
+        if !spec.shares.iter().any(|s| s.name == name) {
+            return Err(Error::NotFound {
+                ctx,
+                what: format!("shared folder {name:?}"),
+            });
+        }
+        let state = self.state(vm).await?;
+        if state != VmState::ShutOff {
+            return Err(Error::InvalidState {
+                ctx,
+                state: state.to_string(),
+                hint: "virtiofs shares are removed while the VM is off; stop it first".into(),
+            });
+        }
+        spec.shares.retain(|s| s.name != name);
+        self.redefine(&ctx, spec).await?;
+        self.release_shares(vm, [name.to_string()]);
+        Ok(())
+    }
+
+    async fn shared_folders(&self, vm: &VmName) -> Result<Vec<SharedFolder>> {
+        let ctx = Ctx::vm("shared folders", vm);
+        Ok(self.stored_spec(&ctx, vm).await?.shares)
     }
 
     async fn forward_add(&self, vm: &VmName, fwd: &PortForward) -> Result<()> {

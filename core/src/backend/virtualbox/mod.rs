@@ -429,6 +429,7 @@ impl Backend for VirtualBoxBackend {
     async fn define(&self, spec: &VmSpec) -> Result<()> {
         let ctx = Ctx::vm("define", &spec.name);
         spec.validate()?;
+        super::require_nat_network(&ctx, self.id(), spec)?;
         self.version().await?;
         if let Boot::Kernel { .. } | Boot::Existing { .. } = spec.boot {
             return Err(Error::InvalidState {
@@ -517,6 +518,9 @@ impl Backend for VirtualBoxBackend {
                     }
                     self.vbox(&ctx, a).await?;
                 }
+            }
+            for s in &spec.shares {
+                self.shared_folder_add(&spec.name, s).await?;
             }
             self.store_spec(&ctx, spec).await
         }
@@ -1040,6 +1044,7 @@ impl Backend for VirtualBoxBackend {
                     host_path: path.into(),
                     readonly: false,
                     automount: false,
+                    guest_path: None,
                 })
             })
             .collect())

@@ -399,6 +399,7 @@ impl Backend for VmwareBackend {
     async fn define(&self, spec: &VmSpec) -> Result<()> {
         let ctx = Ctx::vm("define", &spec.name);
         spec.validate()?;
+        super::require_nat_network(&ctx, self.id(), spec)?;
         let Boot::Existing { path } = &spec.boot else {
             return Err(Error::InvalidState {
                 ctx,
@@ -432,7 +433,14 @@ impl Backend for VmwareBackend {
                 },
             );
             Ok((true, ()))
-        })
+        })?;
+        for s in &spec.shares {
+            if let Err(e) = self.shared_folder_add(&spec.name, s).await {
+                let _ = self.undefine(&spec.name).await;
+                return Err(e);
+            }
+        }
+        Ok(())
     }
 
     async fn undefine(&self, vm: &VmName) -> Result<()> {
@@ -967,6 +975,10 @@ impl Backend for VmwareBackend {
         )
         .await
         .map(|_| ())
+    }
+
+    fn tools_take_secrets_in_argv(&self) -> bool {
+        true
     }
 
     fn forward_transport(&self) -> ForwardTransport {

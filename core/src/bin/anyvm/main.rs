@@ -619,6 +619,7 @@ impl App {
                     host_path,
                     readonly,
                     automount,
+                    guest_path: None,
                 };
                 let f = self.open(&name).await?.shared_folder_add(&f).await?;
                 self.out(json!(f), || {
