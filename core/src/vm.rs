@@ -128,7 +128,13 @@ impl Vm {
         let channel = config
             .and_then(|c| c.machines.get(self.name.as_str()))
             .map(|m| m.guest_channel);
-        let vm = self.with_config_credentials(config);
+        let policy = config
+            .and_then(|c| c.profile_for_machine(self.name.as_str()))
+            .map(|p| p.policy.clone());
+        let mut vm = self.with_config_credentials(config);
+        if let Some(p) = policy {
+            vm = vm.with_policy(p);
+        }
         match channel {
             Some(ch) => vm.with_guest_channel(ch),
             None => vm,
@@ -842,6 +848,55 @@ impl Vm {
         })
         .await
     }
+    /// Mount a share inside the guest at its `guest_path` (as root through the guest channel;
+    /// nothing happens when something is already mounted there).
+    pub async fn shared_folder_mount(&self, share: &SharedFolder) -> Result<()> {
+        let ctx = self.ctx(&format!("mount share {}", share.name));
+        let Some(gp) = share.guest_path.clone() else {
+            return Err(Error::invalid_arg(
+                format!("shared folder {:?}", share.name),
+                "has no guest_path to mount at",
+            ));
+        };
+        share.validate()?;
+        let argv = self.backend.share_mount_argv(share, &gp);
+        // Mount only when nothing is mounted there yet; argv goes through "$@", never a string.
+        let script = "p=$1; shift; mkdir -p \"$p\" && { awk -v p=\"$p\" '$2 == p { f = 1 } END { exit !f }' /proc/mounts || \"$@\"; }";
+        let req = ExecRequest::new("/bin/sh")
+            .args(
+                ["-c", script, "anyvm-mount", gp.as_str()]
+                    .into_iter()
+                    .map(String::from)
+                    .chain(argv),
+            )
+            .timeout(Duration::from_secs(60));
+        let out = self.exec_internal("shared_folder_mount", &req).await?;
+        if out.success() {
+            return Ok(());
+        }
+        Err(Error::GuestCommand {
+            ctx,
+            program: "mount".into(),
+            exit_code: out.exit_code,
+            reason: out.stderr_str().trim().to_string(),
+            stderr: out.stderr.into_boxed_slice(),
+        })
+    }
+
+    /// Verify from inside the guest that every resource of `profile` is usable (see
+    /// [`crate::profile::check`]); audited as "check".
+    pub async fn check(
+        &self,
+        profile: &crate::Profile,
+        per_resource: Duration,
+    ) -> Result<crate::CheckReport> {
+        let args = json!({"profile": profile.name});
+        self.audited("check", args, async move {
+            crate::profile::check(self, profile, per_resource).await
+        })
+        .await
+    }
+
     pub async fn shared_folder_remove(&self, name: &str) -> Result<()> {
         let args = json!({"folder": name});
         self.audited("shared_folder_remove", args, async move {

@@ -215,6 +215,17 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// Hardware reset: the guest restarts at once, without shutting down.
     async fn reset(&self, vm: &VmName) -> Result<()>;
 
+    /// The guest command that mounts a share at `guest_path` (run as root in the guest).
+    fn share_mount_argv(&self, share: &SharedFolder, guest_path: &str) -> Vec<String> {
+        // libvirt: virtiofs, the share's name is the tag. Read-only is enforced on the host too.
+        let mut v: Vec<String> = vec!["mount".into(), "-t".into(), "virtiofs".into()];
+        if share.readonly {
+            v.extend(["-o".into(), "ro".into()]);
+        }
+        v.extend([share.name.clone(), guest_path.into()]);
+        v
+    }
+
     /// Whether guest operations through the tools put the guest password on a command line
     /// (vmrun `-gp`); policy `secrets_in_argv = false` refuses them.
     fn tools_take_secrets_in_argv(&self) -> bool {

@@ -31,8 +31,12 @@ use serde::Deserialize;
 use crate::credentials::{Credentials, SecretSource};
 use crate::error::{Error, Result};
 use crate::name::VmName;
+use crate::policy::Policy;
+use crate::profile::{Profile, Resource};
 use crate::readiness::ReadySpec;
-use crate::types::{Accel, Boot, ConsoleSpec, DiskSpec, ForwardSpec, GuestChannel, VmSpec};
+use crate::types::{
+    Accel, Boot, ConsoleSpec, DiskSpec, ForwardSpec, GuestChannel, Network, SharedFolder, VmSpec,
+};
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -42,6 +46,28 @@ struct RawConfig {
     port_range: Option<[u16; 2]>,
     #[serde(default)]
     machines: BTreeMap<String, RawMachine>,
+    #[serde(default)]
+    profiles: BTreeMap<String, RawProfile>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProfile {
+    machine: String,
+    #[serde(default)]
+    description: String,
+    #[serde(default)]
+    resources: BTreeMap<String, Resource>,
+    #[serde(default)]
+    shares: Vec<SharedFolder>,
+    #[serde(default)]
+    forwards: Vec<ForwardSpec>,
+    #[serde(default)]
+    network: Network,
+    #[serde(default)]
+    policy: Policy,
+    ready: Option<ReadySpec>,
+    check_accounts: Option<bool>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -109,6 +135,7 @@ pub struct Config {
     pub state_dir: Option<PathBuf>,
     pub port_range: Option<std::ops::RangeInclusive<u16>>,
     pub machines: BTreeMap<String, MachineConfig>,
+    pub profiles: BTreeMap<String, Profile>,
 }
 
 impl Config {
@@ -301,12 +328,90 @@ impl Config {
                 },
             );
         }
+        let mut profiles = BTreeMap::new();
+        let mut owner: BTreeMap<String, String> = BTreeMap::new();
+        for (name, p) in raw.profiles {
+            let key = |k: &str| format!("profiles.{name}.{k}");
+            let err = |k: &str, why: String| Error::config(file.clone(), key(k), why);
+            let Some(m) = machines.get_mut(&p.machine) else {
+                let known: Vec<&str> = machines.keys().map(String::as_str).collect();
+                return Err(err(
+                    "machine",
+                    format!(
+                        "no machine named {:?} (machines: {})",
+                        p.machine,
+                        known.join(", ")
+                    ),
+                ));
+            };
+            if let Some(other) = owner.insert(p.machine.clone(), name.clone()) {
+                return Err(err(
+                    "machine",
+                    format!(
+                        "machine {:?} already belongs to profile {other:?}; a machine carries one profile's policy",
+                        p.machine
+                    ),
+                ));
+            }
+            p.policy
+                .validate()
+                .map_err(|(k, why)| err(&format!("policy.{k}"), why))?;
+            let policy = Policy {
+                share_roots_allow: p.policy.share_roots_allow.into_iter().map(abs).collect(),
+                share_roots_deny: p.policy.share_roots_deny.into_iter().map(abs).collect(),
+                audit_log: p.policy.audit_log.map(abs),
+                ..p.policy
+            };
+            for (r, res) in &p.resources {
+                res.validate()
+                    .map_err(|why| err(&format!("resources.{r}"), why))?;
+            }
+            let mut shares = Vec::new();
+            for (i, s) in p.shares.into_iter().enumerate() {
+                let s = SharedFolder {
+                    host_path: abs(s.host_path),
+                    ..s
+                };
+                let k = format!("shares[{i}]");
+                s.validate().map_err(|e| err(&k, e.to_string()))?;
+                policy
+                    .check_share(&crate::Ctx::new(format!("profile {name}")), &s.host_path)
+                    .map_err(|e| err(&k, e.to_string()))?;
+                shares.push(s);
+            }
+            m.spec.network = p.network.clone();
+            m.spec.shares.extend(shares.iter().cloned());
+            m.spec.forwards.extend(p.forwards.iter().cloned());
+            if let Some(r) = &p.ready {
+                r.validate().map_err(|e| err("ready", e.to_string()))?;
+                m.ready = r.clone();
+            }
+            m.spec.validate().map_err(|e| {
+                Error::config(file.clone(), format!("profiles.{name}"), e.to_string())
+            })?;
+            profiles.insert(
+                name.clone(),
+                Profile {
+                    name,
+                    description: p.description,
+                    machine: p.machine,
+                    resources: p.resources,
+                    shares,
+                    forwards: p.forwards,
+                    network: p.network,
+                    policy,
+                    ready: p.ready,
+                    check_accounts: p.check_accounts.unwrap_or(true),
+                },
+            );
+        }
         Ok(Config {
             path: file,
             backend: raw.backend,
             state_dir: raw.state_dir.map(abs),
             port_range,
             machines,
+            profiles,
         })
     }
 
@@ -327,6 +432,22 @@ impl Config {
             opts = opts.port_range(r.clone());
         }
         opts
+    }
+
+    pub fn profile(&self, name: &str) -> Result<&Profile> {
+        self.profiles.get(name).ok_or_else(|| {
+            let known: Vec<&str> = self.profiles.keys().map(String::as_str).collect();
+            Error::config(
+                self.path.clone(),
+                format!("profiles.{name}"),
+                format!("no such profile (profiles: {})", known.join(", ")),
+            )
+        })
+    }
+
+    /// The profile whose machine this is, if any.
+    pub fn profile_for_machine(&self, machine: &str) -> Option<&Profile> {
+        self.profiles.values().find(|p| p.machine == machine)
     }
 
     /// The guest account the file gives for a machine, if any.

@@ -1050,6 +1050,15 @@ impl Backend for VirtualBoxBackend {
             .collect())
     }
 
+    fn share_mount_argv(&self, share: &SharedFolder, guest_path: &str) -> Vec<String> {
+        let mut v: Vec<String> = vec!["mount".into(), "-t".into(), "vboxsf".into()];
+        if share.readonly {
+            v.extend(["-o".into(), "ro".into()]);
+        }
+        v.extend([share.name.clone(), guest_path.into()]);
+        v
+    }
+
     fn subscribe(&self) -> Option<broadcast::Receiver<VmEvent>> {
         None
     }

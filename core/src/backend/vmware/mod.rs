@@ -977,6 +977,18 @@ impl Backend for VmwareBackend {
         .map(|_| ())
     }
 
+    fn share_mount_argv(&self, share: &SharedFolder, guest_path: &str) -> Vec<String> {
+        let mut v: Vec<String> = vec![
+            "vmhgfs-fuse".into(),
+            format!(".host:/{}", share.name),
+            guest_path.into(),
+        ];
+        if share.readonly {
+            v.extend(["-o".into(), "ro".into()]);
+        }
+        v
+    }
+
     fn tools_take_secrets_in_argv(&self) -> bool {
         true
     }

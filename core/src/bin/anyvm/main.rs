@@ -89,6 +89,14 @@ enum Cmd {
         #[arg(long)]
         timeout: Option<f64>,
     },
+    /// Verify from inside the running guest that every resource a profile declares is usable
+    /// (mounting its shares first). Exit code 1 when any fails.
+    Check {
+        profile: String,
+        /// Seconds allowed per resource.
+        #[arg(long, default_value_t = 10.0)]
+        timeout: f64,
+    },
     /// Run a program in the guest; its exit code becomes anyvm's.
     Exec {
         name: String,
@@ -384,6 +392,41 @@ impl App {
                 self.out(json!({"name": name, "state": "running"}), || {
                     format!("{name}: resumed")
                 });
+            }
+            Cmd::Check { profile, timeout } => {
+                let cfg = self.config.as_ref().ok_or_else(|| {
+                    anyvm::Error::invalid_arg(
+                        "check",
+                        "profiles come from a config file (--config)",
+                    )
+                })?;
+                let p = cfg.profile(&profile)?.clone();
+                let vm = self.open(&p.machine).await?;
+                let rep = vm.check(&p, secs(timeout, "--timeout")?).await?;
+                self.out(json!(rep), || {
+                    let mut t = format!(
+                        "profile {} on {}: {}\n",
+                        rep.profile,
+                        rep.vm,
+                        if rep.ok {
+                            "all resources usable"
+                        } else {
+                            "NOT READY"
+                        }
+                    );
+                    for r in &rep.resources {
+                        t.push_str(&format!(
+                            "  {:<6} {:<20} {:<12} {:<28} {}\n",
+                            if r.ok { "ok" } else { "FAILED" },
+                            r.name,
+                            r.kind,
+                            r.target,
+                            r.detail
+                        ));
+                    }
+                    t.trim_end().to_string()
+                });
+                return Ok(if rep.ok { 0 } else { 1 });
             }
             Cmd::Reset { name } => {
                 self.open(&name).await?.reset().await?;
