@@ -7,7 +7,7 @@ log() { printf 'setup-host: %s\n' "$*" >&2; }
 
 PKGS=(qemu-system-x86 libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev
       pkg-config openssh-client busybox-static qemu-guest-agent dropbear-bin cpio gzip
-      qemu-utils iproute2 procps gcc g++ make valgrind openssh-server)
+      qemu-utils iproute2 procps gcc g++ make valgrind openssh-server mariadb-server)
 
 missing=()
 for p in "${PKGS[@]}"; do
@@ -33,6 +33,13 @@ security_driver = "none"
 cgroup_controllers = [ ]'
 if ! grep -q '^# anyvm:' "$conf" 2>/dev/null; then
   printf '%s\n' "$want" >>"$conf"
+fi
+
+# Restricted guests reach each allowed endpoint through a relay QEMU spawns per connection
+# (guestfwd cmd:); QEMU's seccomp sandbox denies spawning, so libvirt must not enable it.
+if ! grep -q '^seccomp_sandbox' "$conf"; then
+  printf '# anyvm: guestfwd cmd: relays for restricted networking need QEMU to spawn\nseccomp_sandbox = 0\n' >>"$conf"
+  rm -f /run/anyvm-libvirtd.pid   # libvirtd reads qemu.conf at start: make start_daemon restart it
 fi
 
 mkdir -p /var/log/libvirt /var/run/libvirt /var/lib/libvirt/images

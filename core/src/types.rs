@@ -551,8 +551,8 @@ pub enum Network {
     /// Full NAT: the guest reaches the host (as 10.0.2.2 on QEMU) and beyond.
     #[default]
     Nat,
-    /// The guest reaches only the listed endpoints, each at the gateway address
-    /// (10.0.2.2:`guest_port` on QEMU user networking), and nothing else.
+    /// The guest reaches only the listed endpoints, each at 10.0.2.100:`guest_port` (QEMU user
+    /// networking, libvirt backend), and nothing else — not even the host at 10.0.2.2.
     Restricted {
         #[serde(default)]
         allow: Vec<Endpoint>,
@@ -569,7 +569,7 @@ pub struct Endpoint {
     #[serde(default = "loopback")]
     pub host: String,
     pub port: u16,
-    /// The port the guest connects to at the gateway address (default: `port`).
+    /// The port the guest connects to at 10.0.2.100 (default: `port`).
     pub guest_port: Option<u16>,
 }
 

@@ -74,7 +74,7 @@ copy_with_libs /usr/sbin/dropbear /usr/sbin/dropbear
 mkdir -p "$R/lib64"
 cp -L /lib64/ld-linux-x86-64.so.2 "$R/lib64/"
 
-MODS="virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_console failover net_failover virtio_net virtio_blk"
+MODS="virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_console failover net_failover virtio_net virtio_blk fuse virtiofs"
 for m in $MODS; do
   f=$(find "$WORK/kernel/lib/modules/$KVER" -name "$m.ko*" | head -n1)
   [ -n "$f" ] || { log "kernel module $m not found"; exit 1; }

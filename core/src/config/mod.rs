@@ -579,4 +579,21 @@ mod example_file {
         assert_eq!(m.ready.probes.len(), 3);
         assert_eq!(m.spec.forwards.len(), 2);
     }
+
+    #[test]
+    fn shipped_profiles_model_the_five_activities() {
+        let text = include_str!("../../../examples/profiles.toml");
+        let c = super::Config::parse(text, Some(std::path::Path::new("/etc/anyvm/profiles.toml")))
+            .unwrap();
+        assert_eq!(c.profiles.len(), 5);
+        let mc = c.profile("mc-production").unwrap();
+        assert!(!mc.policy.secrets_in_argv);
+        assert_eq!(mc.resources.len(), 3);
+        let m = c.machine("sl6-mc").unwrap();
+        assert!(
+            matches!(m.spec.network, crate::Network::Restricted { ref allow } if allow.len() == 3)
+        );
+        assert_eq!(m.spec.shares.len(), 4);
+        assert!(c.profile_for_machine("sl6-rm").is_some());
+    }
 }

@@ -74,8 +74,9 @@ pub fn spec_from_metadata(xml: &str) -> Result<VmSpec, String> {
     serde_json::from_str(&text).map_err(|e| format!("anyvm metadata is not a valid spec: {e}"))
 }
 
-/// The guest's gateway on QEMU user networking; restricted endpoints appear there.
-pub const GATEWAY: &str = "10.0.2.2";
+/// Where a restricted guest finds its allowed endpoints: a virtual host on QEMU's user network
+/// (slirp refuses guestfwd rules on the gateway 10.0.2.2 itself).
+pub const ENDPOINTS_ADDR: &str = "10.0.2.100";
 
 /// Host-side paths a definition refers to.
 pub struct HostSide<'a> {
@@ -83,6 +84,8 @@ pub struct HostSide<'a> {
     pub virtiofsd: &'a Path,
     /// Folder holding this VM's read-only bind mounts, one per read-only share.
     pub ro_mounts: &'a Path,
+    /// busybox, whose `nc` relays each allowed guest connection to its host endpoint.
+    pub relay: &'a Path,
 }
 
 /// What virtiofsd serves for a share: read-only shares go through a read-only bind mount, so
@@ -96,6 +99,7 @@ pub fn share_source(s: &crate::types::SharedFolder, ro_mounts: &Path) -> std::pa
 }
 
 pub fn domain_xml(spec: &VmSpec, uuid: Option<&str>, host: &HostSide<'_>) -> String {
+    let host_side = host;
     let console_log = host.console_log;
     let virtiofsd = host.virtiofsd;
     let mut x = String::new();
@@ -112,7 +116,7 @@ pub fn domain_xml(spec: &VmSpec, uuid: Option<&str>, host: &HostSide<'_>) -> Str
         metadata_element(spec)
     ));
     x.push_str(&format!(
-        "  <memory unit='MiB'>{}</memory>\n  <vcpu>{}</vcpu>\n  <os>\n    <type arch='x86_64'>hvm</type>\n",
+        "  <memory unit='MiB'>{}</memory>\n  <vcpu>{}</vcpu>\n",
         spec.memory_mib, spec.cpus
     ));
     if !spec.shares.is_empty() {
@@ -121,6 +125,7 @@ pub fn domain_xml(spec: &VmSpec, uuid: Option<&str>, host: &HostSide<'_>) -> Str
             "  <memoryBacking><source type='memfd'/><access mode='shared'/></memoryBacking>\n",
         );
     }
+    x.push_str("  <os>\n    <type arch='x86_64'>hvm</type>\n");
     match &spec.boot {
         Boot::Kernel {
             kernel,
@@ -185,14 +190,14 @@ pub fn domain_xml(spec: &VmSpec, uuid: Option<&str>, host: &HostSide<'_>) -> Str
         Network::Restricted { allow } => {
             netdev.push_str(",restrict=on");
             for e in allow {
-                let host = if e.host.contains(':') {
-                    format!("[{}]", e.host)
-                } else {
-                    e.host.clone()
-                };
+                let host = &e.host;
+                // One relay process per guest connection (`cmd:`); a `tcp:` chardev would be a
+                // single connection opened at boot, shared by every guest connection. Host and
+                // port are validated (no shell metacharacters) before they reach QEMU's shell.
                 netdev.push_str(&format!(
-                    ",guestfwd=tcp:{GATEWAY}:{}-tcp:{host}:{}",
+                    ",guestfwd=tcp:{ENDPOINTS_ADDR}:{}-cmd:{} nc {host} {}",
                     e.guest_port(),
+                    host_side.relay.display(),
                     e.port
                 ));
             }
@@ -245,6 +250,7 @@ mod tests {
             console_log: Path::new("/log/t1.log"),
             virtiofsd: Path::new("/usr/lib/qemu/virtiofsd"),
             ro_mounts: Path::new("/state/shares/t1"),
+            relay: Path::new("/bin/busybox"),
         }
     }
 
@@ -276,7 +282,9 @@ mod tests {
         });
         let x = domain_xml(&s, None, &host());
         assert!(
-            x.contains(",restrict=on,guestfwd=tcp:10.0.2.2:13306-tcp:127.0.0.1:3306"),
+            x.contains(
+                ",restrict=on,guestfwd=tcp:10.0.2.100:13306-cmd:/bin/busybox nc 127.0.0.1 3306"
+            ),
             "{x}"
         );
         assert!(x.contains("<access mode='shared'/>"));

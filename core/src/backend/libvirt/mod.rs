@@ -55,6 +55,8 @@ pub struct LibvirtOptions {
     pub shares_dir: PathBuf,
     /// vhost-user filesystem daemon for shares.
     pub virtiofsd: PathBuf,
+    /// busybox (its `nc`) relays a restricted guest's allowed connections.
+    pub relay: PathBuf,
 }
 
 /// Where Debian/Ubuntu (QEMU ≤ 7) and Fedora/newer distributions put virtiofsd.
@@ -83,6 +85,11 @@ impl Default for LibvirtOptions {
             read_chunk: 1024 * 1024,
             shares_dir: base.join("shares"),
             virtiofsd: find_virtiofsd(),
+            relay: ["/bin/busybox", "/usr/bin/busybox"]
+                .iter()
+                .map(PathBuf::from)
+                .find(|p| p.exists())
+                .unwrap_or_else(|| "/bin/busybox".into()),
         }
     }
 }
@@ -365,6 +372,7 @@ impl LibvirtBackend {
             console_log: log,
             virtiofsd: &self.opts.virtiofsd,
             ro_mounts: ro,
+            relay: &self.opts.relay,
         }
     }
 
