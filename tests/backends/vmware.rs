@@ -751,3 +751,31 @@ async fn reset_needs_a_running_vm() {
     assert_eq!(vm.state().await.unwrap(), VmState::Running);
     vm.destroy().await.unwrap();
 }
+
+#[tokio::test]
+async fn profile_policy_can_forbid_argv_secrets_per_vm() {
+    let f = fake_with(|_| {});
+    let vm = f.client.define(f.spec("pol")).await.unwrap();
+    vm.start().await.unwrap();
+    let strict = vm
+        .clone()
+        .with_credentials(creds())
+        .with_policy(anyvm::Policy {
+            secrets_in_argv: false,
+            ..Default::default()
+        });
+    let e = strict
+        .exec(&ExecRequest::new("/bin/true"))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::PolicyDenied { .. }), "{e}");
+    assert!(e.to_string().contains("guest_channel"), "{e}");
+    assert!(!f.calls().contains("runProgramInGuest"));
+    // the same VM without that policy still works through the tools
+    let out = vm
+        .with_credentials(creds())
+        .exec(&ExecRequest::new("/bin/true"))
+        .await
+        .unwrap();
+    assert_eq!(out.exit_code, Some(0));
+}
