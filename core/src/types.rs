@@ -221,6 +221,19 @@ pub struct PortForward {
     pub guest_port: u16,
 }
 
+impl PortForward {
+    /// The address and port a client on the host connects to (a forward listening on every
+    /// address is reached on loopback).
+    pub fn connect_addr(&self) -> (String, u16) {
+        let addr = if self.host_addr == "0.0.0.0" {
+            "127.0.0.1".to_string()
+        } else {
+            self.host_addr.clone()
+        };
+        (addr, self.host_port)
+    }
+}
+
 impl From<&PortForward> for ForwardSpec {
     fn from(f: &PortForward) -> Self {
         ForwardSpec {

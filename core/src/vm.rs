@@ -497,13 +497,10 @@ impl Vm {
             }
             GuestChannel::Ssh { .. } => {
                 let ctx = self.ctx(&format!("read {guest}"));
-                let tmp = tempfile::tempdir()
-                    .map_err(|e| Error::io(ctx.clone(), std::env::temp_dir(), e))?;
-                let p = tmp.path().join("f");
-                self.copy_from(guest, &p).await?;
-                let mut data = std::fs::read(&p).map_err(|e| Error::io(ctx, &p, e))?;
-                data.truncate(limit);
-                Ok(data)
+                crate::backend::read_by_copy(&ctx, limit, |p| async move {
+                    self.copy_from(guest, p).await
+                })
+                .await
             }
         }
     }
@@ -518,12 +515,7 @@ impl Vm {
                 .into_iter()
                 .find(|f| f.guest_port == guest_port && f.proto == crate::types::Protocol::Tcp)
             {
-                let host = if f.host_addr == "0.0.0.0" {
-                    "127.0.0.1".to_string()
-                } else {
-                    f.host_addr
-                };
-                return Ok((host, f.host_port));
+                return Ok(f.connect_addr());
             }
         }
         match self.backend.guest_address(&self.name).await? {

@@ -184,13 +184,10 @@ pub trait Backend: Send + Sync + fmt::Debug {
         creds: Option<Credentials>,
     ) -> Result<Vec<u8>> {
         let ctx = crate::error::Ctx::vm(format!("read {guest}"), vm);
-        let tmp =
-            tempfile::tempdir().map_err(|e| Error::io(ctx.clone(), std::env::temp_dir(), e))?;
-        let p = tmp.path().join("f");
-        self.copy_from(vm, guest, &p, creds).await?;
-        let mut data = std::fs::read(&p).map_err(|e| Error::io(ctx, &p, e))?;
-        data.truncate(limit);
-        Ok(data)
+        read_by_copy(&ctx, limit, |p| async move {
+            self.copy_from(vm, guest, &p, creds).await
+        })
+        .await
     }
 
     async fn forwards(&self, vm: &VmName) -> Result<Vec<PortForward>>;
@@ -218,12 +215,7 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// The guest command that mounts a share at `guest_path` (run as root in the guest).
     fn share_mount_argv(&self, share: &SharedFolder, guest_path: &str) -> Vec<String> {
         // libvirt: virtiofs, the share's name is the tag. Read-only is enforced on the host too.
-        let mut v: Vec<String> = vec!["mount".into(), "-t".into(), "virtiofs".into()];
-        if share.readonly {
-            v.extend(["-o".into(), "ro".into()]);
-        }
-        v.extend([share.name.clone(), guest_path.into()]);
-        v
+        mount_argv("virtiofs", share, guest_path)
     }
 
     /// Whether guest operations through the tools put the guest password on a command line
@@ -272,6 +264,35 @@ pub fn require_credentials(
             "{what} needs a guest account; set credentials in the config or Vm::with_credentials"
         ),
     })
+}
+
+/// `mount -t FSTYPE [-o ro] SHARE GUEST_PATH`, for file systems that name a share by its name.
+pub fn mount_argv(fstype: &str, share: &SharedFolder, guest_path: &str) -> Vec<String> {
+    let mut v: Vec<String> = vec!["mount".into(), "-t".into(), fstype.into()];
+    if share.readonly {
+        v.extend(["-o".into(), "ro".into()]);
+    }
+    v.extend([share.name.clone(), guest_path.into()]);
+    v
+}
+
+/// Read a small guest file by copying it to a private temp file with `copy` (given the
+/// destination) and returning at most `limit` bytes.
+pub(crate) async fn read_by_copy<F, Fut>(
+    ctx: &crate::error::Ctx,
+    limit: usize,
+    copy: F,
+) -> Result<Vec<u8>>
+where
+    F: FnOnce(std::path::PathBuf) -> Fut,
+    Fut: std::future::Future<Output = Result<u64>>,
+{
+    let tmp = tempfile::tempdir().map_err(|e| Error::io(ctx.clone(), std::env::temp_dir(), e))?;
+    let p = tmp.path().join("f");
+    copy(p.clone()).await?;
+    let mut data = std::fs::read(&p).map_err(|e| Error::io(ctx.clone(), &p, e))?;
+    data.truncate(limit);
+    Ok(data)
 }
 
 /// Backends without per-VM network restriction refuse `restricted` and `none` instead of

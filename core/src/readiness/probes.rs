@@ -49,14 +49,7 @@ impl ProbeCtx {
         self.forwards
             .iter()
             .find(|f| f.guest_port == guest_port && f.proto == Protocol::Tcp)
-            .map(|f| {
-                let addr = if f.host_addr == "0.0.0.0" {
-                    "127.0.0.1".to_string()
-                } else {
-                    f.host_addr.clone()
-                };
-                (addr, f.host_port)
-            })
+            .map(PortForward::connect_addr)
             .ok_or_else(|| {
                 format!("no TCP forward to guest port {guest_port}; add one (anyvm forward add)")
             })

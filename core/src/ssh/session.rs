@@ -14,7 +14,7 @@ use std::time::Duration;
 use crate::backend::tool::resolve_binary;
 use crate::error::{Ctx, Error, Result};
 use crate::types::{ExecOutput, ExecRequest};
-use crate::util::command::{ToolCommand, ToolOutput};
+use crate::util::command::ToolCommand;
 
 /// How to reach one guest's sshd.
 #[derive(Debug, Clone)]
@@ -158,7 +158,7 @@ impl SshTarget {
         cmd.stdin = req.stdin.clone();
         let out = cmd.run(&ctx).await?;
         if out.code == Some(255) {
-            if let Some(err) = classify(&ctx, &out) {
+            if let Some(err) = classify(&ctx, &out.stderr_str()) {
                 return Err(err);
             }
         }
@@ -208,7 +208,7 @@ impl SshTarget {
         match out.code {
             Some(0) => Ok(()),
             _ => {
-                if let Some(err) = classify(ctx, &out) {
+                if let Some(err) = classify(ctx, &out.stderr_str()) {
                     return Err(err);
                 }
                 let msg = out.stderr_str().trim().to_string();
@@ -226,8 +226,7 @@ impl SshTarget {
 
 /// Turn ssh's own failures (a known message on stderr) into typed errors. Callers only ask when
 /// the exit code can be ssh's: 255 for ssh, any failure for scp.
-pub(crate) fn classify(ctx: &Ctx, out: &ToolOutput) -> Option<Error> {
-    let text = out.stderr_str();
+pub(crate) fn classify(ctx: &Ctx, text: &str) -> Option<Error> {
     let line = text
         .lines()
         .rev()

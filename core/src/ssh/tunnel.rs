@@ -148,13 +148,7 @@ impl Tunnels {
             return Ok(());
         }
         let text = std::fs::read_to_string(&log).unwrap_or_default();
-        let out = crate::util::command::ToolOutput {
-            code: Some(255),
-            stdout: Vec::new(),
-            stderr: text.clone().into_bytes(),
-            duration: Duration::ZERO,
-        };
-        if let Some(e) = super::session::classify(&ctx, &out) {
+        if let Some(e) = super::session::classify(&ctx, &text) {
             return Err(e);
         }
         if text.contains("Address already in use") || text.contains("cannot listen to port") {

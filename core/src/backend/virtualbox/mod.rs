@@ -1051,12 +1051,7 @@ impl Backend for VirtualBoxBackend {
     }
 
     fn share_mount_argv(&self, share: &SharedFolder, guest_path: &str) -> Vec<String> {
-        let mut v: Vec<String> = vec!["mount".into(), "-t".into(), "vboxsf".into()];
-        if share.readonly {
-            v.extend(["-o".into(), "ro".into()]);
-        }
-        v.extend([share.name.clone(), guest_path.into()]);
-        v
+        super::mount_argv("vboxsf", share, guest_path)
     }
 
     fn subscribe(&self) -> Option<broadcast::Receiver<VmEvent>> {
