@@ -17,13 +17,14 @@
 //! ```
 //!
 //! Layout: [`backend`] holds one module per hypervisor behind the [`Backend`] trait;
-//! [`readiness`] the probes; [`config`] the `anyvm.toml` model; [`Vm`] the facade callers use.
+//! [`readiness`] the probes; [`job`] transient jobs (clone, run, tear down) and their pool; [`config`] the `anyvm.toml` model; [`Vm`] the facade callers use.
 
 pub mod backend;
 pub mod client;
 pub mod config;
 pub mod credentials;
 pub mod error;
+pub mod job;
 pub mod name;
 pub mod policy;
 pub mod ports;
@@ -39,6 +40,7 @@ pub use client::{Client, ClientOptions};
 pub use config::{Config, MachineConfig};
 pub use credentials::{Credentials, Secret, SecretSource};
 pub use error::{Ctx, Error, ErrorKind, Result};
+pub use job::{run_job, Cancel, JobReport, JobSpec};
 pub use name::VmName;
 pub use policy::Policy;
 pub use profile::{CheckReport, Profile, Resource, ResourceReport};

@@ -161,6 +161,27 @@ impl PortAllocator {
         })
     }
 
+    /// Drop the leases on `backend` held for VMs that no longer exist (`exists` says which do),
+    /// once the process that took them is gone: a live process may be between leasing and
+    /// defining.
+    pub fn release_stale(
+        &self,
+        backend: &str,
+        exists: impl Fn(&str) -> bool,
+    ) -> Result<Vec<Lease>> {
+        let ctx = Ctx::new("release stale port leases");
+        self.store.update(&ctx, |reg: &mut Registry| {
+            let (gone, keep): (Vec<Lease>, Vec<Lease>) =
+                std::mem::take(&mut reg.leases).into_iter().partition(|l| {
+                    l.backend == backend
+                        && !exists(&l.vm)
+                        && !std::path::Path::new(&format!("/proc/{}", l.pid)).exists()
+                });
+            reg.leases = keep;
+            Ok((!gone.is_empty(), gone))
+        })
+    }
+
     pub fn leases(&self) -> Result<Vec<Lease>> {
         Ok(self
             .store

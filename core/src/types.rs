@@ -555,6 +555,10 @@ pub struct VmSpec {
     /// Host folders offered to the guest from boot.
     #[serde(default)]
     pub shares: Vec<SharedFolder>,
+    /// Free-form key/value labels stored with the VM (job clones record their owner here, so
+    /// `anyvm gc` can find the ones whose owner died).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 /// The guest's outbound network (inbound forwards work in every mode).
@@ -648,6 +652,7 @@ impl VmSpec {
             accel: Accel::Auto,
             network: Network::Nat,
             shares: Vec::new(),
+            labels: Default::default(),
         }
     }
 
@@ -669,6 +674,24 @@ impl VmSpec {
                 what("memory_mib"),
                 "must be at least 16",
             ));
+        }
+        for (k, v) in &self.labels {
+            let key_ok = !k.is_empty()
+                && k.len() <= 63
+                && k.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "._/-".contains(c));
+            if !key_ok {
+                return Err(Error::invalid_arg(
+                    what(&format!("label {k:?}")),
+                    "keys are 1-63 characters of letters, digits, '.', '_', '/', '-'",
+                ));
+            }
+            if v.len() > 256 || v.chars().any(char::is_control) {
+                return Err(Error::invalid_arg(
+                    what(&format!("label {k:?}")),
+                    "values are at most 256 bytes without control characters",
+                ));
+            }
         }
         let abs = |p: &PathBuf| -> Result<()> {
             if p.is_absolute() {

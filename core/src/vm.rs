@@ -770,7 +770,19 @@ impl Vm {
     /// A copy-on-write clone of this VM (at `snapshot`, or its current disks when it is off).
     /// The clone gets fresh host ports for every forward and console.
     pub async fn clone_linked(&self, new_name: &VmName, snapshot: Option<&str>) -> Result<Vm> {
-        let args = json!({"clone": new_name.as_str(), "snapshot": snapshot});
+        self.clone_linked_labeled(new_name, snapshot, Default::default())
+            .await
+    }
+
+    /// [`Vm::clone_linked`], storing `labels` with the clone (over the base's own labels, minus
+    /// the job-ownership ones, which belong to one clone only).
+    pub async fn clone_linked_labeled(
+        &self,
+        new_name: &VmName,
+        snapshot: Option<&str>,
+        labels: std::collections::BTreeMap<String, String>,
+    ) -> Result<Vm> {
+        let args = json!({"clone": new_name.as_str(), "snapshot": snapshot, "labels": labels});
         self.audited("clone_linked", args, async move {
             if let Some(s) = snapshot {
                 check_snapshot_name(s)?;
@@ -794,6 +806,10 @@ impl Vm {
                             .into(),
                     })?;
             spec.name = new_name.clone();
+            spec.labels
+                .retain(|k, _| !k.starts_with(crate::job::LABEL_PREFIX));
+            spec.labels.extend(labels);
+            spec.validate()?;
             for f in &mut spec.forwards {
                 f.host_port = HostPort::Auto;
             }

@@ -1,0 +1,96 @@
+//! `anyvm gc`: remove job clones whose owner died (SIGKILL, node crash, reboot) and the port
+//! leases of VMs that are gone.
+
+use serde::Serialize;
+
+use super::owner::{Liveness, Owner};
+use crate::client::Client;
+use crate::error::Result;
+use crate::ports::Lease;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GcAction {
+    Removed,
+    /// Dry run: would have been removed.
+    WouldRemove,
+    Kept,
+    Failed,
+}
+
+/// One job clone gc looked at.
+#[derive(Debug, Clone, Serialize)]
+pub struct GcEntry {
+    pub vm: String,
+    pub owner: Owner,
+    pub liveness: Liveness,
+    pub action: GcAction,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct GcReport {
+    pub clones: Vec<GcEntry>,
+    pub leases_released: Vec<Lease>,
+}
+
+impl GcReport {
+    pub fn removed(&self) -> usize {
+        self.clones
+            .iter()
+            .filter(|e| e.action == GcAction::Removed)
+            .count()
+    }
+}
+
+/// Find job clones on `client`'s backend and destroy those whose owner is dead. Clones owned by
+/// live processes or by other hosts are kept and reported.
+pub async fn gc(client: &Client, dry_run: bool) -> Result<GcReport> {
+    let mut report = GcReport::default();
+    let vms = client.list().await?;
+    for info in &vms {
+        if info.managed == Some(false) {
+            continue;
+        }
+        let Ok(vm) = client.vm(&info.name).await else {
+            continue; // removed meanwhile
+        };
+        let Some(owner) = vm
+            .spec()
+            .await
+            .ok()
+            .flatten()
+            .and_then(|s| Owner::from_labels(&s.labels))
+        else {
+            continue;
+        };
+        let liveness = owner.liveness();
+        let (action, error) = match (liveness, dry_run) {
+            (Liveness::Dead, true) => (GcAction::WouldRemove, None),
+            (Liveness::Dead, false) => match vm.destroy().await {
+                Ok(()) => (GcAction::Removed, None),
+                Err(e) if e.kind() == crate::ErrorKind::NotFound => (GcAction::Removed, None),
+                Err(e) => (GcAction::Failed, Some(e.to_string())),
+            },
+            _ => (GcAction::Kept, None),
+        };
+        if action == GcAction::Removed {
+            tracing::info!(vm = %info.name, pid = owner.pid, "removed orphaned job clone");
+        }
+        report.clones.push(GcEntry {
+            vm: info.name.clone(),
+            owner,
+            liveness,
+            action,
+            error,
+        });
+    }
+    if !dry_run {
+        let names: std::collections::HashSet<String> =
+            client.list().await?.into_iter().map(|i| i.name).collect();
+        report.leases_released = client
+            .ports()
+            .release_stale(&client.backend().uri(), |vm| names.contains(vm))?;
+    }
+    Ok(report)
+}

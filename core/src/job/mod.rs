@@ -1,0 +1,693 @@
+//! Transient jobs: run one command in a fresh linked clone of a template VM and leave nothing
+//! behind.
+//!
+//! [`run_job`] clones, boots, waits ready (and runs the profile's resource checks), stages
+//! inputs in, runs the command under a wall-clock limit, stages outputs out, keeps the console
+//! log, and destroys the clone on every path: success, failure, timeout and cancellation. A
+//! process killed outright (SIGKILL) cannot clean up; its clone carries its owner's identity in
+//! labels and [`gc::gc`] (`anyvm gc`, and every later job on the host) removes it.
+//! [`pool::JobPool`] runs many jobs under a CPU/memory budget.
+
+pub mod gc;
+pub mod owner;
+pub mod pool;
+mod stage;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+
+use crate::client::Client;
+use crate::error::{Ctx, Error, ErrorKind, Result};
+use crate::name::VmName;
+use crate::profile::{CheckReport, Profile};
+use crate::readiness::ReadySpec;
+use crate::types::ExecRequest;
+use crate::vm::Vm;
+
+/// Labels under this prefix belong to the job runner.
+pub const LABEL_PREFIX: &str = "anyvm.job/";
+
+/// Wall-clock limit when none is given: batch systems enforce their own.
+pub const DEFAULT_JOB_TIMEOUT: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// A copy between host and guest: inputs go host → guest, outputs guest → host. Directories
+/// are copied whole (as a tar stream through the guest's `tar`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stage {
+    pub host: PathBuf,
+    pub guest: String,
+}
+
+/// What to run, where, and what to bring in and out. Build with [`JobSpec::new`].
+#[derive(Debug, Clone)]
+pub struct JobSpec {
+    /// An anyvm-defined VM; its disks must be qcow2 (libvirt) and it must be off unless
+    /// `snapshot` is given.
+    pub template: VmName,
+    pub snapshot: Option<String>,
+    /// The command; its `timeout` is the job's wall-clock limit for the run phase.
+    pub command: ExecRequest,
+    pub inputs: Vec<Stage>,
+    pub outputs: Vec<Stage>,
+    pub ready: ReadySpec,
+    /// Resources verified from inside the clone before inputs go in.
+    pub profile: Option<Profile>,
+    pub check_timeout: Duration,
+    /// Bytes of the end of the guest console log kept in the report.
+    pub console_tail: usize,
+}
+
+impl JobSpec {
+    pub fn new<S: AsRef<str>>(template: &str, argv: &[S]) -> Result<JobSpec> {
+        let mut command = ExecRequest::from_argv(argv)?;
+        command.timeout = DEFAULT_JOB_TIMEOUT;
+        Ok(JobSpec {
+            template: VmName::new(template)?,
+            snapshot: None,
+            command,
+            inputs: Vec::new(),
+            outputs: Vec::new(),
+            ready: ReadySpec::default(),
+            profile: None,
+            check_timeout: Duration::from_secs(10),
+            console_tail: 64 * 1024,
+        })
+    }
+    pub fn input(mut self, host: impl Into<PathBuf>, guest: impl Into<String>) -> Self {
+        self.inputs.push(Stage {
+            host: host.into(),
+            guest: guest.into(),
+        });
+        self
+    }
+    pub fn output(mut self, guest: impl Into<String>, host: impl Into<PathBuf>) -> Self {
+        self.outputs.push(Stage {
+            host: host.into(),
+            guest: guest.into(),
+        });
+        self
+    }
+    pub fn timeout(mut self, t: Duration) -> Self {
+        self.command.timeout = t;
+        self
+    }
+    pub fn env(mut self, k: impl Into<String>, v: impl Into<String>) -> Self {
+        self.command = self.command.env(k, v);
+        self
+    }
+    pub fn cwd(mut self, d: impl Into<String>) -> Self {
+        self.command = self.command.cwd(d);
+        self
+    }
+    pub fn ready(mut self, r: ReadySpec) -> Self {
+        self.ready = r;
+        self
+    }
+    pub fn profile(mut self, p: Profile) -> Self {
+        self.profile = Some(p);
+        self
+    }
+    pub fn snapshot(mut self, s: impl Into<String>) -> Self {
+        self.snapshot = Some(s.into());
+        self
+    }
+
+    /// Everything checkable before a clone exists, so bad input creates nothing. Relative host
+    /// paths are made absolute against the current directory.
+    pub fn validate(&mut self) -> Result<()> {
+        self.command.validate()?;
+        self.ready.validate()?;
+        if self.command.timeout.is_zero() {
+            return Err(Error::invalid_arg("job timeout", "must be positive"));
+        }
+        let cwd = std::env::current_dir().unwrap_or_else(|_| "/".into());
+        for (dir, stages) in [("input", &mut self.inputs), ("output", &mut self.outputs)] {
+            for s in stages.iter_mut() {
+                let what = format!("{dir} {}:{}", s.host.display(), s.guest);
+                if !s.guest.starts_with('/') || s.guest.contains('\0') || s.guest.contains('\n') {
+                    return Err(Error::invalid_arg(what, "the guest path must be absolute"));
+                }
+                if s.guest.split('/').any(|c| c == "..") {
+                    return Err(Error::invalid_arg(
+                        what,
+                        "the guest path must not contain '..'",
+                    ));
+                }
+                if s.host.as_os_str().is_empty() {
+                    return Err(Error::invalid_arg(what, "the host path is empty"));
+                }
+                if s.host.is_relative() {
+                    s.host = cwd.join(&s.host);
+                }
+                if dir == "input" && !s.host.exists() {
+                    return Err(Error::NotFound {
+                        ctx: Ctx::new(format!("job input {}", s.host.display())),
+                        what: "no such file or directory on the host".into(),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The steps of a job, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    Queue,
+    Clone,
+    Boot,
+    Ready,
+    Check,
+    StageIn,
+    Run,
+    StageOut,
+    Teardown,
+}
+
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = serde_json::to_value(self).ok();
+        f.write_str(s.as_ref().and_then(|v| v.as_str()).unwrap_or("?"))
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PhaseTiming {
+    pub phase: Phase,
+    pub seconds: f64,
+    pub ok: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// The command exited 0.
+    Succeeded,
+    /// The command ran and exited non-zero (or was killed by a signal in the guest).
+    Failed,
+    /// The command outran the job's wall-clock limit.
+    TimedOut,
+    /// The caller cancelled (SIGINT/SIGTERM, `scancel`).
+    Cancelled,
+    /// anyvm could not run the command: clone, boot, readiness, checks or staging failed.
+    Error,
+}
+
+/// Why a job did not succeed, when it is not the command's own exit code.
+#[derive(Debug, Clone, Serialize)]
+pub struct JobError {
+    pub phase: Phase,
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct StagedPath {
+    pub host: PathBuf,
+    pub guest: String,
+    pub bytes: u64,
+}
+
+/// Everything about one job run. `run_job` always returns one; check [`JobReport::outcome`].
+#[derive(Debug, Clone, Serialize)]
+pub struct JobReport {
+    pub job_id: String,
+    pub template: String,
+    /// The clone's name (empty when no clone was made).
+    pub vm: String,
+    pub outcome: Outcome,
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    #[serde(serialize_with = "lossy")]
+    pub stdout: Vec<u8>,
+    #[serde(serialize_with = "lossy")]
+    pub stderr: Vec<u8>,
+    pub error: Option<JobError>,
+    /// The clone could not be removed (it is labelled; `anyvm gc` retries).
+    pub teardown_error: Option<String>,
+    pub phases: Vec<PhaseTiming>,
+    pub inputs: Vec<StagedPath>,
+    pub outputs: Vec<StagedPath>,
+    pub check: Option<CheckReport>,
+    /// The end of the guest's serial console log.
+    pub console_log: String,
+    pub seconds: f64,
+}
+
+fn lossy<S: serde::Serializer>(b: &[u8], s: S) -> std::result::Result<S::Ok, S::Error> {
+    s.serialize_str(&String::from_utf8_lossy(b))
+}
+
+impl JobReport {
+    pub(crate) fn empty(job_id: String, template: &VmName) -> JobReport {
+        JobReport {
+            job_id,
+            template: template.to_string(),
+            vm: String::new(),
+            outcome: Outcome::Error,
+            exit_code: None,
+            signal: None,
+            stdout: Vec::new(),
+            stderr: Vec::new(),
+            error: None,
+            teardown_error: None,
+            phases: Vec::new(),
+            inputs: Vec::new(),
+            outputs: Vec::new(),
+            check: None,
+            console_log: String::new(),
+            seconds: 0.0,
+        }
+    }
+
+    /// Seconds spent in `phase` (0 when it did not run).
+    pub fn phase_seconds(&self, phase: Phase) -> f64 {
+        self.phases
+            .iter()
+            .filter(|p| p.phase == phase)
+            .map(|p| p.seconds)
+            .sum()
+    }
+
+    /// The process exit status a command line should report: the command's own code; 128+N
+    /// when the guest program died of signal N; 124 on timeout (as `timeout(1)`); 125 when
+    /// anyvm failed (as `docker run`) or could not remove the clone; 130 when cancelled.
+    pub fn exit_status(&self) -> i32 {
+        if self.teardown_error.is_some() && self.outcome == Outcome::Succeeded {
+            return 125;
+        }
+        match self.outcome {
+            Outcome::Succeeded | Outcome::Failed => match (self.exit_code, self.signal) {
+                (Some(c), _) => c,
+                (None, Some(s)) => 128 + s,
+                (None, None) => 125,
+            },
+            Outcome::TimedOut => 124,
+            Outcome::Cancelled => 130,
+            Outcome::Error => 125,
+        }
+    }
+
+    pub fn stdout_str(&self) -> String {
+        String::from_utf8_lossy(&self.stdout).into_owned()
+    }
+}
+
+/// Cancels a running job (or a queued one) from anywhere: a signal handler task, another
+/// thread, a binding. Cloning shares the flag.
+#[derive(Debug, Clone, Default)]
+pub struct Cancel(Arc<(AtomicBool, Notify)>);
+
+impl Cancel {
+    pub fn new() -> Cancel {
+        Cancel::default()
+    }
+    pub fn cancel(&self) {
+        self.0 .0.store(true, Ordering::SeqCst);
+        self.0 .1.notify_waiters();
+    }
+    pub fn is_cancelled(&self) -> bool {
+        self.0 .0.load(Ordering::SeqCst)
+    }
+    /// Resolves once `cancel` has been called.
+    pub async fn cancelled(&self) {
+        loop {
+            let n = self.0 .1.notified();
+            tokio::pin!(n);
+            n.as_mut().enable();
+            if self.is_cancelled() {
+                return;
+            }
+            n.await;
+        }
+    }
+}
+
+/// Removing a clone is bounded: power-off and undefine have their own timeouts, this caps the
+/// whole so a hung hypervisor cannot keep a cancelled job alive past the batch system's grace.
+const TEARDOWN_LIMIT: Duration = Duration::from_secs(120);
+
+/// A job id unique across hosts, processes and calls: readable in `anyvm list`.
+pub(crate) fn new_job_id() -> String {
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let t = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    let n = SEQ.fetch_add(1, Ordering::Relaxed);
+    // Jobs of several hosts may share one (remote) hypervisor: the host goes into the id too.
+    let host = owner::hostname().bytes().fold(0x811c_9dc5_u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    });
+    format!(
+        "{:x}{:03x}{:x}{}",
+        t.as_secs(),
+        host & 0xfff,
+        std::process::id(),
+        if n == 0 {
+            String::new()
+        } else {
+            format!("-{n}")
+        }
+    )
+}
+
+/// Records phase timings as the job moves on; the current phase is what a cancellation or an
+/// error interrupted.
+struct Progress {
+    phases: Vec<PhaseTiming>,
+    current: Option<(Phase, Instant)>,
+}
+
+impl Progress {
+    fn begin(&mut self, phase: Phase) {
+        self.end(true);
+        self.current = Some((phase, Instant::now()));
+    }
+    fn end(&mut self, ok: bool) {
+        if let Some((phase, t)) = self.current.take() {
+            self.phases.push(PhaseTiming {
+                phase,
+                seconds: t.elapsed().as_secs_f64(),
+                ok,
+            });
+        }
+    }
+    fn phase(&self) -> Phase {
+        self.current.map(|c| c.0).unwrap_or(Phase::Clone)
+    }
+}
+
+pub(crate) fn job_error(phase: Phase, e: &Error) -> JobError {
+    JobError {
+        phase,
+        kind: e.kind(),
+        message: e.to_string(),
+    }
+}
+
+/// Run one job to the end. Never returns before the clone is gone (or its removal failed and
+/// is reported); never fails: every problem is in the report.
+pub async fn run_job(client: &Client, template: &Vm, spec: &JobSpec, cancel: &Cancel) -> JobReport {
+    run_job_queued(client, template, spec, cancel, None).await
+}
+
+pub(crate) async fn run_job_queued(
+    client: &Client,
+    template: &Vm,
+    spec: &JobSpec,
+    cancel: &Cancel,
+    queued: Option<Duration>,
+) -> JobReport {
+    let started = Instant::now();
+    let job_id = new_job_id();
+    let mut report = JobReport::empty(job_id.clone(), &spec.template);
+    if let Some(q) = queued {
+        report.phases.push(PhaseTiming {
+            phase: Phase::Queue,
+            seconds: q.as_secs_f64(),
+            ok: true,
+        });
+    }
+    let finish = |mut r: JobReport| {
+        r.seconds = started.elapsed().as_secs_f64() + queued.map_or(0.0, |q| q.as_secs_f64());
+        r
+    };
+    let mut spec = spec.clone();
+    if let Err(e) = spec.validate() {
+        report.error = Some(job_error(Phase::Clone, &e));
+        return finish(report);
+    }
+    if cancel.is_cancelled() {
+        report.outcome = Outcome::Cancelled;
+        return finish(report);
+    }
+    // Orphans of earlier jobs on this host (owners killed outright) go first.
+    match gc::gc(client, false).await {
+        Ok(g) if g.removed() > 0 => {
+            tracing::info!(removed = g.removed(), "removed orphaned job clones")
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "could not look for orphaned job clones"),
+    }
+
+    let mut progress = Progress {
+        phases: std::mem::take(&mut report.phases),
+        current: None,
+    };
+    // Clone and boot are short and not interrupted: a half-made clone is harder to remove
+    // than a whole one.
+    progress.begin(Phase::Clone);
+    let name = match clone_name(&spec.template, &job_id) {
+        Ok(n) => n,
+        Err(e) => {
+            progress.end(false);
+            report.phases = progress.phases;
+            report.error = Some(job_error(Phase::Clone, &e));
+            return finish(report);
+        }
+    };
+    let mut labels = owner::Owner::current().labels();
+    labels.insert(owner::LABEL_JOB.into(), job_id.clone());
+    labels.insert(owner::LABEL_TEMPLATE.into(), spec.template.to_string());
+    labels.insert(
+        owner::LABEL_STARTED_AT.into(),
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs()
+            .to_string(),
+    );
+    let vm = match template
+        .clone_linked_labeled(&name, spec.snapshot.as_deref(), labels)
+        .await
+    {
+        Ok(vm) => vm,
+        Err(e) => {
+            progress.end(false);
+            report.phases = progress.phases;
+            report.error = Some(job_error(Phase::Clone, &e));
+            return finish(report);
+        }
+    };
+    report.vm = name.to_string();
+
+    let body_result = {
+        let body = body(&vm, &spec, &mut progress, &mut report);
+        tokio::pin!(body);
+        tokio::select! {
+            r = &mut body => Some(r),
+            _ = cancel.cancelled() => None,
+        }
+    };
+    match body_result {
+        None => {
+            report.outcome = Outcome::Cancelled;
+            progress.end(false);
+        }
+        Some(Ok(())) => {}
+        Some(Err((phase, e))) => {
+            progress.end(false);
+            if phase == Phase::Run && e.kind() == ErrorKind::Timeout {
+                report.outcome = Outcome::TimedOut;
+            } else if report.outcome != Outcome::Failed {
+                report.outcome = Outcome::Error;
+            }
+            report.error = Some(job_error(phase, &e));
+        }
+    }
+    progress.end(true);
+
+    report.console_log = console_tail(&vm, spec.console_tail).await;
+    progress.begin(Phase::Teardown);
+    let torn = match tokio::time::timeout(TEARDOWN_LIMIT, vm.destroy()).await {
+        Ok(r) => r,
+        Err(_) => Err(Error::Timeout {
+            ctx: Ctx::vm("destroy job clone", vm.name()),
+            after: TEARDOWN_LIMIT,
+            what: "the clone to be removed".into(),
+        }),
+    };
+    if let Err(e) = &torn {
+        tracing::error!(vm = %vm.name(), error = %e, "job clone left behind; 'anyvm gc' removes it once this process exits");
+        report.teardown_error = Some(e.to_string());
+    }
+    progress.end(torn.is_ok());
+    report.phases = progress.phases;
+    finish(report)
+}
+
+/// Boot, ready, check, stage in, run, stage out. Errors carry the phase they happened in.
+async fn body(
+    vm: &Vm,
+    spec: &JobSpec,
+    progress: &mut Progress,
+    report: &mut JobReport,
+) -> std::result::Result<(), (Phase, Error)> {
+    let at = |p: &Progress| {
+        let phase = p.phase();
+        move |e: Error| (phase, e)
+    };
+    progress.begin(Phase::Boot);
+    vm.start().await.map_err(at(progress))?;
+    progress.begin(Phase::Ready);
+    vm.wait_ready(&spec.ready).await.map_err(at(progress))?;
+    if let Some(p) = &spec.profile {
+        progress.begin(Phase::Check);
+        let rep = vm
+            .check(p, spec.check_timeout)
+            .await
+            .map_err(at(progress))?;
+        let failed: Vec<String> = rep
+            .resources
+            .iter()
+            .filter(|r| !r.ok)
+            .map(|r| format!("{} ({}): {}", r.name, r.target, r.detail))
+            .collect();
+        report.check = Some(rep);
+        if !failed.is_empty() {
+            return Err((
+                Phase::Check,
+                Error::NotReady {
+                    ctx: Ctx::vm(format!("check profile {}", p.name), vm.name()),
+                    after: spec.check_timeout,
+                    probe: "profile resources".into(),
+                    last_error: failed.join("; "),
+                },
+            ));
+        }
+    }
+    progress.begin(Phase::StageIn);
+    for s in &spec.inputs {
+        let bytes = stage::put(vm, &s.host, &s.guest)
+            .await
+            .map_err(at(progress))?;
+        report.inputs.push(StagedPath {
+            host: s.host.clone(),
+            guest: s.guest.clone(),
+            bytes,
+        });
+    }
+    progress.begin(Phase::Run);
+    let out = vm.exec(&spec.command).await.map_err(at(progress))?;
+    report.exit_code = out.exit_code;
+    report.signal = out.signal;
+    report.stdout = out.stdout;
+    report.stderr = out.stderr;
+    report.outcome = if out.exit_code == Some(0) {
+        Outcome::Succeeded
+    } else {
+        Outcome::Failed
+    };
+    // Outputs come out even when the command failed: they are often its logs.
+    progress.begin(Phase::StageOut);
+    for s in &spec.outputs {
+        let bytes = stage::get(vm, &s.guest, &s.host)
+            .await
+            .map_err(at(progress))?;
+        report.outputs.push(StagedPath {
+            host: s.host.clone(),
+            guest: s.guest.clone(),
+            bytes,
+        });
+    }
+    Ok(())
+}
+
+/// `<template>-<job id>`, cut to fit a VM name.
+fn clone_name(template: &VmName, job_id: &str) -> Result<VmName> {
+    let max = crate::name::MAX_NAME_LEN - job_id.len() - 1;
+    let base: String = template.as_str().chars().take(max).collect();
+    VmName::new(format!("{base}-{job_id}"))
+}
+
+async fn console_tail(vm: &Vm, limit: usize) -> String {
+    let Ok(Some(path)) = vm.console_log().await else {
+        return String::new();
+    };
+    read_tail(&path, limit).unwrap_or_default()
+}
+
+fn read_tail(path: &Path, limit: usize) -> std::io::Result<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(path)?;
+    let len = f.metadata()?.len();
+    f.seek(SeekFrom::Start(len.saturating_sub(limit as u64)))?;
+    let mut buf = Vec::new();
+    f.read_to_end(&mut buf)?;
+    Ok(String::from_utf8_lossy(&buf).into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validation_refuses_bad_stages_before_anything_exists() {
+        let base = JobSpec::new("tmpl", &["true"]).unwrap();
+        let mut s = base.clone().input("/definitely/not/here", "/tmp/x");
+        assert_eq!(s.validate().unwrap_err().kind(), ErrorKind::NotFound);
+        let mut s = base.clone().input("/etc/hostname", "tmp/x");
+        assert_eq!(s.validate().unwrap_err().kind(), ErrorKind::InvalidArgument);
+        let mut s = base.clone().output("/tmp/../etc/x", "out");
+        assert_eq!(s.validate().unwrap_err().kind(), ErrorKind::InvalidArgument);
+        let mut s = base.clone().output("/tmp/out", "rel/out");
+        s.validate().unwrap();
+        assert!(s.outputs[0].host.is_absolute());
+        let mut s = base.timeout(Duration::ZERO);
+        assert!(s.validate().is_err());
+        assert!(JobSpec::new("bad;name", &["true"]).is_err());
+        assert!(JobSpec::new("tmpl", &[] as &[&str]).is_err());
+    }
+
+    #[test]
+    fn clone_names_fit_and_are_distinct() {
+        let t = VmName::new("a".repeat(64)).unwrap();
+        let a = clone_name(&t, &new_job_id()).unwrap();
+        let b = clone_name(&t, &new_job_id()).unwrap();
+        assert_ne!(a, b);
+        assert!(a.as_str().len() <= crate::name::MAX_NAME_LEN);
+    }
+
+    #[test]
+    fn exit_status_follows_shell_conventions() {
+        let mut r = JobReport::empty("j".into(), &VmName::new("t").unwrap());
+        r.outcome = Outcome::Failed;
+        r.exit_code = Some(3);
+        assert_eq!(r.exit_status(), 3);
+        r.exit_code = None;
+        r.signal = Some(9);
+        assert_eq!(r.exit_status(), 137);
+        r.outcome = Outcome::TimedOut;
+        assert_eq!(r.exit_status(), 124);
+        r.outcome = Outcome::Cancelled;
+        assert_eq!(r.exit_status(), 130);
+        r.outcome = Outcome::Succeeded;
+        r.exit_code = Some(0);
+        r.teardown_error = Some("left".into());
+        assert_eq!(r.exit_status(), 125);
+    }
+
+    #[tokio::test]
+    async fn cancel_wakes_waiters_and_is_sticky() {
+        let c = Cancel::new();
+        let w = tokio::spawn({
+            let c = c.clone();
+            async move { c.cancelled().await }
+        });
+        tokio::task::yield_now().await;
+        c.cancel();
+        tokio::time::timeout(Duration::from_secs(5), w)
+            .await
+            .unwrap()
+            .unwrap();
+        // Already cancelled: returns at once.
+        c.cancelled().await;
+    }
+}
