@@ -11,6 +11,7 @@
 pub mod gc;
 pub mod owner;
 pub mod pool;
+pub mod slurm;
 mod stage;
 
 use std::path::{Path, PathBuf};

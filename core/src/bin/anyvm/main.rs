@@ -1,5 +1,6 @@
 //! `anyvm`: the operator's command line over the same API the bindings use.
 
+mod job;
 mod progress;
 
 use std::io::{Read, Write};
@@ -154,6 +155,16 @@ enum Cmd {
     /// Host folders shared with the guest.
     #[command(subcommand)]
     Share(ShareCmd),
+    /// Transient jobs: one command in a throwaway clone of a template VM.
+    #[command(subcommand)]
+    Job(job::JobCmd),
+    /// Remove job clones whose owning process is gone (killed, crashed, rebooted) and port
+    /// leases of VMs that no longer exist.
+    Gc {
+        /// Only report what would be removed.
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -284,6 +295,8 @@ impl App {
     async fn run(&self, cmd: Cmd) -> anyvm::Result<u8> {
         let c = &self.client;
         match cmd {
+            Cmd::Job(j) => return self.job(j).await,
+            Cmd::Gc { dry_run } => return self.gc(dry_run).await,
             Cmd::List => {
                 let vms = c.list().await?;
                 self.out(json!(vms), || {

@@ -1,0 +1,312 @@
+//! Transient jobs against the real libvirtd: every phase, every way a job ends, teardown on
+//! each, orphan collection, and the pool.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyvm::job::gc::{gc, GcAction};
+use anyvm::job::owner::{Liveness, Owner};
+use anyvm::job::pool::{Budget, JobPool};
+use anyvm::job::{run_job, Cancel, JobSpec, Outcome, Phase};
+use anyvm::{Client, Vm, VmName};
+use common::*;
+
+/// Job clones of `template` still defined.
+async fn clones_of(client: &Client, template: &str) -> Vec<String> {
+    client
+        .list()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|i| i.name)
+        .filter(|n| n.starts_with(&format!("{template}-")))
+        .collect()
+}
+
+async fn template(env: &TestEnv, name: &str) -> Vm {
+    env.fresh(name).await;
+    let mut spec = env.spec(name, "");
+    spec.labels.insert("team".into(), "mc".into());
+    env.client.define(spec).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn job_phases_outcomes_and_teardown() {
+    let env = env().await;
+    let _c = Cleanup::new(&env.client, "e2e-job-tmpl");
+    let t = template(&env, "e2e-job-tmpl").await;
+    let d = env.dir.path();
+
+    // Inputs: one file and one directory tree; outputs: a directory and a file.
+    std::fs::write(d.join("run.cfg"), "events=42\n").unwrap();
+    std::fs::create_dir_all(d.join("tree/sub")).unwrap();
+    std::fs::write(d.join("tree/a.dat"), vec![7u8; 200_000]).unwrap();
+    std::fs::write(d.join("tree/sub/b.txt"), "b\n").unwrap();
+    let spec = JobSpec::new(
+        "e2e-job-tmpl",
+        &[
+            "sh",
+            "-c",
+            "cat /work/run.cfg; cd /work/tree && find . -type f | sort; \
+             mkdir -p /work/out/hist && wc -c < a.dat > /work/out/hist/size && \
+             echo $MC_SEED > /work/seed; echo warn >&2",
+        ],
+    )
+    .unwrap()
+    .env("MC_SEED", "1234")
+    .input(d.join("run.cfg"), "/work/run.cfg")
+    .input(d.join("tree"), "/work/tree")
+    .output("/work/out", d.join("results/out"))
+    .output("/work/seed", d.join("results/seed.txt"));
+    let r = run_job(&env.client, &t, &spec, &Cancel::new()).await;
+    assert_eq!(r.outcome, Outcome::Succeeded, "{r:#?}");
+    assert_eq!(r.exit_status(), 0);
+    assert_eq!(
+        r.stdout_str(),
+        "events=42\n./a.dat\n./sub/b.txt\n",
+        "{}",
+        r.stdout_str()
+    );
+    assert_eq!(String::from_utf8_lossy(&r.stderr), "warn\n");
+    assert_eq!(
+        std::fs::read_to_string(d.join("results/out/hist/size"))
+            .unwrap()
+            .trim(),
+        "200000"
+    );
+    assert_eq!(
+        std::fs::read_to_string(d.join("results/seed.txt")).unwrap(),
+        "1234\n"
+    );
+    let phases: Vec<Phase> = r.phases.iter().map(|p| p.phase).collect();
+    assert_eq!(
+        phases,
+        [
+            Phase::Clone,
+            Phase::Boot,
+            Phase::Ready,
+            Phase::StageIn,
+            Phase::Run,
+            Phase::StageOut,
+            Phase::Teardown
+        ]
+    );
+    assert!(r.phases.iter().all(|p| p.ok && p.seconds >= 0.0));
+    assert!(r.vm.starts_with("e2e-job-tmpl-"));
+    assert!(
+        r.console_log.contains("Linux") || !r.console_log.is_empty(),
+        "console log kept"
+    );
+    assert!(clones_of(&env.client, "e2e-job-tmpl").await.is_empty());
+    assert_eq!(leases_of(&env.client, &r.vm), 0);
+    // The template is untouched: still off, still labelled by its owner only.
+    assert_eq!(t.state().await.unwrap(), anyvm::VmState::ShutOff);
+
+    // A failing command: its exit code; outputs are still attempted and a missing one named.
+    let spec = JobSpec::new("e2e-job-tmpl", &["sh", "-c", "echo partial; exit 7"])
+        .unwrap()
+        .output("/work/never-written", d.join("never"));
+    let r = run_job(&env.client, &t, &spec, &Cancel::new()).await;
+    assert_eq!(r.outcome, Outcome::Failed, "{r:#?}");
+    assert_eq!((r.exit_code, r.exit_status()), (Some(7), 7));
+    assert_eq!(r.stdout_str(), "partial\n");
+    let e = r.error.as_ref().unwrap();
+    assert_eq!(e.phase, Phase::StageOut);
+    assert!(e.message.contains("/work/never-written"), "{}", e.message);
+    assert!(clones_of(&env.client, "e2e-job-tmpl").await.is_empty());
+
+    // The wall-clock limit.
+    let spec = JobSpec::new("e2e-job-tmpl", &["sleep", "60"])
+        .unwrap()
+        .timeout(Duration::from_secs(3));
+    let r = run_job(&env.client, &t, &spec, &Cancel::new()).await;
+    assert_eq!(r.outcome, Outcome::TimedOut, "{r:#?}");
+    assert_eq!(r.exit_status(), 124);
+    assert!(r.phase_seconds(Phase::Run) < 15.0);
+    assert!(clones_of(&env.client, "e2e-job-tmpl").await.is_empty());
+
+    // Cancelled while the command runs.
+    let cancel = Cancel::new();
+    let spec = JobSpec::new("e2e-job-tmpl", &["sleep", "120"]).unwrap();
+    let job = tokio::spawn({
+        let (client, t, cancel) = (env.client.clone(), t.clone(), cancel.clone());
+        async move { run_job(&client, &t, &spec, &cancel).await }
+    });
+    let until = std::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        let names = clones_of(&env.client, "e2e-job-tmpl").await;
+        if let Some(n) = names.first() {
+            let vm = env.client.vm(n).await.unwrap();
+            if vm.state().await.unwrap() == anyvm::VmState::Running
+                && vm.exec(&anyvm::ExecRequest::new("true")).await.is_ok()
+            {
+                break;
+            }
+        }
+        assert!(std::time::Instant::now() < until, "job never started");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let t0 = std::time::Instant::now();
+    cancel.cancel();
+    let r = job.await.unwrap();
+    assert_eq!(r.outcome, Outcome::Cancelled, "{r:#?}");
+    assert!(t0.elapsed() < Duration::from_secs(20), "{:?}", t0.elapsed());
+    assert!(clones_of(&env.client, "e2e-job-tmpl").await.is_empty());
+
+    // Bad input: refused before any clone exists.
+    let spec = JobSpec::new("e2e-job-tmpl", &["true"])
+        .unwrap()
+        .input(d.join("missing.cfg"), "/work/x");
+    let r = run_job(&env.client, &t, &spec, &Cancel::new()).await;
+    assert_eq!(r.outcome, Outcome::Error);
+    assert!(r.vm.is_empty());
+    assert_eq!(r.error.unwrap().kind, anyvm::ErrorKind::NotFound);
+
+    // The readiness deadline is a job error in the ready phase, and the clone still goes.
+    let mut spec = JobSpec::new("e2e-job-tmpl", &["true"]).unwrap();
+    spec.ready = anyvm::ReadySpec::empty()
+        .probe(anyvm::Probe::Command {
+            argv: vec!["false".into()],
+        })
+        .timeout(Duration::from_secs(3));
+    let r = run_job(&env.client, &t, &spec, &Cancel::new()).await;
+    assert_eq!(r.outcome, Outcome::Error, "{r:#?}");
+    assert_eq!(r.error.as_ref().unwrap().phase, Phase::Ready);
+    assert_eq!(r.exit_status(), 125);
+    assert!(clones_of(&env.client, "e2e-job-tmpl").await.is_empty());
+    t.destroy().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn gc_removes_only_clones_of_dead_owners() {
+    let env = env().await;
+    let _c = Cleanup::new(&env.client, "e2e-gc-tmpl");
+    let t = template(&env, "e2e-gc-tmpl").await;
+    let me = Owner::current();
+    let mut dead = {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        child.wait().unwrap();
+        Owner { pid, ..me.clone() }
+    };
+    dead.user = "gone".into();
+    let foreign = Owner {
+        host: "other-node.example".into(),
+        ..me.clone()
+    };
+    let mk = |o: &Owner| {
+        let mut l: BTreeMap<String, String> = o.labels();
+        l.insert("anyvm.job/id".into(), "test".into());
+        l
+    };
+    let names = [
+        "e2e-gc-tmpl-dead",
+        "e2e-gc-tmpl-live",
+        "e2e-gc-tmpl-foreign",
+    ];
+    let _cs: Vec<Cleanup> = names.iter().map(|n| Cleanup::new(&env.client, n)).collect();
+    for (n, o) in names.iter().zip([&dead, &me, &foreign]) {
+        env.fresh(n).await;
+        t.clone_linked_labeled(&VmName::new(*n).unwrap(), None, mk(o))
+            .await
+            .unwrap();
+    }
+    // A clone started by the dead owner holds ports and runs: gc powers it off too.
+    env.client
+        .vm(names[0])
+        .await
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    assert!(leases_of(&env.client, names[0]) > 0);
+
+    let dry = gc(&env.client, true).await.unwrap();
+    let action = |r: &anyvm::job::gc::GcReport, n: &str| {
+        r.clones.iter().find(|e| e.vm == n).map(|e| e.action)
+    };
+    assert_eq!(action(&dry, names[0]), Some(GcAction::WouldRemove));
+    assert!(env.client.vm(names[0]).await.is_ok());
+
+    let r = gc(&env.client, false).await.unwrap();
+    assert_eq!(action(&r, names[0]), Some(GcAction::Removed));
+    assert_eq!(action(&r, names[1]), Some(GcAction::Kept));
+    assert_eq!(action(&r, names[2]), Some(GcAction::Kept));
+    assert_eq!(
+        r.clones.iter().find(|e| e.vm == names[2]).unwrap().liveness,
+        Liveness::Foreign
+    );
+    // The template (no job labels) is not a job clone at all.
+    assert_eq!(action(&r, "e2e-gc-tmpl"), None);
+    assert!(env.client.vm(names[0]).await.is_err());
+    assert_eq!(leases_of(&env.client, names[0]), 0);
+    for n in &names[1..] {
+        env.client.vm(n).await.unwrap().destroy().await.unwrap();
+    }
+    t.destroy().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pool_caps_concurrency_and_runs_in_order() {
+    let env = env().await;
+    let _c = Cleanup::new(&env.client, "e2e-pool-tmpl");
+    let t = template(&env, "e2e-pool-tmpl").await;
+    // Room for one 192 MiB guest at a time: three jobs run one after another.
+    let pool = JobPool::new(
+        env.client.clone(),
+        Budget {
+            cpus: 2,
+            memory_mib: 300,
+        },
+    )
+    .unwrap();
+    let jobs: Vec<(Vm, JobSpec)> = (0..3)
+        .map(|i| {
+            let spec = JobSpec::new(
+                "e2e-pool-tmpl",
+                &[
+                    "sh",
+                    "-c",
+                    &format!("echo job{i}; cat /sys/class/net/eth0/address"),
+                ],
+            )
+            .unwrap();
+            (t.clone(), spec)
+        })
+        .collect();
+    let reports = pool.run_all(&jobs, &Cancel::new()).await;
+    for (i, r) in reports.iter().enumerate() {
+        assert_eq!(r.outcome, Outcome::Succeeded, "{r:#?}");
+        assert!(r.stdout_str().starts_with(&format!("job{i}\n")));
+    }
+    let mut queued: Vec<f64> = reports
+        .iter()
+        .map(|r| r.phase_seconds(Phase::Queue))
+        .collect();
+    queued.sort_by(f64::total_cmp);
+    // The first went at once; each later one waited for the one before.
+    assert!(queued[0] < 1.0, "{queued:?}");
+    assert!(queued[1] > 2.0 && queued[2] > queued[1] + 2.0, "{queued:?}");
+    assert!(clones_of(&env.client, "e2e-pool-tmpl").await.is_empty());
+
+    // Cancelling a queued job ends it without a clone.
+    let held = pool.acquire(1, 300).await.unwrap();
+    let cancel = Cancel::new();
+    let job = tokio::spawn({
+        let (pool, t, cancel) = (pool.clone(), t.clone(), cancel.clone());
+        let spec = JobSpec::new("e2e-pool-tmpl", &["true"]).unwrap();
+        async move { pool.run(&t, &spec, &cancel).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(pool.usage().2, 1);
+    cancel.cancel();
+    let r = job.await.unwrap();
+    assert_eq!(r.outcome, Outcome::Cancelled);
+    assert!(r.vm.is_empty());
+    assert_eq!(pool.usage().2, 0);
+    drop(held);
+    t.destroy().await.unwrap();
+}
