@@ -310,3 +310,211 @@ async fn pool_caps_concurrency_and_runs_in_order() {
     drop(held);
     t.destroy().await.unwrap();
 }
+
+fn anyvm_cmd(cfg: &std::path::Path, state: &std::path::Path) -> std::process::Command {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_anyvm"));
+    c.arg("-c").arg(cfg).env("ANYVM_STATE_DIR", state);
+    c
+}
+
+/// Wait until a clone of `template` is running and its agent answers.
+async fn wait_clone_running(client: &Client, template: &str) -> String {
+    let until = std::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        if let Some(n) = clones_of(client, template).await.first() {
+            if let Ok(vm) = client.vm(n).await {
+                if vm.exec(&anyvm::ExecRequest::new("true")).await.is_ok() {
+                    return n.clone();
+                }
+            }
+        }
+        assert!(std::time::Instant::now() < until, "no running clone");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cli_job_run_exit_codes_signals_and_gc() {
+    let env = env().await;
+    let g = guest();
+    let d = env.dir.path();
+    let state = d.join("state");
+    let disk = d.join("tmpl.qcow2");
+    std::fs::copy(g.dir.join("data.qcow2"), &disk).unwrap();
+    let cfg = d.join("anyvm.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"backend = "libvirt:qemu:///system"
+port_range = [48000, 48999]
+[machines.e2e-jobcli]
+memory_mib = 192
+accel = "tcg"
+kernel = "{k}"
+initrd = "{i}"
+cmdline = "console=ttyS0 quiet"
+disks = [{{ path = "{disk}" }}]
+"#,
+            k = g.kernel().display(),
+            i = g.initrd().display(),
+            disk = disk.display(),
+        ),
+    )
+    .unwrap();
+    let _c = Cleanup::new(&env.client, "e2e-jobcli");
+    env.fresh("e2e-jobcli").await;
+    std::fs::write(d.join("in.txt"), "payload\n").unwrap();
+
+    // The template is defined from the config on first use; the job's exit code is anyvm's.
+    let o = anyvm_cmd(&cfg, &state)
+        .current_dir(d)
+        .args([
+            "job",
+            "run",
+            "--template",
+            "e2e-jobcli",
+            "--in",
+            "in.txt:/work/in.txt",
+        ])
+        .args(["--out", "/work/o.txt:res/o.txt", "--"])
+        .args([
+            "sh",
+            "-c",
+            "tr a-z A-Z < /work/in.txt > /work/o.txt; echo out; exit 3",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(3), "{err}");
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "out\n");
+    assert!(
+        err.contains("failed (exit 3)") && err.contains("teardown"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(d.join("res/o.txt")).unwrap(),
+        "PAYLOAD\n"
+    );
+
+    let o = anyvm_cmd(&cfg, &state)
+        .args([
+            "--json",
+            "job",
+            "run",
+            "--template",
+            "e2e-jobcli",
+            "--",
+            "uname",
+            "-s",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["outcome"], "succeeded");
+    assert_eq!(v["stdout"], "Linux\n");
+    assert!(v["phases"].as_array().unwrap().len() >= 6);
+
+    // Bad input: exit 125-free refusal before any clone (plain anyvm error, exit 1).
+    let o = anyvm_cmd(&cfg, &state)
+        .args([
+            "job",
+            "run",
+            "--template",
+            "e2e-jobcli",
+            "--in",
+            "nope.txt:/x",
+            "--",
+            "true",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("nope.txt"));
+    let o = anyvm_cmd(&cfg, &state)
+        .args(["job", "run", "--template", "no;such", "--", "true"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+
+    // SIGTERM (what scancel and a time limit send): the clone is removed, exit 128+15.
+    let mut child = anyvm_cmd(&cfg, &state)
+        .args([
+            "job",
+            "run",
+            "--template",
+            "e2e-jobcli",
+            "--",
+            "sleep",
+            "300",
+        ])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_clone_running(&env.client, "e2e-jobcli").await;
+    let t0 = std::time::Instant::now();
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let st = child.wait().unwrap();
+    assert_eq!(st.code(), Some(143));
+    assert!(t0.elapsed() < Duration::from_secs(20), "{:?}", t0.elapsed());
+    assert!(clones_of(&env.client, "e2e-jobcli").await.is_empty());
+
+    // SIGKILL leaves the clone; gc (or the next job) removes it.
+    let mut child = anyvm_cmd(&cfg, &state)
+        .args([
+            "job",
+            "run",
+            "--template",
+            "e2e-jobcli",
+            "--",
+            "sleep",
+            "300",
+        ])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let orphan = wait_clone_running(&env.client, "e2e-jobcli").await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let _co = Cleanup::new(&env.client, &orphan);
+    assert_eq!(
+        clones_of(&env.client, "e2e-jobcli").await,
+        vec![orphan.clone()]
+    );
+    let o = anyvm_cmd(&cfg, &state).args(["gc"]).output().unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(o.status.code(), Some(0), "{out}");
+    assert!(out.contains(&orphan) && out.contains("removed"), "{out}");
+    assert!(clones_of(&env.client, "e2e-jobcli").await.is_empty());
+
+    // An sbatch script for the same job execs anyvm with absolute paths.
+    let o = anyvm_cmd(&cfg, &state)
+        .current_dir(d)
+        .args([
+            "job",
+            "sbatch",
+            "--template",
+            "e2e-jobcli",
+            "--time",
+            "00:05:00",
+        ])
+        .args(["--in", "in.txt:/work/in.txt", "--", "cat", "/work/in.txt"])
+        .output()
+        .unwrap();
+    let script = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(o.status.code(), Some(0), "{script}");
+    assert!(script.contains("#SBATCH --time=00:05:00"), "{script}");
+    assert!(script.contains("#SBATCH --mem=320M"), "{script}");
+    assert!(
+        script.contains(&format!("--in {}:/work/in.txt", d.join("in.txt").display())),
+        "{script}"
+    );
+    assert!(script.contains("job run --template e2e-jobcli"), "{script}");
+    env.client
+        .vm("e2e-jobcli")
+        .await
+        .unwrap()
+        .destroy()
+        .await
+        .unwrap();
+}
