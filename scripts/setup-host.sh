@@ -7,7 +7,8 @@ log() { printf 'setup-host: %s\n' "$*" >&2; }
 
 PKGS=(qemu-system-x86 libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev
       pkg-config openssh-client busybox-static qemu-guest-agent dropbear-bin cpio gzip
-      qemu-utils iproute2 procps gcc g++ make valgrind openssh-server mariadb-server)
+      qemu-utils iproute2 procps gcc g++ make valgrind openssh-server mariadb-server
+      munge slurmctld slurmd slurm-client)
 
 missing=()
 for p in "${PKGS[@]}"; do
