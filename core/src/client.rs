@@ -18,6 +18,9 @@ pub struct ClientOptions {
     /// Port leases, known_hosts files and clone disks live here.
     pub state_dir: PathBuf,
     pub port_range: RangeInclusive<u16>,
+    /// On a remote libvirt host (`qemu+ssh://`): where clone disks and console logs go there.
+    /// The ssh user must be able to write it.
+    pub remote_state_dir: PathBuf,
 }
 
 impl Default for ClientOptions {
@@ -25,6 +28,7 @@ impl Default for ClientOptions {
         ClientOptions {
             state_dir: default_state_dir(),
             port_range: DEFAULT_PORT_RANGE,
+            remote_state_dir: "/var/lib/anyvm".into(),
         }
     }
 }
@@ -36,6 +40,10 @@ impl ClientOptions {
     }
     pub fn port_range(mut self, r: RangeInclusive<u16>) -> Self {
         self.port_range = r;
+        self
+    }
+    pub fn remote_state_dir(mut self, d: impl Into<PathBuf>) -> Self {
+        self.remote_state_dir = d.into();
         self
     }
 }
@@ -77,8 +85,17 @@ impl Client {
         let backend: Arc<dyn Backend> = match parsed {
             #[cfg(feature = "libvirt")]
             BackendUri::Libvirt { uri } => {
+                let remote =
+                    !crate::backend::libvirt::host::HypervisorHost::for_uri(&uri).is_local();
+                // Disks and logs live on the hypervisor host.
+                let base = if remote {
+                    &opts.remote_state_dir
+                } else {
+                    &opts.state_dir
+                };
                 let o = crate::backend::libvirt::LibvirtOptions {
-                    images_dir: opts.state_dir.join("images"),
+                    images_dir: base.join("images"),
+                    console_dir: base.join("console"),
                     ..Default::default()
                 };
                 Arc::new(crate::backend::libvirt::LibvirtBackend::open(&uri, o).await?)

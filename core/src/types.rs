@@ -225,12 +225,43 @@ impl PortForward {
     /// The address and port a client on the host connects to (a forward listening on every
     /// address is reached on loopback).
     pub fn connect_addr(&self) -> (String, u16) {
-        let addr = if self.host_addr == "0.0.0.0" {
-            "127.0.0.1".to_string()
-        } else {
-            self.host_addr.clone()
+        self.connect_addr_via(None)
+    }
+
+    /// [`PortForward::connect_addr`] for a forward that listens on `remote` (a remote
+    /// hypervisor host) rather than here: wildcard and loopback addresses name that host.
+    pub fn connect_addr_via(&self, remote: Option<&str>) -> (String, u16) {
+        let wildcard_or_loopback =
+            self.host_addr == "0.0.0.0" || self.host_addr.starts_with("127.");
+        let addr = match remote {
+            Some(r) if wildcard_or_loopback => r.to_string(),
+            None if self.host_addr == "0.0.0.0" => "127.0.0.1".to_string(),
+            _ => self.host_addr.clone(),
         };
         (addr, self.host_port)
+    }
+}
+
+#[cfg(test)]
+mod forward_tests {
+    use super::*;
+
+    #[test]
+    fn connect_address_here_and_on_a_remote_host() {
+        let mut f = PortForward {
+            name: "ssh".into(),
+            proto: Protocol::Tcp,
+            host_addr: "0.0.0.0".into(),
+            host_port: 40022,
+            guest_port: 22,
+        };
+        assert_eq!(f.connect_addr(), ("127.0.0.1".into(), 40022));
+        assert_eq!(f.connect_addr_via(Some("hv1")), ("hv1".into(), 40022));
+        f.host_addr = "127.0.0.1".into();
+        assert_eq!(f.connect_addr(), ("127.0.0.1".into(), 40022));
+        assert_eq!(f.connect_addr_via(Some("hv1")), ("hv1".into(), 40022));
+        f.host_addr = "10.0.0.5".into();
+        assert_eq!(f.connect_addr_via(Some("hv1")), ("10.0.0.5".into(), 40022));
     }
 }
 

@@ -515,7 +515,7 @@ impl Vm {
                 .into_iter()
                 .find(|f| f.guest_port == guest_port && f.proto == crate::types::Protocol::Tcp)
             {
-                return Ok(f.connect_addr());
+                return Ok(f.connect_addr_via(self.backend.forward_host().as_deref()));
             }
         }
         match self.backend.guest_address(&self.name).await? {
@@ -914,6 +914,11 @@ impl Vm {
     }
     pub async fn shared_folders(&self) -> Result<Vec<SharedFolder>> {
         self.backend.shared_folders(&self.name).await
+    }
+
+    /// The last `limit` bytes of the serial console log, read where the hypervisor keeps it.
+    pub async fn console_tail(&self, limit: usize) -> Result<Vec<u8>> {
+        self.backend.console_tail(&self.name, limit).await
     }
 
     pub async fn console_log(&self) -> Result<Option<PathBuf>> {

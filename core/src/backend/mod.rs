@@ -235,6 +235,21 @@ pub trait Backend: Send + Sync + fmt::Debug {
         Ok(None)
     }
 
+    /// The machine forwards listen on when it is not this one (a remote libvirt host).
+    fn forward_host(&self) -> Option<String> {
+        None
+    }
+
+    /// The last `limit` bytes of the serial console log. The default reads the local file
+    /// [`Backend::console_log`] names; backends with a remote host read it there.
+    async fn console_tail(&self, vm: &VmName, limit: usize) -> Result<Vec<u8>> {
+        let Some(path) = self.console_log(vm).await? else {
+            return Ok(Vec::new());
+        };
+        let ctx = crate::error::Ctx::vm("read console log", vm);
+        crate::util::tail::read_tail(&path, limit).map_err(|e| Error::io(ctx, &path, e))
+    }
+
     /// Event stream, for backends that have one; `None` means callers must poll.
     fn subscribe(&self) -> Option<broadcast::Receiver<VmEvent>>;
     /// Path of the serial console log on the host, where the backend keeps one.
@@ -249,6 +264,7 @@ pub(crate) fn mock() -> MockBackend {
     b.expect_forward_transport()
         .return_const(ForwardTransport::Hypervisor);
     b.expect_guest_address().returning(|_| Ok(None));
+    b.expect_forward_host().return_const(None);
     b
 }
 

@@ -5,6 +5,7 @@
 //! backend = "libvirt:qemu:///system"
 //! state_dir = "/var/lib/anyvm"        # optional
 //! port_range = [40000, 44999]         # optional
+//! remote_state_dir = "/var/lib/anyvm"  # optional: clone disks, console logs on a qemu+ssh:// host
 //!
 //! [machines.build]
 //! cpus = 1
@@ -43,6 +44,7 @@ use crate::types::{
 struct RawConfig {
     backend: Option<String>,
     state_dir: Option<PathBuf>,
+    remote_state_dir: Option<PathBuf>,
     port_range: Option<[u16; 2]>,
     #[serde(default)]
     machines: BTreeMap<String, RawMachine>,
@@ -133,6 +135,8 @@ pub struct Config {
     pub path: Option<PathBuf>,
     pub backend: Option<String>,
     pub state_dir: Option<PathBuf>,
+    /// Clone disks and console logs on a remote (`qemu+ssh://`) libvirt host.
+    pub remote_state_dir: Option<PathBuf>,
     pub port_range: Option<std::ops::RangeInclusive<u16>>,
     pub machines: BTreeMap<String, MachineConfig>,
     pub profiles: BTreeMap<String, Profile>,
@@ -405,10 +409,22 @@ impl Config {
                 },
             );
         }
+        if raw
+            .remote_state_dir
+            .as_ref()
+            .is_some_and(|d| d.is_relative())
+        {
+            return Err(Error::config(
+                file,
+                "remote_state_dir",
+                "must be an absolute path on the libvirt host",
+            ));
+        }
         Ok(Config {
             path: file,
             backend: raw.backend,
             state_dir: raw.state_dir.map(abs),
+            remote_state_dir: raw.remote_state_dir,
             port_range,
             machines,
             profiles,
@@ -430,6 +446,9 @@ impl Config {
         }
         if let Some(r) = &self.port_range {
             opts = opts.port_range(r.clone());
+        }
+        if let Some(d) = &self.remote_state_dir {
+            opts = opts.remote_state_dir(d);
         }
         opts
     }

@@ -14,7 +14,7 @@ pub mod pool;
 pub mod slurm;
 mod stage;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -609,20 +609,10 @@ fn clone_name(template: &VmName, job_id: &str) -> Result<VmName> {
 }
 
 async fn console_tail(vm: &Vm, limit: usize) -> String {
-    let Ok(Some(path)) = vm.console_log().await else {
-        return String::new();
-    };
-    read_tail(&path, limit).unwrap_or_default()
-}
-
-fn read_tail(path: &Path, limit: usize) -> std::io::Result<String> {
-    use std::io::{Read, Seek, SeekFrom};
-    let mut f = std::fs::File::open(path)?;
-    let len = f.metadata()?.len();
-    f.seek(SeekFrom::Start(len.saturating_sub(limit as u64)))?;
-    let mut buf = Vec::new();
-    f.read_to_end(&mut buf)?;
-    Ok(String::from_utf8_lossy(&buf).into_owned())
+    match vm.console_tail(limit).await {
+        Ok(b) => String::from_utf8_lossy(&b).into_owned(),
+        Err(e) => format!("(console log unavailable: {e})"),
+    }
 }
 
 #[cfg(test)]

@@ -3,4 +3,5 @@
 pub mod bindmount;
 pub mod command;
 pub mod json_store;
+pub mod tail;
 pub mod xml;

@@ -8,6 +8,9 @@
 mod agent;
 mod domain_xml;
 mod events;
+pub mod host;
+
+use host::HypervisorHost;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -29,7 +32,6 @@ use crate::types::{
     DiskFormat, ExecOutput, ExecRequest, ForwardSpec, HostPort, PortForward, SharedFolder,
     SnapshotInfo, VmInfo, VmSpec, VmState,
 };
-use crate::util::command::ToolCommand;
 
 const ID: &str = "libvirt";
 
@@ -100,6 +102,7 @@ pub struct LibvirtBackend {
     conn: Arc<Connect>,
     events: broadcast::Sender<VmEvent>,
     opts: LibvirtOptions,
+    host: HypervisorHost,
 }
 
 impl std::fmt::Debug for LibvirtBackend {
@@ -215,6 +218,7 @@ impl LibvirtBackend {
             conn: Arc::new(conn),
             events: tx,
             opts,
+            host: HypervisorHost::for_uri(uri),
         })
     }
 
@@ -307,12 +311,7 @@ impl LibvirtBackend {
     }
 
     fn is_local(&self) -> bool {
-        !self.uri.contains("://")
-            || self
-                .uri
-                .split("://")
-                .nth(1)
-                .is_some_and(|r| r.starts_with('/'))
+        self.host.is_local()
     }
 
     async fn stored_spec(&self, ctx: &Ctx, vm: &VmName) -> Result<VmSpec> {
@@ -353,9 +352,14 @@ impl LibvirtBackend {
         .await
     }
 
+    /// qemu-img on the hypervisor host (over ssh for remote URIs).
     async fn qemu_img(&self, ctx: &Ctx, args: Vec<String>) -> Result<()> {
-        let out = ToolCommand::new("qemu-img", args, self.opts.qemu_img_timeout)
-            .run(ctx)
+        let argv: Vec<String> = std::iter::once("qemu-img".to_string())
+            .chain(args)
+            .collect();
+        let out = self
+            .host
+            .run(ctx, &argv, self.opts.qemu_img_timeout)
             .await?;
         if out.code != Some(0) {
             return Err(Error::backend(
@@ -374,6 +378,15 @@ impl LibvirtBackend {
             ro_mounts: ro,
             relay: &self.opts.relay,
         }
+    }
+
+    fn boot_paths(spec: &VmSpec) -> Vec<&Path> {
+        let mut paths: Vec<&Path> = spec.disks.iter().map(|d| d.path.as_path()).collect();
+        if let crate::types::Boot::Kernel { kernel, initrd, .. } = &spec.boot {
+            paths.push(kernel);
+            paths.extend(initrd.as_deref());
+        }
+        paths
     }
 
     fn ro_mounts(&self, vm: &VmName) -> PathBuf {
@@ -408,8 +421,22 @@ impl LibvirtBackend {
         let _ = std::fs::remove_dir(&dir);
     }
 
-    fn check_host_paths(&self, ctx: &Ctx, spec: &VmSpec) -> Result<()> {
+    async fn check_host_paths(&self, ctx: &Ctx, spec: &VmSpec) -> Result<()> {
         if !self.is_local() {
+            // Shares need local virtiofsd and bind mounts; disks and kernels are checked on
+            // the remote host.
+            for p in Self::boot_paths(spec) {
+                if !self.host.exists(ctx, p).await? {
+                    return Err(Error::NotFound {
+                        ctx: ctx.clone(),
+                        what: format!(
+                            "file {} on the libvirt host {}",
+                            p.display(),
+                            self.host.remote_name().unwrap_or("?")
+                        ),
+                    });
+                }
+            }
             return Ok(());
         }
         for s in &spec.shares {
@@ -433,12 +460,7 @@ impl LibvirtBackend {
                 ),
             });
         }
-        let mut paths: Vec<&Path> = spec.disks.iter().map(|d| d.path.as_path()).collect();
-        if let crate::types::Boot::Kernel { kernel, initrd, .. } = &spec.boot {
-            paths.push(kernel);
-            paths.extend(initrd.as_deref());
-        }
-        for p in paths {
+        for p in Self::boot_paths(spec) {
             if !p.exists() {
                 return Err(Error::NotFound {
                     ctx: ctx.clone(),
@@ -572,11 +594,10 @@ impl Backend for LibvirtBackend {
                 hint: "libvirt does not import OVA/OVF appliances; convert the disk (qemu-img convert) and boot from it".into(),
             });
         }
-        self.check_host_paths(&ctx, spec)?;
-        if self.is_local() {
-            std::fs::create_dir_all(&self.opts.console_dir)
-                .map_err(|e| Error::io(ctx.clone(), &self.opts.console_dir, e))?;
-        }
+        self.check_host_paths(&ctx, spec).await?;
+        self.host
+            .create_dir_all(&ctx, &self.opts.console_dir)
+            .await?;
         let xml = domain_xml::domain_xml(
             spec,
             None,
@@ -605,13 +626,13 @@ impl Backend for LibvirtBackend {
         .await?;
         if let Some(spec) = spec {
             for d in spec.disks.iter().filter(|d| d.owned) {
-                if let Err(e) = std::fs::remove_file(&d.path) {
+                if let Err(e) = self.host.remove_file(&ctx, &d.path).await {
                     tracing::warn!(vm = %vm, path = %d.path.display(), error = %e, "could not remove clone disk");
                 }
             }
             self.release_shares(vm, spec.shares.into_iter().map(|s| s.name));
         }
-        let _ = std::fs::remove_file(self.console_path(vm));
+        let _ = self.host.remove_file(&ctx, &self.console_path(vm)).await;
         Ok(())
     }
 
@@ -771,13 +792,6 @@ impl Backend for LibvirtBackend {
         let snapshot = snapshot.as_deref();
         let new = &clone_spec.name;
         let ctx = Ctx::vm(format!("clone to {new}"), base);
-        if !self.is_local() {
-            return Err(Error::InvalidState {
-                ctx,
-                state: "remote libvirt host".into(),
-                hint: "linked clones create disk overlays with qemu-img on this host; run anyvm on the hypervisor host".into(),
-            });
-        }
         let spec = self.stored_spec(&ctx, base).await?;
         let tag = match snapshot {
             Some(s) => {
@@ -806,8 +820,9 @@ impl Backend for LibvirtBackend {
                 format!("current-{}", t.as_nanos())
             }
         };
-        std::fs::create_dir_all(&self.opts.images_dir)
-            .map_err(|e| Error::io(ctx.clone(), &self.opts.images_dir, e))?;
+        self.host
+            .create_dir_all(&ctx, &self.opts.images_dir)
+            .await?;
         let mut clone = clone_spec.clone();
         clone.disks = spec.disks.clone();
         let mut created: Vec<PathBuf> = Vec::new();
@@ -826,7 +841,7 @@ impl Backend for LibvirtBackend {
                     .opts
                     .images_dir
                     .join(format!("{base}-{tag}-{i}.base.qcow2"));
-                if !frozen.exists() {
+                if !self.host.exists(&ctx, &frozen).await? {
                     let tmp = frozen.with_extension("tmp");
                     let mut args = vec![
                         "convert".to_string(),
@@ -843,11 +858,10 @@ impl Backend for LibvirtBackend {
                     args.push(disk.path.display().to_string());
                     args.push(tmp.display().to_string());
                     self.qemu_img(&ctx, args).await?;
-                    std::fs::rename(&tmp, &frozen)
-                        .map_err(|e| Error::io(ctx.clone(), &frozen, e))?;
+                    self.host.rename(&ctx, &tmp, &frozen).await?;
                 }
                 let overlay = self.opts.images_dir.join(format!("{new}-{i}.qcow2"));
-                if overlay.exists() {
+                if self.host.exists(&ctx, &overlay).await? {
                     return Err(Error::InvalidState {
                         ctx: ctx.clone(),
                         state: format!("{} exists", overlay.display()),
@@ -882,7 +896,7 @@ impl Backend for LibvirtBackend {
         };
         if result.is_err() {
             for p in created {
-                let _ = std::fs::remove_file(p);
+                let _ = self.host.remove_file(&ctx, &p).await;
             }
         }
         result
@@ -1107,7 +1121,7 @@ impl Backend for LibvirtBackend {
             });
         }
         spec.shares.push(folder.clone());
-        self.check_host_paths(&ctx, &spec)?;
+        self.check_host_paths(&ctx, &spec).await?;
         self.redefine(&ctx, spec).await
     }
 
@@ -1200,5 +1214,16 @@ impl Backend for LibvirtBackend {
 
     async fn console_log(&self, vm: &VmName) -> Result<Option<PathBuf>> {
         Ok(Some(self.console_path(vm)))
+    }
+
+    async fn console_tail(&self, vm: &VmName, limit: usize) -> Result<Vec<u8>> {
+        let ctx = Ctx::vm("read console log", vm);
+        self.host
+            .read_tail(&ctx, &self.console_path(vm), limit)
+            .await
+    }
+
+    fn forward_host(&self) -> Option<String> {
+        self.host.remote_name().map(str::to_string)
     }
 }
