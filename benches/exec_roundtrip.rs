@@ -3,32 +3,15 @@
 //! first answering to `wait_ready` returning).
 //! `cargo bench -p anyvm --bench exec_roundtrip` (needs libvirtd: scripts/setup-host.sh).
 
-use std::path::PathBuf;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyvm::{
-    Accel, Boot, Client, ClientOptions, ExecRequest, ForwardSpec, ReadySpec, SshOptions, VmName,
-    VmSpec,
-};
+mod common;
 
-fn guest_dir() -> PathBuf {
-    if let Ok(d) = std::env::var("ANYVM_TEST_GUEST") {
-        return d.into();
-    }
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf();
-    let out = Command::new("bash")
-        .arg(root.join("tests/guest/build-guest.sh"))
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    String::from_utf8(out.stdout).unwrap().trim().into()
-}
+use anyvm::{Client, ClientOptions, ExecRequest, ReadySpec, SshOptions};
+use common::{guest_dir, spec};
 
 fn stats(name: &str, mut v: Vec<Duration>) -> f64 {
     v.sort();
@@ -64,29 +47,6 @@ fn raw_exec_true(conn: &virt::connect::Connect, name: &str) -> Duration {
             return t.elapsed();
         }
     }
-}
-
-fn spec(g: &std::path::Path, dir: &std::path::Path, name: &str) -> VmSpec {
-    let disk = dir.join(format!("{name}.qcow2"));
-    std::fs::copy(g.join("data.qcow2"), &disk).unwrap();
-    let mut s = VmSpec::new(
-        VmName::new(name).unwrap(),
-        Boot::Kernel {
-            kernel: g.join("vmlinuz"),
-            initrd: Some(g.join("initrd.img")),
-            cmdline: "console=ttyS0 quiet".into(),
-        },
-    );
-    s.memory_mib = 192;
-    s.accel = Accel::Tcg;
-    s.disks.push(anyvm::DiskSpec {
-        path: disk,
-        format: Default::default(),
-        readonly: false,
-        owned: false,
-    });
-    s.forwards.push(ForwardSpec::new("ssh", 22));
-    s
 }
 
 fn main() {

@@ -404,8 +404,12 @@ pub(crate) async fn run_job_queued(
     template: &Vm,
     spec: &JobSpec,
     cancel: &Cancel,
-    queued: Option<Duration>,
+    queued: Option<(Duration, pool::Permit)>,
 ) -> JobReport {
+    let (queued, permit) = match queued {
+        Some((d, p)) => (Some(d), Some(p)),
+        None => (None, None),
+    };
     let started = Instant::now();
     let job_id = new_job_id();
     let mut report = JobReport::empty(job_id.clone(), &spec.template);
@@ -504,6 +508,9 @@ pub(crate) async fn run_job_queued(
         }
     }
     progress.end(true);
+    // The guest stops running now: its share of the pool goes to the next job while the
+    // hypervisor takes the process down.
+    drop(permit);
 
     report.console_log = console_tail(&vm, spec.console_tail).await;
     progress.begin(Phase::Teardown);
