@@ -46,3 +46,20 @@ pub fn to_py(py: Python<'_>, e: anyvm::Error) -> PyErr {
     };
     build().unwrap_or_else(|err| err)
 }
+
+/// An exception of the class for `kind` with `message` (errors carried in reports rather than
+/// returned, such as a job's).
+pub fn kind_to_py(py: Python<'_>, kind: ErrorKind, message: String) -> PyErr {
+    let build = || -> PyResult<PyErr> {
+        let module = py.import("anyvm._errors")?;
+        let exc = module.getattr(class_name(kind))?.call1((message,))?;
+        exc.setattr(
+            "kind",
+            serde_json::to_value(kind)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string)),
+        )?;
+        Ok(PyErr::from_value(exc))
+    };
+    build().unwrap_or_else(|err| err)
+}

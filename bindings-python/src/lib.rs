@@ -4,6 +4,7 @@
 //! kind. No logic here that the core lacks.
 
 mod errors;
+mod job;
 mod logging;
 
 use std::collections::BTreeMap;
@@ -294,6 +295,71 @@ impl Client {
     #[getter]
     fn uri(&self) -> String {
         self.inner.backend().uri()
+    }
+
+    /// Run `argv` in a fresh linked clone of `template` (or of `profile`'s machine, whose
+    /// resources are then checked first) and remove the clone, whatever happens. Inputs are
+    /// (host, guest) pairs copied in before, outputs (guest, host) pairs copied out after;
+    /// directories go whole. `timeout` limits the command's wall-clock seconds.
+    #[pyo3(signature = (template=None, argv=None, *, profile=None, inputs=None, outputs=None,
+                        timeout=None, ready_timeout=None, env=None, cwd=None, snapshot=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn run_job(
+        &self,
+        py: Python<'_>,
+        template: Option<String>,
+        argv: Option<Vec<String>>,
+        profile: Option<String>,
+        inputs: Option<Vec<(PathBuf, String)>>,
+        outputs: Option<Vec<(String, PathBuf)>>,
+        timeout: Option<f64>,
+        ready_timeout: Option<f64>,
+        env: Option<BTreeMap<String, String>>,
+        cwd: Option<String>,
+        snapshot: Option<String>,
+    ) -> PyResult<job::JobReport> {
+        let (vm, spec) = job::prepare(
+            py,
+            &self.inner,
+            self.config.as_ref(),
+            template,
+            profile,
+            argv.ok_or_else(|| PyValueError::new_err("argv is required"))?,
+            job::JobArgs {
+                inputs: inputs.unwrap_or_default(),
+                outputs: outputs.unwrap_or_default(),
+                timeout,
+                ready_timeout,
+                env,
+                cwd,
+                snapshot,
+            },
+        )?;
+        let cancel = anyvm::Cancel::new();
+        let client = self.inner.clone();
+        let c = cancel.clone();
+        let r = job::run_blocking(py, cancel, async move {
+            anyvm::run_job(&client, &vm, &spec, &c).await
+        })?;
+        Ok(job::JobReport::new(r))
+    }
+
+    /// A pool that runs jobs within `cpus` vCPUs and `memory_mib` (default: this host's cores
+    /// plus one, and 90% of its available memory).
+    #[pyo3(signature = (*, cpus=None, memory_mib=None))]
+    fn job_pool(&self, cpus: Option<u32>, memory_mib: Option<u64>) -> PyResult<job::JobPool> {
+        job::JobPool::new(
+            self.inner.clone(),
+            self.config.clone().map(std::sync::Arc::new),
+            cpus,
+            memory_mib,
+        )
+    }
+
+    /// Remove job clones whose owner process is gone, and stale port leases.
+    #[pyo3(signature = (*, dry_run=false))]
+    fn gc<'py>(&self, py: Python<'py>, dry_run: bool) -> PyResult<Bound<'py, PyAny>> {
+        job::gc(py, &self.inner, dry_run)
     }
 
     /// VMs as dicts: name, state, managed.
@@ -839,6 +905,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Vm>()?;
     m.add_class::<ExecResult>()?;
     m.add_class::<Running>()?;
+    m.add_class::<job::JobReport>()?;
+    m.add_class::<job::JobPool>()?;
     m.add_function(wrap_pyfunction!(connect, m)?)?;
     m.add_function(wrap_pyfunction!(logging::set_log_level, m)?)?;
     Ok(())

@@ -31,10 +31,11 @@ from ._errors import (
     PortInUseError,
     TimeoutError,
 )
-from ._native import Client, ExecResult, Running, Vm, connect
+from ._native import Client, ExecResult, JobPool, JobReport, Running, Vm, connect
 
 __all__ = [
     "connect", "Client", "Vm", "ExecResult", "Running", "AsyncVm", "aio", "set_log_level",
+    "JobReport", "JobPool",
     "Error", "NotFoundError", "InvalidStateError", "TimeoutError", "NotReadyError", "AuthError",
     "PortInUseError", "BackendUnavailableError", "GuestCommandError", "ConfigError",
     "InvalidArgumentError", "PolicyDenied", "BusyError", "HostIOError", "BackendError",

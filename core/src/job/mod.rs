@@ -11,8 +11,11 @@
 pub mod gc;
 pub mod owner;
 pub mod pool;
+mod prepare;
 pub mod slurm;
 mod stage;
+
+pub use prepare::prepare;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

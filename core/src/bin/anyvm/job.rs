@@ -166,43 +166,14 @@ fn cancel_on_signals(cancel: Cancel) -> std::sync::Arc<std::sync::atomic::Atomic
 impl App {
     /// The template handle (defined from the config when missing) and the job spec.
     async fn job_spec(&self, a: &JobArgs) -> anyvm::Result<(anyvm::Vm, JobSpec)> {
-        let profile = match &a.profile {
-            Some(p) => {
-                let cfg = self.config.as_ref().ok_or_else(|| {
-                    Error::invalid_arg("--profile", "profiles come from a config file (--config)")
-                })?;
-                Some(cfg.profile(p)?.clone())
-            }
-            None => None,
-        };
-        let template = match (&a.template, &profile) {
-            (Some(t), Some(p)) if *t != p.machine => {
-                return Err(Error::invalid_arg(
-                    "--template",
-                    format!(
-                        "profile {} runs on machine {}, not {t}; drop --template or pick the profile of {t}",
-                        p.name, p.machine
-                    ),
-                ))
-            }
-            (Some(t), _) => t.clone(),
-            (None, Some(p)) => p.machine.clone(),
-            (None, None) => {
-                return Err(Error::invalid_arg(
-                    "job run",
-                    "name the template VM (--template) or a profile (--profile)",
-                ))
-            }
-        };
-        let name = anyvm::VmName::new(&template)?;
-        if !self.client.backend().exists(&name).await? {
-            if let Some(m) = self.config.as_ref().and_then(|c| c.machines.get(&template)) {
-                self.client.define(m.spec.clone()).await?;
-            }
-        }
-        let vm = self.open(&template).await?;
-        let mut spec = JobSpec::new(&template, &a.argv)?;
-        spec.ready = self.ready_spec(&template);
+        let (vm, mut spec) = job::prepare(
+            &self.client,
+            self.config.as_ref(),
+            a.template.as_deref(),
+            a.profile.as_deref(),
+            &a.argv,
+        )
+        .await?;
         if let Some(t) = a.ready_timeout {
             spec.ready.timeout = secs(t, "--ready-timeout")?;
         }
@@ -228,9 +199,6 @@ impl App {
         }
         if let Some(s) = &a.snapshot {
             spec = spec.snapshot(s.clone());
-        }
-        if let Some(p) = profile {
-            spec = spec.profile(p);
         }
         spec.validate()?;
         Ok((vm, spec))
