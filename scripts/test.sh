@@ -34,7 +34,7 @@ prefix=$(mktemp -d)
 bash bindings-c/install.sh "$prefix"
 export PKG_CONFIG_PATH="$prefix/lib/pkgconfig"
 cwork=$(mktemp -d /var/tmp/anyvm-c-XXXXXX)
-gcc -std=c11 -Wall -Wextra -Werror tests/c/test_capi.c $(pkg-config --cflags --libs anyvm) -o "$cwork/test_capi"
+gcc -std=c11 -pthread -Wall -Wextra -Werror tests/c/test_capi.c $(pkg-config --cflags --libs anyvm) -o "$cwork/test_capi"
 valgrind --quiet --leak-check=full --errors-for-leak-kinds=definite --error-exitcode=3 \
   "$cwork/test_capi" "$ANYVM_TEST_GUEST" "$cwork" 2>&1 | tee -a "$log"
 gcc -std=c11 -Wall -Wextra -Werror examples/c/hello.c $(pkg-config --cflags --libs anyvm) -o "$cwork/hello"

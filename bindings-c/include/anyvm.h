@@ -73,6 +73,32 @@ typedef enum anyvm_stop_outcome_t {
 } anyvm_stop_outcome_t;
 
 /**
+ * How a job ended.
+ */
+typedef enum anyvm_job_outcome_t {
+  /**
+   * The command exited 0.
+   */
+  ANYVM_JOB_SUCCEEDED = 1,
+  /**
+   * The command exited non-zero or died of a signal.
+   */
+  ANYVM_JOB_FAILED = 2,
+  ANYVM_JOB_TIMED_OUT = 3,
+  ANYVM_JOB_CANCELLED = 4,
+  /**
+   * anyvm could not run it (clone, boot, readiness, checks or staging failed).
+   */
+  ANYVM_JOB_ERROR = 5,
+} anyvm_job_outcome_t;
+
+/**
+ * Cancels a running job from another thread (not from a signal handler: use a thread that
+ * waits for the signal, e.g. with sigwait()).
+ */
+typedef struct anyvm_cancel_t anyvm_cancel_t;
+
+/**
  * A connection to one hypervisor.
  */
 typedef struct anyvm_client_t anyvm_client_t;
@@ -91,6 +117,16 @@ typedef struct anyvm_exec_result_t anyvm_exec_result_t;
  * A guest program to run: program, arguments, environment, working directory, stdin, timeout.
  */
 typedef struct anyvm_exec_t anyvm_exec_t;
+
+/**
+ * What a job did.
+ */
+typedef struct anyvm_job_report_t anyvm_job_report_t;
+
+/**
+ * A job to run: template, command, files in and out, limits.
+ */
+typedef struct anyvm_job_t anyvm_job_t;
 
 /**
  * One VM.
@@ -358,6 +394,122 @@ struct anyvm_error_t *anyvm_bench_rust_timings(const struct anyvm_vm_t *vm,
                                                const char *op,
                                                size_t n,
                                                double *out);
+
+/**
+ * A job running `program` in a fresh linked clone of `template` (NULL: the profile's machine).
+ * \param profile a profile of the client's config whose resources are checked first, or NULL
+ * \param out free with anyvm_job_delete()
+ */
+struct anyvm_error_t *anyvm_job_new(const struct anyvm_client_t *client,
+                                    const char *template_name,
+                                    const char *profile,
+                                    const char *program,
+                                    struct anyvm_job_t **out);
+
+/**
+ * Append one argument to the command.
+ */
+struct anyvm_error_t *anyvm_job_arg(struct anyvm_job_t *job,
+                                    const char *arg);
+
+/**
+ * Set an environment variable for the command.
+ */
+struct anyvm_error_t *anyvm_job_env(struct anyvm_job_t *job,
+                                    const char *key,
+                                    const char *value);
+
+/**
+ * Copy a host file or directory into the guest before the command.
+ */
+struct anyvm_error_t *anyvm_job_input(struct anyvm_job_t *job,
+                                      const char *host_path,
+                                      const char *guest_path);
+
+/**
+ * Copy a guest file or directory out after the command (also when it failed).
+ */
+struct anyvm_error_t *anyvm_job_output(struct anyvm_job_t *job,
+                                       const char *guest_path,
+                                       const char *host_path);
+
+/**
+ * Wall-clock limit of the command in seconds (default: none).
+ */
+struct anyvm_error_t *anyvm_job_timeout(struct anyvm_job_t *job,
+                                        double timeout_s);
+
+/**
+ * Free a job. NULL is ignored.
+ */
+void anyvm_job_delete(struct anyvm_job_t *job);
+
+/**
+ * A cancellation token. Free with anyvm_cancel_delete().
+ */
+struct anyvm_error_t *anyvm_cancel_new(struct anyvm_cancel_t **out);
+
+/**
+ * Cancel every job run with this token: they stop, remove their clones, and report
+ * ANYVM_JOB_CANCELLED. Safe from any thread.
+ */
+struct anyvm_error_t *anyvm_cancel_trigger(const struct anyvm_cancel_t *c);
+
+/**
+ * Free a token. NULL is ignored.
+ */
+void anyvm_cancel_delete(struct anyvm_cancel_t *c);
+
+/**
+ * Run the job to the end: clone, boot, ready, stage in, run, stage out, remove the clone.
+ * Blocks. \param cancel a token, or NULL \param out free with anyvm_job_report_delete()
+ */
+struct anyvm_error_t *anyvm_job_run(const struct anyvm_job_t *job,
+                                    const struct anyvm_cancel_t *cancel,
+                                    struct anyvm_job_report_t **out);
+
+/**
+ * How the job ended; ANYVM_JOB_ERROR if `r` is not live.
+ */
+enum anyvm_job_outcome_t anyvm_job_report_outcome(const struct anyvm_job_report_t *r);
+
+/**
+ * The status a shell would see: the command's exit code, 128+N for signal N, 124 on timeout,
+ * 125 when anyvm failed, 130 when cancelled (-1 if `r` is not live).
+ */
+int32_t anyvm_job_report_exit_status(const struct anyvm_job_report_t *r);
+
+/**
+ * The command's standard output, valid until anyvm_job_report_delete().
+ */
+const uint8_t *anyvm_job_report_stdout(const struct anyvm_job_report_t *r,
+                                       size_t *len);
+
+/**
+ * The command's standard error, valid until anyvm_job_report_delete().
+ */
+const uint8_t *anyvm_job_report_stderr(const struct anyvm_job_report_t *r,
+                                       size_t *len);
+
+/**
+ * The whole report as JSON (phases and timings, error, outputs, console log).
+ * \param out free with anyvm_string_delete()
+ */
+struct anyvm_error_t *anyvm_job_report_json(const struct anyvm_job_report_t *r,
+                                            char **out);
+
+/**
+ * Free a report. NULL is ignored.
+ */
+void anyvm_job_report_delete(struct anyvm_job_report_t *r);
+
+/**
+ * Remove job clones whose owner process is gone and stale port leases; `*out` receives a
+ * JSON report (free with anyvm_string_delete()).
+ */
+struct anyvm_error_t *anyvm_client_gc(const struct anyvm_client_t *client,
+                                      bool dry_run,
+                                      char **out);
 
 #ifdef __cplusplus
 }  // extern "C"

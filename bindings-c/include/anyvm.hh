@@ -9,6 +9,8 @@
  *   anyvm::ExecResult r = vm.exec({"make", "-j2"}, anyvm::ExecOptions{}.cwd("/src"));
  *   if (r.exit_code != 0) std::cerr << r.stderr_text();
  *   vm.stop();
+ *   // A system test in a throwaway clone of an (off) template, removed whatever happens:
+ *   anyvm::JobReport rep = client.job("sl6-template", {"./run_tests.sh"}).input("tests", "/work/tests").run();
  * \endcode
  */
 #ifndef ANYVM_HH
@@ -199,6 +201,82 @@ private:
   std::unique_ptr<anyvm_vm_t, detail::Deleter<anyvm_vm_t, anyvm_vm_delete>> raw_;
 };
 
+/** How a transient job ended (mirrors anyvm_job_outcome_t). */
+enum class JobOutcome { Succeeded = 1, Failed = 2, TimedOut = 3, Cancelled = 4, Error = 5 };
+
+/** What a transient job did. `json` has the phases, timings, error and console log. */
+struct JobReport {
+  JobOutcome outcome = JobOutcome::Error;
+  /** The command's exit code; 124 timeout, 125 anyvm failure, 128+N signal N, 130 cancelled. */
+  int exit_status = -1;
+  std::vector<std::uint8_t> stdout_bytes;
+  std::vector<std::uint8_t> stderr_bytes;
+  std::string json;
+  std::string stdout_text() const { return std::string(stdout_bytes.begin(), stdout_bytes.end()); }
+  std::string stderr_text() const { return std::string(stderr_bytes.begin(), stderr_bytes.end()); }
+};
+
+/** Cancels running jobs from another thread (not from a signal handler). Move-only. */
+class Cancel {
+public:
+  Cancel() {
+    anyvm_cancel_t *c = nullptr;
+    detail::check(anyvm_cancel_new(&c));
+    raw_.reset(c);
+  }
+  void trigger() const { detail::check(anyvm_cancel_trigger(raw_.get())); }
+  anyvm_cancel_t *raw() const noexcept { return raw_.get(); }
+
+private:
+  std::unique_ptr<anyvm_cancel_t, detail::Deleter<anyvm_cancel_t, anyvm_cancel_delete>> raw_;
+};
+
+/** A command to run in a fresh linked clone of a template VM; the clone is always removed.
+ *  Build with Client::job(), chain the options, then run(). Move-only. */
+class Job {
+public:
+  Job &input(const std::string &host_path, const std::string &guest_path) {
+    detail::check(anyvm_job_input(raw_.get(), host_path.c_str(), guest_path.c_str()));
+    return *this;
+  }
+  Job &output(const std::string &guest_path, const std::string &host_path) {
+    detail::check(anyvm_job_output(raw_.get(), guest_path.c_str(), host_path.c_str()));
+    return *this;
+  }
+  Job &env(const std::string &key, const std::string &value) {
+    detail::check(anyvm_job_env(raw_.get(), key.c_str(), value.c_str()));
+    return *this;
+  }
+  Job &timeout(double seconds) {
+    detail::check(anyvm_job_timeout(raw_.get(), seconds));
+    return *this;
+  }
+
+  /** Run to the end. A failing command is a report, not an exception. */
+  JobReport run(const Cancel *cancel = nullptr) const {
+    anyvm_job_report_t *r = nullptr;
+    detail::check(anyvm_job_run(raw_.get(), cancel ? cancel->raw() : nullptr, &r));
+    std::unique_ptr<anyvm_job_report_t, detail::Deleter<anyvm_job_report_t, anyvm_job_report_delete>> owned(r);
+    JobReport out;
+    out.outcome = static_cast<JobOutcome>(anyvm_job_report_outcome(r));
+    out.exit_status = anyvm_job_report_exit_status(r);
+    size_t n = 0;
+    const std::uint8_t *p = anyvm_job_report_stdout(r, &n);
+    out.stdout_bytes.assign(p, p + n);
+    p = anyvm_job_report_stderr(r, &n);
+    out.stderr_bytes.assign(p, p + n);
+    char *json = nullptr;
+    detail::check(anyvm_job_report_json(r, &json));
+    out.json = detail::take_string(json);
+    return out;
+  }
+
+private:
+  friend class Client;
+  explicit Job(anyvm_job_t *raw) : raw_(raw) {}
+  std::unique_ptr<anyvm_job_t, detail::Deleter<anyvm_job_t, anyvm_job_delete>> raw_;
+};
+
 /** A connection to one hypervisor. Move-only. */
 class Client {
 public:
@@ -234,6 +312,25 @@ public:
     anyvm_vm_t *v = nullptr;
     detail::check(anyvm_client_up(raw_.get(), name.c_str(), timeout_s, &v));
     return Vm(v);
+  }
+
+  /** A transient job: `argv` in a fresh clone of `template_name` (empty: the profile's machine,
+   *  whose resources are then checked first). */
+  Job job(const std::string &template_name, const std::vector<std::string> &argv, const std::string &profile = "") const {
+    if (argv.empty()) throw Error(ANYVM_ERROR_INVALID_ARGUMENT, "invalid argument: argv: must not be empty");
+    anyvm_job_t *j = nullptr;
+    detail::check(anyvm_job_new(raw_.get(), template_name.empty() ? nullptr : template_name.c_str(),
+                                profile.empty() ? nullptr : profile.c_str(), argv[0].c_str(), &j));
+    Job job(j);
+    for (size_t i = 1; i < argv.size(); ++i) detail::check(anyvm_job_arg(j, argv[i].c_str()));
+    return job;
+  }
+
+  /** Remove job clones whose owner process is gone; returns the JSON report. */
+  std::string gc(bool dry_run = false) const {
+    char *s = nullptr;
+    detail::check(anyvm_client_gc(raw_.get(), dry_run, &s));
+    return detail::take_string(s);
   }
 
 private:

@@ -7,6 +7,9 @@
 #![allow(clippy::missing_safety_doc)]
 
 mod handles;
+mod job;
+
+pub use job::*;
 
 use std::ffi::{c_char, CStr, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};

@@ -1,4 +1,5 @@
-// Boot the test guest through anyvm's C++ API, run a "build" in it, check its output, stop it.
+// Boot the test guest through anyvm's C++ API, run a "build" in it, check its output, stop it;
+// then run a system test as a transient job in a throwaway clone of it.
 #include <anyvm.hh>
 
 #include <cstdio>
@@ -47,6 +48,17 @@ int main(int argc, char **argv) {
       throw;
     }
     vm.stop();
+    // The same VM, now off, as the template of a transient job: a system test in a throwaway
+    // linked clone that is removed whatever the test does.
+    const std::string input = "/var/tmp/rm_vm_check-" + std::to_string(getpid()) + ".cfg";
+    std::ofstream(input) << "release=1.2.3\n";
+    anyvm::JobReport rep = client.job(name, {"sh", "-c", "grep -c release= /work/release.cfg"})
+                               .input(input, "/work/release.cfg")
+                               .timeout(120)
+                               .run();
+    std::remove(input.c_str());
+    std::cout << "system test job: exit status " << rep.exit_status << ", output " << rep.stdout_text();
+    if (rep.outcome != anyvm::JobOutcome::Succeeded || rep.stdout_text() != "1\n") rc = 1;
     vm.destroy();
   } catch (const anyvm::Error &e) {
     std::cerr << "anyvm error (kind " << e.kind() << "): " << e.what() << "\n";

@@ -1,8 +1,10 @@
 /* The C ABI against the real libvirtd and test guest: argument checking (NULL, bad UTF-8,
- * use after delete), error kinds and messages, and a full VM session.
+ * use after delete), error kinds and messages, a full VM session, and transient jobs
+ * (staging, exit codes, cancellation from another thread, gc).
  * Usage: test_capi GUEST_DIR WORK_DIR */
 #include <anyvm.h>
 
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -159,6 +161,97 @@ static void session(anyvm_client_t *client, const char *guest, const char *work)
   expect_error(anyvm_vm_start(vm), ANYVM_ERROR_INVALID_ARGUMENT, "not a live handle", "vm after delete");
 }
 
+static void *cancel_later(void *arg) {
+  sleep(8);
+  anyvm_error_t *e = anyvm_cancel_trigger((anyvm_cancel_t *)arg);
+  if (e) anyvm_error_delete(e);
+  return NULL;
+}
+
+static void jobs(anyvm_client_t *client, const char *guest, const char *work) {
+  char spec[4096], cmd[4096], tmpl[64], path[1024], out_path[1024];
+  snprintf(tmpl, sizeof tmpl, "capi-tmpl-%d", (int)getpid_or_zero());
+  snprintf(cmd, sizeof cmd, "cp %s/data.qcow2 %s/tmpl.qcow2 && printf 'abc' > %s/job-in.txt", guest, work, work);
+  CHECK(system(cmd) == 0, "copy disk");
+  snprintf(spec, sizeof spec,
+           "{\"name\":\"%s\",\"memory_mib\":192,\"accel\":\"tcg\","
+           "\"boot\":{\"kind\":\"kernel\",\"kernel\":\"%s/vmlinuz\",\"initrd\":\"%s/initrd.img\",\"cmdline\":\"console=ttyS0 quiet\"},"
+           "\"disks\":[{\"path\":\"%s/tmpl.qcow2\"}]}",
+           tmpl, guest, guest, work);
+  anyvm_vm_t *t = NULL;
+  ok(anyvm_vm_define_json(client, spec, &t), "define template");
+
+  anyvm_job_t *job = NULL;
+  expect_error(anyvm_job_new(client, "bad;name", NULL, "true", &job), ANYVM_ERROR_INVALID_ARGUMENT, "bad;name", "bad template");
+  expect_error(anyvm_job_new(client, NULL, NULL, "true", &job), ANYVM_ERROR_INVALID_ARGUMENT, "template", "no template");
+  CHECK(job == NULL, "out-parameter written on error");
+
+  ok(anyvm_job_new(client, tmpl, NULL, "sh", &job), "job_new");
+  ok(anyvm_job_arg(job, "-c"), "job_arg");
+  ok(anyvm_job_arg(job, "cat /work/in.txt; echo $TAG; cp /work/in.txt /work/out.txt"), "job_arg");
+  ok(anyvm_job_env(job, "TAG", "c-abi"), "job_env");
+  snprintf(path, sizeof path, "%s/job-in.txt", work);
+  ok(anyvm_job_input(job, path, "/work/in.txt"), "job_input");
+  snprintf(out_path, sizeof out_path, "%s/results/out.txt", work);
+  ok(anyvm_job_output(job, "/work/out.txt", out_path), "job_output");
+  ok(anyvm_job_timeout(job, 120), "job_timeout");
+  expect_error(anyvm_job_timeout(job, -1), ANYVM_ERROR_INVALID_ARGUMENT, "timeout", "negative timeout");
+  anyvm_job_report_t *rep = NULL;
+  ok(anyvm_job_run(job, NULL, &rep), "job_run");
+  CHECK(anyvm_job_report_outcome(rep) == ANYVM_JOB_SUCCEEDED, "outcome %d", anyvm_job_report_outcome(rep));
+  CHECK(anyvm_job_report_exit_status(rep) == 0, "status %d", anyvm_job_report_exit_status(rep));
+  size_t n = 0;
+  const uint8_t *o = anyvm_job_report_stdout(rep, &n);
+  CHECK(n == 9 && memcmp(o, "abcc-abi\n", 9) == 0, "stdout %.*s", (int)n, (const char *)o);
+  char *json = NULL;
+  ok(anyvm_job_report_json(rep, &json), "report json");
+  CHECK(strstr(json, "\"teardown\"") && strstr(json, "\"succeeded\""), "%s", json);
+  anyvm_string_delete(json);
+  anyvm_job_report_delete(rep);
+  snprintf(cmd, sizeof cmd, "test \"$(cat %s)\" = abc", out_path);
+  CHECK(system(cmd) == 0, "output staged out");
+  anyvm_job_delete(job);
+
+  /* A failing command and a missing input: results, not errors. */
+  ok(anyvm_job_new(client, tmpl, NULL, "sh", &job), "job_new");
+  ok(anyvm_job_arg(job, "-c"), "arg");
+  ok(anyvm_job_arg(job, "exit 3"), "arg");
+  ok(anyvm_job_run(job, NULL, &rep), "run failing");
+  CHECK(anyvm_job_report_outcome(rep) == ANYVM_JOB_FAILED && anyvm_job_report_exit_status(rep) == 3,
+        "failing: outcome %d status %d", anyvm_job_report_outcome(rep), anyvm_job_report_exit_status(rep));
+  anyvm_job_report_delete(rep);
+  ok(anyvm_job_input(job, "/nonexistent/input", "/x"), "input");
+  ok(anyvm_job_run(job, NULL, &rep), "run with missing input");
+  CHECK(anyvm_job_report_outcome(rep) == ANYVM_JOB_ERROR && anyvm_job_report_exit_status(rep) == 125,
+        "missing input: outcome %d", anyvm_job_report_outcome(rep));
+  anyvm_job_report_delete(rep);
+  anyvm_job_delete(job);
+
+  /* Cancelled from another thread while it runs: the clone is removed. */
+  anyvm_cancel_t *c = NULL;
+  ok(anyvm_cancel_new(&c), "cancel_new");
+  ok(anyvm_job_new(client, tmpl, NULL, "sleep", &job), "job_new");
+  ok(anyvm_job_arg(job, "300"), "arg");
+  pthread_t th;
+  pthread_create(&th, NULL, cancel_later, c);
+  ok(anyvm_job_run(job, c, &rep), "run cancelled");
+  pthread_join(th, NULL);
+  CHECK(anyvm_job_report_outcome(rep) == ANYVM_JOB_CANCELLED, "outcome %d", anyvm_job_report_outcome(rep));
+  anyvm_job_report_delete(rep);
+  anyvm_job_delete(job);
+  anyvm_cancel_delete(c);
+  expect_error(anyvm_cancel_trigger(c), ANYVM_ERROR_INVALID_ARGUMENT, "not a live handle", "cancel after delete");
+
+  char *gc = NULL;
+  ok(anyvm_client_gc(client, true, &gc), "gc");
+  char prefix[80];
+  snprintf(prefix, sizeof prefix, "\"%s-", tmpl);
+  CHECK(strstr(gc, prefix) == NULL, "a job clone is left: %s", gc);
+  anyvm_string_delete(gc);
+  ok(anyvm_vm_destroy(t), "destroy template");
+  anyvm_vm_delete(t);
+}
+
 int main(int argc, char **argv) {
   if (argc != 3) {
     fprintf(stderr, "usage: %s GUEST_DIR WORK_DIR\n", argv[0]);
@@ -170,6 +263,7 @@ int main(int argc, char **argv) {
   ok(anyvm_client_open("libvirt:qemu:///system", state, &client), "client_open");
   argument_checks(client);
   session(client, argv[1], argv[2]);
+  jobs(client, argv[1], argv[2]);
   anyvm_client_delete(client);
   anyvm_client_delete(client); /* double delete is ignored */
   printf("%d passed, %d failed\n", passed, failed);
