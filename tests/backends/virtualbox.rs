@@ -647,3 +647,68 @@ fn cli_on_virtualbox_and_concurrent_up_from_processes() {
     let o = run(&["--json", "ports"]).output().unwrap();
     assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "[]");
 }
+
+/// The job runner is backend-agnostic: the same phases and teardown on VirtualBox.
+#[tokio::test]
+async fn transient_job_on_virtualbox() {
+    use anyvm::job::{run_job, Cancel, JobSpec, Outcome};
+    let f = new_fake();
+    let t = f
+        .client
+        .define(f.spec("tmpl"))
+        .await
+        .unwrap()
+        .with_credentials(creds());
+    let g = f.dir.path().join("guestfs");
+    let host_in = f.dir.path().join("in.txt");
+    std::fs::write(&host_in, "payload\n").unwrap();
+    let gin = g.join("work/in.txt").display().to_string();
+    let gout = g.join("work/out.txt").display().to_string();
+    let spec = JobSpec::new(
+        "tmpl",
+        &[
+            "/bin/sh",
+            "-c",
+            &format!("tr a-z A-Z < {gin} > {gout}; echo done"),
+        ],
+    )
+    .unwrap()
+    .input(&host_in, gin.as_str())
+    .output(gout.as_str(), f.dir.path().join("out/out.txt"));
+    let r = run_job(&f.client, &t, &spec, &Cancel::new()).await;
+    assert_eq!(
+        r.outcome,
+        Outcome::Succeeded,
+        "{}: {:?}",
+        String::from_utf8_lossy(&r.stderr),
+        r.error
+    );
+    assert_eq!(r.stdout_str(), "done\n");
+    assert_eq!(
+        std::fs::read_to_string(f.dir.path().join("out/out.txt")).unwrap(),
+        "PAYLOAD\n"
+    );
+    let calls = f.calls();
+    assert!(calls.contains(r#"["clonevm", "tmpl","#), "{calls}");
+    assert!(
+        calls.contains(&format!(r#"["unregistervm", "{}""#, r.vm)),
+        "{calls}"
+    );
+    let names: Vec<String> = f
+        .client
+        .list()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|i| i.name)
+        .collect();
+    assert_eq!(names, vec!["tmpl".to_string()]);
+    // The clone's ports went back to the pool.
+    assert!(f
+        .client
+        .ports()
+        .leases()
+        .unwrap()
+        .iter()
+        .all(|l| l.vm == "tmpl"));
+}

@@ -813,7 +813,15 @@ impl Backend for VirtualBoxBackend {
             "--wait-stderr",
             "--timeout",
         ]));
-        rest.push(req.timeout.as_millis().to_string().into());
+        // VBoxManage reads the limit as a 32-bit millisecond count (about 49 days); longer
+        // limits are anyvm's own deadline alone.
+        rest.push(
+            req.timeout
+                .as_millis()
+                .min(u128::from(u32::MAX))
+                .to_string()
+                .into(),
+        );
         for (k, v) in &req.env {
             rest.push("--putenv".into());
             rest.push(format!("{k}={v}").into());
