@@ -27,6 +27,8 @@ wheels=$(mktemp -d)
 (cd "$(dirname "$venv")" && "$venv/bin/python" -m pytest -v -p no:cacheprovider "$OLDPWD/bindings-python/tests" 2>&1) | tee -a "$log"
 "$venv/bin/mypy" --strict examples/python/mc_production.py
 "$venv/bin/python" examples/python/mc_production.py "$ANYVM_TEST_GUEST" --events 500 --out "$(dirname "$venv")/mc.txt"
+"$venv/bin/mypy" --strict examples/python/mc_batch.py
+"$venv/bin/python" examples/python/mc_batch.py "$ANYVM_TEST_GUEST" --seeds 3 --out "$(dirname "$venv")/mc-batch"
 
 # C and C++: install libanyvm into a scratch prefix, then build against it exactly as a user
 # would (pkg-config). The C test runs under valgrind; the SCons example builds C++ with anyvm.hh.
