@@ -28,32 +28,16 @@ fn cli_end_to_end() {
         .tempdir_in("/var/tmp")
         .unwrap();
     let state = dir.path().join("state");
-    let disk = dir.path().join("data.qcow2");
-    std::fs::copy(g.dir.join("data.qcow2"), &disk).unwrap();
-    let cfg = dir.path().join("anyvm.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            r#"backend = "libvirt:qemu:///system"
-port_range = [48000, 48999]
-[machines.e2e-cli]
-memory_mib = 192
-accel = "tcg"
-kernel = "{k}"
-initrd = "{i}"
-cmdline = "console=ttyS0 quiet"
-disks = [{{ path = "{d}" }}]
-forwards = [{{ name = "ssh", guest_port = 22 }}]
-credentials = {{ user = "root", identity_file = "{key}" }}
-ready = {{ timeout_s = 120, probes = [{{ kind = "agent" }}, {{ kind = "ssh_banner", guest_port = 22 }}] }}
-"#,
-            k = g.kernel().display(),
-            i = g.initrd().display(),
-            d = disk.display(),
+    let cfg = config_with_machine(
+        dir.path(),
+        "e2e-cli",
+        &format!(
+            "forwards = [{{ name = \"ssh\", guest_port = 22 }}]\n\
+             credentials = {{ user = \"root\", identity_file = \"{key}\" }}\n\
+             ready = {{ timeout_s = 120, probes = [{{ kind = \"agent\" }}, {{ kind = \"ssh_banner\", guest_port = 22 }}] }}",
             key = g.client_key().display()
         ),
-    )
-    .unwrap();
+    );
     let _c = Cleanup::named("e2e-cli");
     let _ = anyvm(&cfg, &state, &["destroy", "e2e-cli"]);
 

@@ -169,3 +169,37 @@ pub fn leases_of(client: &Client, vm: &str) -> usize {
         .filter(|l| l.vm == vm)
         .count()
 }
+
+/// `dir/anyvm.toml` with one machine, `machine`, of the test guest on its own copy of the data
+/// disk; `extra` adds lines to the machine's table.
+pub fn config_with_machine(dir: &Path, machine: &str, extra: &str) -> PathBuf {
+    let g = guest();
+    let disk = dir.join(format!("{machine}.qcow2"));
+    std::fs::copy(g.dir.join("data.qcow2"), &disk).unwrap();
+    let cfg = dir.join("anyvm.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "backend = \"libvirt:qemu:///system\"\nport_range = [48000, 48999]\n\
+             [machines.{machine}]\nmemory_mib = 192\naccel = \"tcg\"\nkernel = \"{k}\"\n\
+             initrd = \"{i}\"\ncmdline = \"console=ttyS0 quiet\"\ndisks = [{{ path = \"{d}\" }}]\n{extra}\n",
+            k = g.kernel().display(),
+            i = g.initrd().display(),
+            d = disk.display(),
+        ),
+    )
+    .unwrap();
+    cfg
+}
+
+/// Job clones of `template` (named `<template>-<job id>`) still defined.
+pub async fn clones_of(client: &Client, template: &str) -> Vec<String> {
+    client
+        .list()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|i| i.name)
+        .filter(|n| n.starts_with(&format!("{template}-")))
+        .collect()
+}

@@ -13,18 +13,6 @@ use anyvm::job::{run_job, Cancel, JobSpec, Outcome, Phase};
 use anyvm::{Client, Vm, VmName};
 use common::*;
 
-/// Job clones of `template` still defined.
-async fn clones_of(client: &Client, template: &str) -> Vec<String> {
-    client
-        .list()
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|i| i.name)
-        .filter(|n| n.starts_with(&format!("{template}-")))
-        .collect()
-}
-
 async fn template(env: &TestEnv, name: &str) -> Vm {
     env.fresh(name).await;
     let mut spec = env.spec(name, "");
@@ -336,31 +324,9 @@ async fn wait_clone_running(client: &Client, template: &str) -> String {
 #[tokio::test(flavor = "multi_thread")]
 async fn cli_job_run_exit_codes_signals_and_gc() {
     let env = env().await;
-    let g = guest();
     let d = env.dir.path();
     let state = d.join("state");
-    let disk = d.join("tmpl.qcow2");
-    std::fs::copy(g.dir.join("data.qcow2"), &disk).unwrap();
-    let cfg = d.join("anyvm.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            r#"backend = "libvirt:qemu:///system"
-port_range = [48000, 48999]
-[machines.e2e-jobcli]
-memory_mib = 192
-accel = "tcg"
-kernel = "{k}"
-initrd = "{i}"
-cmdline = "console=ttyS0 quiet"
-disks = [{{ path = "{disk}" }}]
-"#,
-            k = g.kernel().display(),
-            i = g.initrd().display(),
-            disk = disk.display(),
-        ),
-    )
-    .unwrap();
+    let cfg = config_with_machine(d, "e2e-jobcli", "");
     let _c = Cleanup::new(&env.client, "e2e-jobcli");
     env.fresh("e2e-jobcli").await;
     std::fs::write(d.join("in.txt"), "payload\n").unwrap();

@@ -9,46 +9,12 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-async fn clones_of(client: &anyvm::Client, template: &str) -> Vec<String> {
-    client
-        .list()
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|i| i.name)
-        .filter(|n| n.starts_with(&format!("{template}-")))
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn slurm_jobs_run_vms_and_scancel_removes_them() {
     let env = env().await;
-    let g = guest();
     let d = env.dir.path();
     let state = d.join("state");
-    let disk = d.join("tmpl.qcow2");
-    std::fs::copy(g.dir.join("data.qcow2"), &disk).unwrap();
-    let cfg = d.join("anyvm.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            r#"backend = "libvirt:qemu:///system"
-port_range = [48000, 48999]
-[machines.e2e-slurm]
-cpus = 1
-memory_mib = 192
-accel = "tcg"
-kernel = "{k}"
-initrd = "{i}"
-cmdline = "console=ttyS0 quiet"
-disks = [{{ path = "{disk}" }}]
-"#,
-            k = g.kernel().display(),
-            i = g.initrd().display(),
-            disk = disk.display(),
-        ),
-    )
-    .unwrap();
+    let cfg = config_with_machine(d, "e2e-slurm", "cpus = 1");
     let _c = Cleanup::new(&env.client, "e2e-slurm");
     env.fresh("e2e-slurm").await;
     let slurm = slurm::Slurm::start();
