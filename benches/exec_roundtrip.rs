@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use anyvm::{Client, ClientOptions, ExecRequest, ReadySpec, SshOptions};
-use common::{guest_dir, spec};
+use anyvm::{ExecRequest, ReadySpec, SshOptions};
+use common::{fresh_client, guest_dir, spec};
 
 fn stats(name: &str, mut v: Vec<Duration>) -> f64 {
     v.sort();
@@ -53,16 +53,8 @@ fn main() {
     let g = guest_dir();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let dir = tempfile::tempdir_in("/var/tmp").unwrap();
-    let client = rt
-        .block_on(Client::connect_with(
-            "libvirt:qemu:///system",
-            ClientOptions::default().state_dir(dir.path().join("state")),
-        ))
-        .unwrap();
     let name = "anyvm-bench";
-    if let Ok(vm) = rt.block_on(client.vm(name)) {
-        rt.block_on(vm.destroy()).unwrap();
-    }
+    let client = fresh_client(&rt, dir.path(), name);
     let vm = rt
         .block_on(client.up(spec(&g, dir.path(), name), &ReadySpec::default()))
         .unwrap();

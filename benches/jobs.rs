@@ -14,8 +14,7 @@ use std::time::Instant;
 
 use anyvm::job::pool::{Budget, JobPool};
 use anyvm::job::{run_job, Cancel, JobReport, JobSpec, Outcome, Phase};
-use anyvm::{Client, ClientOptions};
-use common::{guest_dir, spec};
+use common::{fresh_client, guest_dir, spec};
 
 /// Busy (non-idle, non-iowait) jiffies of the whole host, in seconds.
 fn host_cpu_seconds() -> f64 {
@@ -67,16 +66,8 @@ fn main() {
     let g = guest_dir();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let dir = tempfile::tempdir_in("/var/tmp").unwrap();
-    let client = rt
-        .block_on(Client::connect_with(
-            "libvirt:qemu:///system",
-            ClientOptions::default().state_dir(dir.path().join("state")),
-        ))
-        .unwrap();
     let name = "anyvm-bench-tmpl";
-    if let Ok(vm) = rt.block_on(client.vm(name)) {
-        rt.block_on(vm.destroy()).unwrap();
-    }
+    let client = fresh_client(&rt, dir.path(), name);
     let mut s = spec(&g, dir.path(), name);
     s.forwards.clear();
     let template = rt.block_on(client.define(s)).unwrap();

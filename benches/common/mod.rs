@@ -47,3 +47,22 @@ pub fn spec(g: &std::path::Path, dir: &std::path::Path, name: &str) -> VmSpec {
     s.forwards.push(ForwardSpec::new("ssh", 22));
     s
 }
+
+/// A client on the local libvirtd with its own state under `dir`, and no VM called `name` left
+/// from an earlier run.
+pub fn fresh_client(
+    rt: &tokio::runtime::Runtime,
+    dir: &std::path::Path,
+    name: &str,
+) -> anyvm::Client {
+    let client = rt
+        .block_on(anyvm::Client::connect_with(
+            "libvirt:qemu:///system",
+            anyvm::ClientOptions::default().state_dir(dir.join("state")),
+        ))
+        .unwrap();
+    if let Ok(vm) = rt.block_on(client.vm(name)) {
+        rt.block_on(vm.destroy()).unwrap();
+    }
+    client
+}

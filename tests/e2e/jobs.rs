@@ -299,6 +299,16 @@ async fn pool_caps_concurrency_and_runs_in_order() {
     t.destroy().await.unwrap();
 }
 
+const SLEEP_JOB: [&str; 7] = [
+    "job",
+    "run",
+    "--template",
+    "e2e-jobcli",
+    "--",
+    "sleep",
+    "300",
+];
+
 fn anyvm_cmd(cfg: &std::path::Path, state: &std::path::Path) -> std::process::Command {
     let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_anyvm"));
     c.arg("-c").arg(cfg).env("ANYVM_STATE_DIR", state);
@@ -405,15 +415,7 @@ async fn cli_job_run_exit_codes_signals_and_gc() {
 
     // SIGTERM (what scancel and a time limit send): the clone is removed, exit 128+15.
     let mut child = anyvm_cmd(&cfg, &state)
-        .args([
-            "job",
-            "run",
-            "--template",
-            "e2e-jobcli",
-            "--",
-            "sleep",
-            "300",
-        ])
+        .args(SLEEP_JOB)
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
@@ -427,15 +429,7 @@ async fn cli_job_run_exit_codes_signals_and_gc() {
 
     // SIGKILL leaves the clone; gc (or the next job) removes it.
     let mut child = anyvm_cmd(&cfg, &state)
-        .args([
-            "job",
-            "run",
-            "--template",
-            "e2e-jobcli",
-            "--",
-            "sleep",
-            "300",
-        ])
+        .args(SLEEP_JOB)
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
