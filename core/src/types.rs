@@ -225,20 +225,34 @@ impl PortForward {
     /// The address and port a client on the host connects to (a forward listening on every
     /// address is reached on loopback).
     pub fn connect_addr(&self) -> (String, u16) {
-        self.connect_addr_via(None)
+        let addr = if self.host_addr == "0.0.0.0" {
+            "127.0.0.1".to_string()
+        } else {
+            self.host_addr.clone()
+        };
+        (addr, self.host_port)
     }
 
     /// [`PortForward::connect_addr`] for a forward that listens on `remote` (a remote
-    /// hypervisor host) rather than here: wildcard and loopback addresses name that host.
-    pub fn connect_addr_via(&self, remote: Option<&str>) -> (String, u16) {
-        let wildcard_or_loopback =
-            self.host_addr == "0.0.0.0" || self.host_addr.starts_with("127.");
-        let addr = match remote {
-            Some(r) if wildcard_or_loopback => r.to_string(),
-            None if self.host_addr == "0.0.0.0" => "127.0.0.1".to_string(),
-            _ => self.host_addr.clone(),
+    /// hypervisor host) rather than here: a wildcard address names that host; a loopback one
+    /// cannot be reached from here, which the error says how to fix.
+    pub fn connect_addr_via(
+        &self,
+        remote: Option<&str>,
+    ) -> std::result::Result<(String, u16), String> {
+        let Some(r) = remote else {
+            return Ok(self.connect_addr());
         };
-        (addr, self.host_port)
+        if self.host_addr == "0.0.0.0" || self.host_addr == "::" {
+            return Ok((r.to_string(), self.host_port));
+        }
+        if self.host_addr.starts_with("127.") || self.host_addr == "::1" {
+            return Err(format!(
+                "forward {:?} listens on the loopback address of the libvirt host {r}, which this machine cannot reach; give it host_addr = \"0.0.0.0\" (or an address of {r})",
+                self.name
+            ));
+        }
+        Ok((self.host_addr.clone(), self.host_port))
     }
 }
 
@@ -256,12 +270,17 @@ mod forward_tests {
             guest_port: 22,
         };
         assert_eq!(f.connect_addr(), ("127.0.0.1".into(), 40022));
-        assert_eq!(f.connect_addr_via(Some("hv1")), ("hv1".into(), 40022));
+        assert_eq!(f.connect_addr_via(None), Ok(("127.0.0.1".into(), 40022)));
+        assert_eq!(f.connect_addr_via(Some("hv1")), Ok(("hv1".into(), 40022)));
         f.host_addr = "127.0.0.1".into();
         assert_eq!(f.connect_addr(), ("127.0.0.1".into(), 40022));
-        assert_eq!(f.connect_addr_via(Some("hv1")), ("hv1".into(), 40022));
+        let e = f.connect_addr_via(Some("hv1")).unwrap_err();
+        assert!(e.contains("loopback") && e.contains("0.0.0.0"), "{e}");
         f.host_addr = "10.0.0.5".into();
-        assert_eq!(f.connect_addr_via(Some("hv1")), ("10.0.0.5".into(), 40022));
+        assert_eq!(
+            f.connect_addr_via(Some("hv1")),
+            Ok(("10.0.0.5".into(), 40022))
+        );
     }
 }
 

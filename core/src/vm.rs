@@ -515,7 +515,13 @@ impl Vm {
                 .into_iter()
                 .find(|f| f.guest_port == guest_port && f.proto == crate::types::Protocol::Tcp)
             {
-                return Ok(f.connect_addr_via(self.backend.forward_host().as_deref()));
+                return f
+                    .connect_addr_via(self.backend.forward_host().as_deref())
+                    .map_err(|reason| Error::InvalidState {
+                        ctx: self.ctx("ssh"),
+                        state: reason,
+                        hint: String::new(),
+                    });
             }
         }
         match self.backend.guest_address(&self.name).await? {

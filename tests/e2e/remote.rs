@@ -76,6 +76,23 @@ async fn remote_libvirt_over_ssh() {
     assert_eq!(&b, b"SSH-");
     assert_ne!(port, 0);
     vm.forward_remove("ssh2").await.unwrap();
+    // One on the remote host's loopback cannot be reached from elsewhere: said, not hung on.
+    vm.forward_add(&ForwardSpec::new("lo", 2222)).await.unwrap();
+    let e = vm.ssh_endpoint(2222).await.unwrap_err();
+    assert!(
+        e.to_string().contains("loopback") && e.to_string().contains("0.0.0.0"),
+        "{e}"
+    );
+    let r = vm
+        .wait_ready(
+            &ReadySpec::empty()
+                .probe(anyvm::Probe::Tcp { guest_port: 2222 })
+                .timeout(Duration::from_secs(2)),
+        )
+        .await
+        .unwrap_err();
+    assert!(r.to_string().contains("loopback"), "{r}");
+    vm.forward_remove("lo").await.unwrap();
 
     // Snapshots are libvirt calls.
     vm.snapshot_take("s1", "remote").await.unwrap();

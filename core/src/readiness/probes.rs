@@ -49,10 +49,10 @@ impl ProbeCtx {
         self.forwards
             .iter()
             .find(|f| f.guest_port == guest_port && f.proto == Protocol::Tcp)
-            .map(|f| f.connect_addr_via(self.backend.forward_host().as_deref()))
             .ok_or_else(|| {
                 format!("no TCP forward to guest port {guest_port}; add one (anyvm forward add)")
             })
+            .and_then(|f| f.connect_addr_via(self.backend.forward_host().as_deref()))
     }
 }
 
