@@ -220,7 +220,7 @@ pub struct StagedPath {
 }
 
 /// Everything about one job run. `run_job` always returns one; check [`JobReport::outcome`].
-#[derive(Debug, Clone, Serialize)]
+#[derive(Clone, Serialize)]
 pub struct JobReport {
     pub job_id: String,
     pub template: String,
@@ -243,6 +243,30 @@ pub struct JobReport {
     /// The end of the guest's serial console log.
     pub console_log: String,
     pub seconds: f64,
+}
+
+/// Output as text, not byte arrays.
+impl std::fmt::Debug for JobReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JobReport")
+            .field("job_id", &self.job_id)
+            .field("template", &self.template)
+            .field("vm", &self.vm)
+            .field("outcome", &self.outcome)
+            .field("exit_code", &self.exit_code)
+            .field("signal", &self.signal)
+            .field("stdout", &String::from_utf8_lossy(&self.stdout))
+            .field("stderr", &String::from_utf8_lossy(&self.stderr))
+            .field("error", &self.error)
+            .field("teardown_error", &self.teardown_error)
+            .field("phases", &self.phases)
+            .field("inputs", &self.inputs)
+            .field("outputs", &self.outputs)
+            .field("check", &self.check)
+            .field("console_log_bytes", &self.console_log.len())
+            .field("seconds", &self.seconds)
+            .finish()
+    }
 }
 
 fn lossy<S: serde::Serializer>(b: &[u8], s: S) -> std::result::Result<S::Ok, S::Error> {
