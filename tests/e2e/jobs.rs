@@ -478,3 +478,115 @@ async fn cli_job_run_exit_codes_signals_and_gc() {
         .await
         .unwrap();
 }
+
+/// `--profile`: the profile's resources are verified from inside the clone before anything is
+/// staged or run; a missing one ends the job in the check phase, with the clone removed.
+#[tokio::test(flavor = "multi_thread")]
+async fn profile_resources_are_checked_before_the_command() {
+    let env = env().await;
+    let d = env.dir.path();
+    let state = d.join("state");
+    // A service on the host, reached from a NAT guest at 10.0.2.2.
+    let up = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let up_port = up.local_addr().unwrap().port();
+    std::thread::spawn(move || for _ in up.incoming() {});
+    let down_port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    // One profile per machine: two machines on their own disks.
+    let profile = |machine: &str, name: &str, extra: &str| {
+        let sub = d.join(name);
+        std::fs::create_dir_all(&sub).unwrap();
+        config_with_machine(
+            &sub,
+            machine,
+            &format!(
+                "[profiles.{name}]\nmachine = \"{machine}\"\ncheck_accounts = false\n\
+                 resources.svc = {{ kind = \"tcp\", host = \"10.0.2.2\", port = {up_port} }}\n{extra}"
+            ),
+        )
+    };
+    let cfg_ok = profile("e2e-jobprof", "ok", "");
+    let cfg_missing = profile(
+        "e2e-jobprof2",
+        "missing",
+        &format!(
+            "resources.gone = {{ kind = \"tcp\", host = \"10.0.2.2\", port = {down_port} }}\n"
+        ),
+    );
+    let _c = Cleanup::new(&env.client, "e2e-jobprof");
+    let _c2 = Cleanup::new(&env.client, "e2e-jobprof2");
+    env.fresh("e2e-jobprof").await;
+    env.fresh("e2e-jobprof2").await;
+
+    let o = anyvm_cmd(&cfg_ok, &state)
+        .args([
+            "--json",
+            "job",
+            "run",
+            "--profile",
+            "ok",
+            "--",
+            "echo",
+            "ran",
+        ])
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(o.status.code(), Some(0), "{v:#}");
+    assert_eq!(v["stdout"], "ran\n");
+    assert_eq!(v["check"]["ok"], true);
+    assert!(v["phases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|p| p["phase"] == "check"));
+
+    let o = anyvm_cmd(&cfg_missing, &state)
+        .args([
+            "--json",
+            "job",
+            "run",
+            "--profile",
+            "missing",
+            "--",
+            "echo",
+            "ran",
+        ])
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(o.status.code(), Some(125), "{v:#}");
+    assert_eq!(v["error"]["phase"], "check");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("gone"),
+        "{v:#}"
+    );
+    assert_eq!(v["stdout"], "", "the command must not run");
+    assert!(clones_of(&env.client, "e2e-jobprof2").await.is_empty());
+
+    // A profile of another machine than --template is refused up front.
+    let o = anyvm_cmd(&cfg_ok, &state)
+        .args([
+            "job",
+            "run",
+            "--template",
+            "other",
+            "--profile",
+            "ok",
+            "--",
+            "true",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("e2e-jobprof"));
+    env.client
+        .vm("e2e-jobprof")
+        .await
+        .unwrap()
+        .destroy()
+        .await
+        .unwrap();
+}

@@ -452,7 +452,19 @@ pub(crate) async fn run_job_queued(
         r
     };
     let mut spec = spec.clone();
-    if let Err(e) = spec.validate() {
+    let checked = if template.name() != &spec.template {
+        Err(Error::invalid_arg(
+            "job template",
+            format!(
+                "the spec names {} but the handle is {}",
+                spec.template,
+                template.name()
+            ),
+        ))
+    } else {
+        spec.validate()
+    };
+    if let Err(e) = checked {
         report.error = Some(job_error(Phase::Clone, &e));
         return finish(report);
     }
