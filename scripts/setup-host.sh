@@ -10,16 +10,29 @@ PKGS=(qemu-system-x86 libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients 
       qemu-utils iproute2 procps gcc g++ make valgrind openssh-server mariadb-server
       munge slurmctld slurmd slurm-client)
 
-missing=()
-for p in "${PKGS[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
-done
-if ((${#missing[@]})); then
+missing_pkgs() {
+  missing=()
+  for p in "${PKGS[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+  done
+}
+# Two passes: installing one package can remove another that was there (a machine image with a
+# backported qemu-utils loses it to Debian's qemu-system-x86), and libvirtd looks for qemu-img
+# only when it starts, so everything must be in place before the daemons below.
+export DEBIAN_FRONTEND=noninteractive
+for pass in 1 2; do
+  missing_pkgs
+  ((${#missing[@]})) || break
   log "installing ${missing[*]}"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
+  [ "$pass" = 1 ] && apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+done
+missing_pkgs
+if ((${#missing[@]})); then
+  log "still missing after install: ${missing[*]}"
+  exit 1
 fi
+command -v qemu-img >/dev/null || { log "qemu-img not found after installing qemu-utils"; exit 1; }
 
 # libvirt 9.0 resolves its compiled-in default user at start-up, whatever qemu.conf says.
 getent group kvm >/dev/null || groupadd -r kvm
@@ -64,6 +77,11 @@ start_daemon() {
   fi
 }
 start_daemon virtlogd
+# libvirtd looks for qemu-img only when it starts: one older than the installed qemu-img restarts.
+if ours libvirtd; then
+  started=$(date -d "$(ps -o lstart= -p "$(cat /run/anyvm-libvirtd.pid)")" +%s)
+  [ "$started" -ge "$(stat -c %Z "$(command -v qemu-img)")" ] || rm -f /run/anyvm-libvirtd.pid
+fi
 start_daemon libvirtd
 
 for _ in $(seq 1 100); do
