@@ -504,8 +504,8 @@ struct anyvm_error_t *anyvm_job_report_json(const struct anyvm_job_report_t *r,
 void anyvm_job_report_delete(struct anyvm_job_report_t *r);
 
 /**
- * Remove job clones whose owner process is gone and stale port leases; `*out` receives a
- * JSON report (free with anyvm_string_delete()).
+ * Remove job clones whose owner process is gone, stale port leases and share mounts of VMs
+ * that are gone; `*out` receives a JSON report (free with anyvm_string_delete()).
  */
 struct anyvm_error_t *anyvm_client_gc(const struct anyvm_client_t *client,
                                       bool dry_run,

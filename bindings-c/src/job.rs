@@ -308,8 +308,8 @@ pub unsafe extern "C" fn anyvm_job_report_delete(r: *mut anyvm_job_report_t) {
     let _ = catch_unwind(AssertUnwindSafe(|| REPORTS.remove(r)));
 }
 
-/// Remove job clones whose owner process is gone and stale port leases; `*out` receives a
-/// JSON report (free with anyvm_string_delete()).
+/// Remove job clones whose owner process is gone, stale port leases and share mounts of VMs
+/// that are gone; `*out` receives a JSON report (free with anyvm_string_delete()).
 #[no_mangle]
 pub unsafe extern "C" fn anyvm_client_gc(
     client: *const anyvm_client_t,

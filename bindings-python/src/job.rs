@@ -404,7 +404,7 @@ impl JobPool {
     }
 }
 
-/// `anyvm gc` as a dict: {"clones": [...], "leases_released": [...]}.
+/// `anyvm gc` as a dict: {"clones": [...], "leases_released": [...], "host_state_released": [...]}.
 pub fn gc<'py>(py: Python<'py>, client: &CoreClient, dry_run: bool) -> PyResult<Bound<'py, PyAny>> {
     let r = crate::block(py, true, anyvm::job::gc::gc(client, dry_run))?;
     let text = serde_json::to_string(&r).unwrap_or_default();

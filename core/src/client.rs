@@ -96,6 +96,8 @@ impl Client {
                 let o = crate::backend::libvirt::LibvirtOptions {
                     images_dir: base.join("images"),
                     console_dir: base.join("console"),
+                    // Read-only share mounts are made on this machine (local libvirt only).
+                    shares_dir: opts.state_dir.join("shares"),
                     ..Default::default()
                 };
                 Arc::new(crate::backend::libvirt::LibvirtBackend::open(&uri, o).await?)

@@ -63,7 +63,7 @@ pub struct TestEnv {
 }
 
 /// One state dir for the whole test process: port leases must be shared, as on a real host.
-fn shared_state() -> &'static Path {
+pub fn shared_state() -> &'static Path {
     static S: OnceLock<tempfile::TempDir> = OnceLock::new();
     S.get_or_init(|| {
         tempfile::Builder::new()

@@ -168,6 +168,49 @@ async fn job_phases_outcomes_and_teardown() {
     t.destroy().await.unwrap();
 }
 
+/// A read-only bind mount made the way the libvirt backend makes one for a read-only share.
+fn bind_ro(src: &std::path::Path, at: &std::path::Path) {
+    unmount(at); // left by an interrupted run
+    std::fs::create_dir_all(at).unwrap();
+    let mount = |args: &[&std::ffi::OsStr]| {
+        let st = std::process::Command::new("mount").args(args).status();
+        assert!(st.unwrap().success(), "mount {args:?}");
+    };
+    mount(&["--bind".as_ref(), src.as_os_str(), at.as_os_str()]);
+    mount(&["-o".as_ref(), "remount,bind,ro".as_ref(), at.as_os_str()]);
+}
+
+fn is_mounted(at: &std::path::Path) -> bool {
+    let want = format!(" {} ", at.display());
+    std::fs::read_to_string("/proc/self/mounts")
+        .unwrap()
+        .lines()
+        .any(|l| l.contains(&want))
+}
+
+fn unmount(at: &std::path::Path) {
+    while is_mounted(at) {
+        let st = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(at)
+            .status();
+        if !st.is_ok_and(|s| s.success()) {
+            break; // no panic from a Drop that may run while panicking
+        }
+    }
+    let _ = std::fs::remove_dir(at);
+    let _ = std::fs::remove_dir(at.parent().unwrap());
+}
+
+/// Unmounts the test's own mounts when it ends, pass or fail.
+struct Unmount(Vec<std::path::PathBuf>);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        self.0.iter().for_each(|m| unmount(m));
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn gc_removes_only_clones_of_dead_owners() {
     let env = env().await;
@@ -202,6 +245,18 @@ async fn gc_removes_only_clones_of_dead_owners() {
             .await
             .unwrap();
     }
+    // Read-only share mounts left behind by a VM that is gone (its owner was killed between
+    // undefine and unmount) are released; those of a VM that exists are not.
+    let shares = shared_state().join("shares");
+    let src = env.dir.path().join("share-src");
+    std::fs::create_dir_all(&src).unwrap();
+    let ghost_mount = shares.join("e2e-gc-ghost").join("data");
+    let live_mount = shares.join(names[1]).join("data");
+    for m in [&ghost_mount, &live_mount] {
+        bind_ro(&src, m);
+    }
+    let _unmount = Unmount(vec![ghost_mount.clone(), live_mount.clone()]);
+
     // A clone started by the dead owner holds ports and runs: gc powers it off too.
     env.client
         .vm(names[0])
@@ -218,6 +273,9 @@ async fn gc_removes_only_clones_of_dead_owners() {
     };
     assert_eq!(action(&dry, names[0]), Some(GcAction::WouldRemove));
     assert!(env.client.vm(names[0]).await.is_ok());
+    let ghost = ghost_mount.display().to_string();
+    assert_eq!(dry.host_state_released, std::slice::from_ref(&ghost));
+    assert!(is_mounted(&ghost_mount));
 
     let r = gc(&env.client, false).await.unwrap();
     assert_eq!(action(&r, names[0]), Some(GcAction::Removed));
@@ -231,6 +289,10 @@ async fn gc_removes_only_clones_of_dead_owners() {
     assert_eq!(action(&r, "e2e-gc-tmpl"), None);
     assert!(env.client.vm(names[0]).await.is_err());
     assert_eq!(leases_of(&env.client, names[0]), 0);
+    assert_eq!(r.host_state_released, [ghost]);
+    assert!(!is_mounted(&ghost_mount));
+    assert!(!ghost_mount.parent().unwrap().exists());
+    assert!(is_mounted(&live_mount));
     for n in &names[1..] {
         env.client.vm(n).await.unwrap().destroy().await.unwrap();
     }

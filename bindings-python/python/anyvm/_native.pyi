@@ -38,7 +38,7 @@ class Client:
         """Run argv in a fresh linked clone of template and remove the clone whatever happens."""
     def job_pool(self, *, cpus: Optional[int] = ..., memory_mib: Optional[int] = ...) -> JobPool: ...
     def gc(self, *, dry_run: bool = ...) -> Dict[str, Any]:
-        """Remove job clones whose owner process is gone, and stale port leases."""
+        """Remove job clones whose owner process is gone, stale port leases and share mounts of VMs that are gone."""
 
 class JobReport:
     @property

@@ -250,6 +250,19 @@ pub trait Backend: Send + Sync + fmt::Debug {
         crate::util::tail::read_tail(&path, limit).map_err(|e| Error::io(ctx, &path, e))
     }
 
+    /// Release what the backend keeps on the host for VMs that no longer exist (libvirt: the
+    /// read-only bind mounts of a VM removed behind anyvm's back or while its owner was being
+    /// killed). `live` lists the backend's VMs; names are re-checked before anything is
+    /// released. Returns what was released, or would be on a dry run.
+    async fn release_stale_host_state(
+        &self,
+        live: &[String],
+        dry_run: bool,
+    ) -> Result<Vec<String>> {
+        let _ = (live, dry_run);
+        Ok(Vec::new())
+    }
+
     /// Event stream, for backends that have one; `None` means callers must poll.
     fn subscribe(&self) -> Option<broadcast::Receiver<VmEvent>>;
     /// Path of the serial console log on the host, where the backend keeps one.

@@ -1,5 +1,5 @@
-//! `anyvm gc`: remove job clones whose owner died (SIGKILL, node crash, reboot) and the port
-//! leases of VMs that are gone.
+//! `anyvm gc`: remove job clones whose owner died (SIGKILL, node crash, reboot), and the port
+//! leases and host-side share mounts of VMs that are gone.
 
 use serde::Serialize;
 
@@ -32,6 +32,8 @@ pub struct GcEntry {
 pub struct GcReport {
     pub clones: Vec<GcEntry>,
     pub leases_released: Vec<Lease>,
+    /// Host paths (share mounts) of VMs that are gone, released or, on a dry run, to release.
+    pub host_state_released: Vec<String>,
 }
 
 impl GcReport {
@@ -85,12 +87,15 @@ pub async fn gc(client: &Client, dry_run: bool) -> Result<GcReport> {
             error,
         });
     }
+    let names: Vec<String> = client.list().await?.into_iter().map(|i| i.name).collect();
     if !dry_run {
-        let names: std::collections::HashSet<String> =
-            client.list().await?.into_iter().map(|i| i.name).collect();
         report.leases_released = client
             .ports()
-            .release_stale(&client.backend().uri(), |vm| names.contains(vm))?;
+            .release_stale(&client.backend().uri(), |vm| names.iter().any(|n| n == vm))?;
     }
+    report.host_state_released = client
+        .backend()
+        .release_stale_host_state(&names, dry_run)
+        .await?;
     Ok(report)
 }

@@ -1226,4 +1226,45 @@ impl Backend for LibvirtBackend {
     fn forward_host(&self) -> Option<String> {
         self.host.remote_name().map(str::to_string)
     }
+
+    async fn release_stale_host_state(
+        &self,
+        live: &[String],
+        dry_run: bool,
+    ) -> Result<Vec<String>> {
+        if !self.is_local() {
+            return Ok(Vec::new()); // read-only shares are only ever mounted for a local libvirt
+        }
+        let ctx = Ctx::new("release stale share mounts");
+        let dir = &self.opts.shares_dir;
+        let entries = match std::fs::read_dir(dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(Error::io(ctx, dir, e)),
+        };
+        let mut released = Vec::new();
+        for entry in entries.flatten() {
+            let Ok(vm) = VmName::new(entry.file_name().to_string_lossy()) else {
+                continue; // not a folder anyvm made
+            };
+            // A VM defined since `live` was listed keeps its mounts.
+            if live.iter().any(|n| n == vm.as_str()) || self.exists(&vm).await? {
+                continue;
+            }
+            let mounts: Vec<PathBuf> = std::fs::read_dir(entry.path())
+                .map(|d| d.flatten().map(|e| e.path()).collect())
+                .unwrap_or_default();
+            for m in &mounts {
+                if !dry_run {
+                    crate::util::bindmount::release(m);
+                }
+                released.push(m.display().to_string());
+            }
+            if !dry_run {
+                let _ = std::fs::remove_dir(entry.path());
+                tracing::info!(vm = %vm, "released share mounts of a VM that is gone");
+            }
+        }
+        Ok(released)
+    }
 }

@@ -290,6 +290,10 @@ impl App {
             for l in &r.leases_released {
                 lines.push(format!("released port {} (vm {} is gone)", l.port, l.vm));
             }
+            let verb = if dry_run { "would release" } else { "released" };
+            for p in &r.host_state_released {
+                lines.push(format!("{verb} share mount {p} (its vm is gone)"));
+            }
             if lines.is_empty() {
                 lines.push("nothing to collect".into());
             }
