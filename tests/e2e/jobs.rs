@@ -168,18 +168,7 @@ async fn job_phases_outcomes_and_teardown() {
     t.destroy().await.unwrap();
 }
 
-/// A read-only bind mount made the way the libvirt backend makes one for a read-only share.
-fn bind_ro(src: &std::path::Path, at: &std::path::Path) {
-    unmount(at); // left by an interrupted run
-    std::fs::create_dir_all(at).unwrap();
-    let mount = |args: &[&std::ffi::OsStr]| {
-        let st = std::process::Command::new("mount").args(args).status();
-        assert!(st.unwrap().success(), "mount {args:?}");
-    };
-    mount(&["--bind".as_ref(), src.as_os_str(), at.as_os_str()]);
-    mount(&["-o".as_ref(), "remount,bind,ro".as_ref(), at.as_os_str()]);
-}
-
+/// Read from /proc directly rather than through anyvm's own helper, which gc relies on.
 fn is_mounted(at: &std::path::Path) -> bool {
     let want = format!(" {} ", at.display());
     std::fs::read_to_string("/proc/self/mounts")
@@ -253,7 +242,7 @@ async fn gc_removes_only_clones_of_dead_owners() {
     let ghost_mount = shares.join("e2e-gc-ghost").join("data");
     let live_mount = shares.join(names[1]).join("data");
     for m in [&ghost_mount, &live_mount] {
-        bind_ro(&src, m);
+        anyvm::util::bindmount::ensure_readonly(&anyvm::Ctx::new("test mount"), &src, m).unwrap();
     }
     let _unmount = Unmount(vec![ghost_mount.clone(), live_mount.clone()]);
 

@@ -1251,17 +1251,17 @@ impl Backend for LibvirtBackend {
             if live.iter().any(|n| n == vm.as_str()) || self.exists(&vm).await? {
                 continue;
             }
-            let mounts: Vec<PathBuf> = std::fs::read_dir(entry.path())
-                .map(|d| d.flatten().map(|e| e.path()).collect())
+            let shares: Vec<String> = std::fs::read_dir(entry.path())
+                .map(|d| {
+                    d.flatten()
+                        .map(|e| e.file_name().to_string_lossy().into_owned())
+                        .collect()
+                })
                 .unwrap_or_default();
-            for m in &mounts {
-                if !dry_run {
-                    crate::util::bindmount::release(m);
-                }
-                released.push(m.display().to_string());
-            }
+            let dir = self.ro_mounts(&vm);
+            released.extend(shares.iter().map(|n| dir.join(n).display().to_string()));
             if !dry_run {
-                let _ = std::fs::remove_dir(entry.path());
+                self.release_shares(&vm, shares);
                 tracing::info!(vm = %vm, "released share mounts of a VM that is gone");
             }
         }
