@@ -9,7 +9,7 @@ use crate::error::{Ctx, Error, Result};
 use crate::name::VmName;
 use crate::ports::{PortAllocator, DEFAULT_PORT_RANGE};
 use crate::readiness::ReadySpec;
-use crate::types::{VmInfo, VmSpec, VmState};
+use crate::types::{VmInfo, VmSpec, VmState, VmStatus};
 use crate::vm::{define_with_ports, Vm};
 
 /// Options shared by every backend. Build with [`ClientOptions::default`] and the setters.
@@ -204,5 +204,20 @@ impl Client {
         }
         vm.wait_ready(ready).await?;
         Ok(vm)
+    }
+
+    /// A VM's state, forwards and snapshots without a separate existence check: one
+    /// `showvminfo` on VirtualBox. `NotFound` for an unknown VM.
+    pub async fn status(&self, name: &str) -> Result<VmStatus> {
+        let name = VmName::new(name)?;
+        self.backend.status(&name).await
+    }
+
+    /// Health checks: this client's backend, then the host's (state dir, port range).
+    pub async fn doctor(&self) -> crate::doctor::DoctorReport {
+        let mut checks = self.backend.doctor().await;
+        checks.push(crate::doctor::check_state_dir(&self.opts.state_dir));
+        checks.push(crate::doctor::check_ports(&self.ports));
+        crate::doctor::DoctorReport { checks }
     }
 }

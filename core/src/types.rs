@@ -334,6 +334,40 @@ pub struct SnapshotInfo {
     pub parent: Option<String>,
 }
 
+/// Everything `anyvm status` shows, read in as few hypervisor calls as the backend allows
+/// (one `showvminfo` on VirtualBox).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct VmStatus {
+    pub name: String,
+    pub state: VmState,
+    pub forwards: Vec<PortForward>,
+    pub snapshots: Vec<SnapshotInfo>,
+}
+
+/// One edge of the clone graph: `clone` is a linked clone of `base` (at `snapshot`, when the
+/// backend ties clones to one) and cannot outlive the disks it shares with it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, PartialOrd, Ord)]
+pub struct CloneLink {
+    pub clone: String,
+    pub base: String,
+    pub snapshot: Option<String>,
+}
+
+/// How `destroy` (and `snapshot delete`) treat linked clones that depend on what is removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DestroyOptions {
+    /// Destroy the dependent clones first (deepest first). Without it, dependants make the call
+    /// fail up front, naming them, and nothing changes.
+    pub with_clones: bool,
+}
+
+impl DestroyOptions {
+    pub fn with_clones(mut self, yes: bool) -> Self {
+        self.with_clones = yes;
+        self
+    }
+}
+
 /// How to stop a VM.
 #[derive(Debug, Clone, Copy)]
 pub struct StopOptions {
@@ -535,20 +569,76 @@ pub enum Boot {
     Existing { path: PathBuf },
 }
 
+/// A disk image format. Which ones a backend can attach differs: libvirt/QEMU takes all of them,
+/// VirtualBox takes VDI, VMDK and VHD, VMware takes VMDK.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum DiskFormat {
     #[default]
     Qcow2,
     Raw,
+    /// VirtualBox's native format.
+    Vdi,
+    /// VMware's format, also VirtualBox's appliance format.
+    Vmdk,
+    /// Virtual PC / Hyper-V (QEMU calls it `vpc`).
+    Vhd,
+}
+
+impl DiskFormat {
+    pub const ALL: [DiskFormat; 5] = [
+        DiskFormat::Qcow2,
+        DiskFormat::Raw,
+        DiskFormat::Vdi,
+        DiskFormat::Vmdk,
+        DiskFormat::Vhd,
+    ];
+
+    /// The format a file name implies (`.vdi`, `.vmdk`, `.vhd`, `.qcow2`, `.img`/`.raw`), if any.
+    pub fn from_path(path: &std::path::Path) -> Option<DiskFormat> {
+        let ext = path.extension()?.to_str()?.to_ascii_lowercase();
+        Some(match ext.as_str() {
+            "qcow2" | "qcow" => DiskFormat::Qcow2,
+            "img" | "raw" => DiskFormat::Raw,
+            "vdi" => DiskFormat::Vdi,
+            "vmdk" => DiskFormat::Vmdk,
+            "vhd" | "vpc" => DiskFormat::Vhd,
+            _ => return None,
+        })
+    }
+
+    /// QEMU's name for the format (`-f`, libvirt `<driver type=>`).
+    pub fn qemu_name(self) -> &'static str {
+        match self {
+            DiskFormat::Vhd => "vpc",
+            f => f.as_str(),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DiskFormat::Qcow2 => "qcow2",
+            DiskFormat::Raw => "raw",
+            DiskFormat::Vdi => "vdi",
+            DiskFormat::Vmdk => "vmdk",
+            DiskFormat::Vhd => "vhd",
+        }
+    }
 }
 
 impl fmt::Display for DiskFormat {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            DiskFormat::Qcow2 => "qcow2",
-            DiskFormat::Raw => "raw",
-        })
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for DiskFormat {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        DiskFormat::ALL
+            .into_iter()
+            .find(|f| f.as_str().eq_ignore_ascii_case(s) || f.qemu_name() == s)
+            .ok_or_else(|| format!("unknown disk format {s:?} (qcow2, raw, vdi, vmdk, vhd)"))
     }
 }
 

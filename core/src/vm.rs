@@ -15,9 +15,15 @@ use crate::readiness::{self, ReadyReport, ReadySpec};
 use crate::ssh::{self, SshConfig, SshOptions, SshTarget, Tunnels};
 use crate::types::{
     ExecOutput, ExecRequest, ForwardSpec, GuestChannel, HostPort, PortForward, SharedFolder,
-    SnapshotInfo, StopOptions, StopOutcome, VmSpec, VmState,
+    CloneLink, DestroyOptions, SnapshotInfo, StopOptions, StopOutcome, VmSpec, VmState, VmStatus,
 };
 use serde_json::json;
+
+/// Label a linked clone carries: the VM it was cloned from (the clone graph where the backend
+/// has no registry of its own).
+pub const CLONE_BASE_LABEL: &str = "anyvm.clone/base";
+/// Label a linked clone carries: the snapshot of the base it was cloned at, when one was named.
+pub const CLONE_SNAPSHOT_LABEL: &str = "anyvm.clone/snapshot";
 
 /// A handle on one VM. Cheap to clone; all methods are async and cancel-safe at await points.
 #[derive(Debug, Clone)]
@@ -341,31 +347,81 @@ impl Vm {
     }
 
     /// Power off if needed, remove the definition, its snapshots, the disks anyvm created for it,
-    /// its port leases and its known_hosts file.
+    /// its port leases and its known_hosts file. Refuses, changing nothing, while linked clones
+    /// depend on the VM; see [`Vm::destroy_with`].
     pub async fn destroy(&self) -> Result<()> {
-        let args = json!({});
+        self.destroy_with(DestroyOptions::default()).await
+    }
+
+    /// [`Vm::destroy`]; with [`DestroyOptions::with_clones`] the dependent clones (and their
+    /// clones) are destroyed first, deepest first.
+    pub async fn destroy_with(&self, opts: DestroyOptions) -> Result<()> {
+        let args = json!({"with_clones": opts.with_clones});
         self.audited("destroy", args, async move {
-            self.close_tunnels().await;
-            if !matches!(self.state().await?, VmState::ShutOff | VmState::Saved) {
-                self.backend.power_off(&self.name).await?;
+            let deps = self.dependants(None).await?;
+            if !deps.is_empty() && !opts.with_clones {
+                return Err(self.has_clones("destroy", None, &deps));
             }
-            self.backend.undefine(&self.name).await?;
-            self.ports
-                .release(&self.backend.uri(), self.name.as_str(), None)?;
-            let kh = self
-                .state_dir
-                .join("ssh")
-                .read_dir()
-                .into_iter()
-                .flatten()
-                .flatten()
-                .map(|d| d.path().join(format!("{}.known_hosts", self.name)));
-            for p in kh {
-                let _ = std::fs::remove_file(p);
+            for d in &deps {
+                self.sibling(d)?.destroy_one().await?;
             }
-            Ok(())
+            self.destroy_one().await
         })
         .await
+    }
+
+    async fn destroy_one(&self) -> Result<()> {
+        self.close_tunnels().await;
+        if !matches!(self.state().await?, VmState::ShutOff | VmState::Saved) {
+            self.backend.power_off(&self.name).await?;
+        }
+        self.backend.undefine(&self.name).await?;
+        self.ports
+            .release(&self.backend.uri(), self.name.as_str(), None)?;
+        let kh = self
+            .state_dir
+            .join("ssh")
+            .read_dir()
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|d| d.path().join(format!("{}.known_hosts", self.name)));
+        for p in kh {
+            let _ = std::fs::remove_file(p);
+        }
+        Ok(())
+    }
+
+    /// Linked clones that depend on this VM (on `snapshot` of it, when given), transitively,
+    /// deepest first: the order in which they can be removed.
+    pub async fn dependants(&self, snapshot: Option<&str>) -> Result<Vec<String>> {
+        let links = self.backend.clone_links().await?;
+        Ok(dependants_of(&links, self.name.as_str(), snapshot))
+    }
+
+    fn has_clones(&self, op: &str, snapshot: Option<&str>, deps: &[String]) -> Error {
+        let what = match snapshot {
+            Some(s) => format!("snapshot '{s}' is the base of linked clones"),
+            None => "has linked clones".to_string(),
+        };
+        Error::InvalidState {
+            ctx: self.ctx(op),
+            state: format!("{what}: {}", deps.join(", ")),
+            hint: "destroy those clones first, or ask for them to be removed too (anyvm: --with-clones; Rust: DestroyOptions::with_clones; Python: with_clones=True; C: ANYVM_WITH_CLONES)".into(),
+        }
+    }
+
+    /// A handle on another VM of the same backend, with this one's settings.
+    fn sibling(&self, name: &str) -> Result<Vm> {
+        Ok(Vm::new(
+            VmName::new(name)?,
+            self.backend.clone(),
+            self.ports.clone(),
+            self.state_dir.clone(),
+        )
+        .with_credentials_opt(self.credentials.clone())
+        .with_guest_channel(self.channel)
+        .with_policy_opt(self.policy.clone()))
     }
 
     pub async fn exec(&self, req: &ExecRequest) -> Result<ExecOutput> {
@@ -761,14 +817,51 @@ impl Vm {
         })
         .await
     }
+    /// Delete a snapshot. Refuses, changing nothing, while linked clones were made from it; see
+    /// [`Vm::snapshot_delete_with`].
     pub async fn snapshot_delete(&self, name: &str) -> Result<()> {
-        let args = json!({"snapshot": name});
+        self.snapshot_delete_with(name, DestroyOptions::default())
+            .await
+    }
+
+    /// [`Vm::snapshot_delete`]; with [`DestroyOptions::with_clones`] the clones made from the
+    /// snapshot (and their clones) are destroyed first.
+    pub async fn snapshot_delete_with(&self, name: &str, opts: DestroyOptions) -> Result<()> {
+        let args = json!({"snapshot": name, "with_clones": opts.with_clones});
         self.audited("snapshot_delete", args, async move {
             check_snapshot_name(name)?;
+            let deps = self.dependants(Some(name)).await?;
+            if !deps.is_empty() && !opts.with_clones {
+                return Err(self.has_clones(
+                    &format!("snapshot delete {name}"),
+                    Some(name),
+                    &deps,
+                ));
+            }
+            for d in &deps {
+                self.sibling(d)?.destroy_one().await?;
+            }
             self.backend.snapshot_delete(&self.name, name).await
         })
         .await
     }
+
+    /// Write this (powered-off) VM as an OVA appliance, the way frozen VMs are shipped
+    /// (VirtualBox; other backends say they cannot).
+    pub async fn export_appliance(&self, path: impl AsRef<Path>) -> Result<()> {
+        let path = path.as_ref();
+        let args = json!({"path": path});
+        self.audited("export", args, async move {
+            self.backend.export_appliance(&self.name, path).await
+        })
+        .await
+    }
+
+    /// State, forwards and snapshots, in as few hypervisor calls as the backend allows.
+    pub async fn status(&self) -> Result<VmStatus> {
+        self.backend.status(&self.name).await
+    }
+
     pub async fn snapshots(&self) -> Result<Vec<SnapshotInfo>> {
         self.backend.snapshot_list(&self.name).await
     }
@@ -812,9 +905,15 @@ impl Vm {
                             .into(),
                     })?;
             spec.name = new_name.clone();
-            spec.labels
-                .retain(|k, _| !k.starts_with(crate::job::LABEL_PREFIX));
+            spec.labels.retain(|k, _| {
+                !k.starts_with(crate::job::LABEL_PREFIX) && !k.starts_with("anyvm.clone/")
+            });
             spec.labels.extend(labels);
+            spec.labels
+                .insert(CLONE_BASE_LABEL.into(), self.name.to_string());
+            if let Some(s) = snapshot {
+                spec.labels.insert(CLONE_SNAPSHOT_LABEL.into(), s.to_string());
+            }
             spec.validate()?;
             for f in &mut spec.forwards {
                 f.host_port = HostPort::Auto;
@@ -1016,6 +1115,29 @@ where
         let _ = ports.release(&uri, &vm, None);
     }
     res
+}
+
+/// The clones that depend on `base` (on its `snapshot`, when given), transitively, deepest first.
+pub fn dependants_of(links: &[CloneLink], base: &str, snapshot: Option<&str>) -> Vec<String> {
+    let mut seen: std::collections::BTreeSet<String> = std::iter::once(base.to_string()).collect();
+    let mut level: Vec<String> = Vec::new();
+    for l in links.iter().filter(|l| l.base == base) {
+        if (snapshot.is_none() || l.snapshot.as_deref() == snapshot) && seen.insert(l.clone.clone())
+        {
+            level.push(l.clone.clone());
+        }
+    }
+    let mut levels: Vec<Vec<String>> = Vec::new();
+    while !level.is_empty() {
+        let mut next = Vec::new();
+        for l in links.iter().filter(|l| level.contains(&l.base)) {
+            if seen.insert(l.clone.clone()) {
+                next.push(l.clone.clone());
+            }
+        }
+        levels.push(std::mem::replace(&mut level, next));
+    }
+    levels.into_iter().rev().flatten().collect()
 }
 
 #[cfg(test)]

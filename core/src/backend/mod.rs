@@ -13,8 +13,10 @@ use tokio::sync::broadcast;
 use crate::credentials::Credentials;
 use crate::error::{Error, Result};
 use crate::name::VmName;
+use crate::doctor::Check;
 use crate::types::{
-    ExecOutput, ExecRequest, PortForward, SharedFolder, SnapshotInfo, VmInfo, VmSpec, VmState,
+    CloneLink, ExecOutput, ExecRequest, PortForward, SharedFolder, SnapshotInfo, VmInfo, VmSpec,
+    VmState, VmStatus,
 };
 
 #[cfg(feature = "libvirt")]
@@ -261,6 +263,55 @@ pub trait Backend: Send + Sync + fmt::Debug {
     ) -> Result<Vec<String>> {
         let _ = (live, dry_run);
         Ok(Vec::new())
+    }
+
+    /// State, forwards and snapshots together. The default asks for each; backends that read
+    /// them all from one hypervisor call (VirtualBox `showvminfo`) override it.
+    async fn status(&self, vm: &VmName) -> Result<VmStatus> {
+        Ok(VmStatus {
+            name: vm.to_string(),
+            state: self.state(vm).await?,
+            forwards: self.forwards(vm).await?,
+            snapshots: self.snapshot_list(vm).await?,
+        })
+    }
+
+    /// Every linked-clone edge the backend knows. The default reads the clone labels anyvm
+    /// stores in each VM's spec ([`crate::vm::CLONE_BASE_LABEL`]); VirtualBox reads its media
+    /// registry instead, which also knows clones made without anyvm.
+    async fn clone_links(&self) -> Result<Vec<CloneLink>> {
+        let mut links = Vec::new();
+        for info in self.list().await? {
+            let Ok(name) = VmName::new(&info.name) else {
+                continue;
+            };
+            let spec = match self.spec(&name).await {
+                Ok(Some(s)) => s,
+                // Gone since the listing, or not anyvm's: no labels to read.
+                Ok(None) | Err(Error::NotFound { .. }) => continue,
+                Err(e) => return Err(e),
+            };
+            if let Some(base) = spec.labels.get(crate::vm::CLONE_BASE_LABEL) {
+                links.push(CloneLink {
+                    clone: info.name.clone(),
+                    base: base.clone(),
+                    snapshot: spec.labels.get(crate::vm::CLONE_SNAPSHOT_LABEL).cloned(),
+                });
+            }
+        }
+        Ok(links)
+    }
+
+    /// Write the VM as an OVA appliance (VirtualBox `export`).
+    async fn export_appliance(&self, vm: &VmName, path: &Path) -> Result<()> {
+        let _ = path;
+        Err(unsupported(self.id(), vm, "export to OVA"))
+    }
+
+    /// Health checks for this backend on this host: the tool and its version, kernel drivers,
+    /// what the hypervisor needs to run guests. Problems are `fail` checks, not errors.
+    async fn doctor(&self) -> Vec<Check> {
+        Vec::new()
     }
 
     /// Event stream, for backends that have one; `None` means callers must poll.

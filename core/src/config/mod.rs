@@ -15,7 +15,7 @@
 //!                                     # omit both to boot from the first disk
 //! initrd = "/path/initrd.img"
 //! cmdline = "console=ttyS0"
-//! disks = [{ path = "/path/data.qcow2", format = "qcow2" }]
+//! disks = [{ path = "/path/data.qcow2" }]  # format: qcow2, raw, vdi, vmdk, vhd (default: from the extension)
 //! forwards = [{ name = "ssh", guest_port = 22, host_port = "auto" }]
 //! console = { vnc = "auto" }
 //! credentials = { user = "root", identity_file = "/path/key", password_file = "/path/pw" }
@@ -36,6 +36,7 @@ use crate::policy::Policy;
 use crate::profile::{Profile, Resource};
 use crate::readiness::ReadySpec;
 use crate::types::{
+    DiskFormat,
     Accel, Boot, ConsoleSpec, DiskSpec, ForwardSpec, GuestChannel, Network, SharedFolder, VmSpec,
 };
 
@@ -72,6 +73,16 @@ struct RawProfile {
     check_accounts: Option<bool>,
 }
 
+/// A disk as written in anyvm.toml: the format may be left out when the file name says it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDisk {
+    path: PathBuf,
+    format: Option<DiskFormat>,
+    #[serde(default)]
+    readonly: bool,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawMachine {
@@ -89,7 +100,7 @@ struct RawMachine {
     #[serde(default)]
     cmdline: String,
     #[serde(default)]
-    disks: Vec<DiskSpec>,
+    disks: Vec<RawDisk>,
     #[serde(default)]
     forwards: Vec<ForwardSpec>,
     #[serde(default)]
@@ -258,9 +269,13 @@ impl Config {
                 .disks
                 .into_iter()
                 .map(|d| DiskSpec {
+                    format: d
+                        .format
+                        .or_else(|| DiskFormat::from_path(&d.path))
+                        .unwrap_or_default(),
                     path: abs(d.path),
+                    readonly: d.readonly,
                     owned: false,
-                    ..d
                 })
                 .collect();
             spec.forwards = m.forwards;

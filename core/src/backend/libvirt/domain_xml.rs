@@ -157,7 +157,7 @@ pub fn domain_xml(spec: &VmSpec, uuid: Option<&str>, host: &HostSide<'_>) -> Str
         let dev = format!("vd{}", (b'a' + i as u8) as char);
         x.push_str(&format!(
             "    <disk type='file' device='disk'><driver name='qemu' type='{}'/><source file='{}'/><target dev='{dev}' bus='virtio'/>{}</disk>\n",
-            d.format,
+            d.format.qemu_name(),
             escape(&d.path.display().to_string()),
             if d.readonly { "<readonly/>" } else { "" }
         ));

@@ -233,6 +233,22 @@ impl HypervisorHost {
             .map(|_| ())
     }
 
+    /// File names in a directory (empty when it does not exist).
+    pub async fn list_dir(&self, ctx: &Ctx, dir: &Path) -> Result<Vec<String>> {
+        if self.is_local() {
+            return Ok(std::fs::read_dir(dir)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter_map(|e| e.file_name().into_string().ok())
+                .collect());
+        }
+        let s = dir.display().to_string();
+        let argv = vec!["ls".to_string(), "-1A".into(), "--".into(), s];
+        let out = self.run(ctx, &argv, FILE_OP_TIMEOUT).await?;
+        Ok(out.stdout_str().lines().map(str::to_string).collect())
+    }
+
     /// The last `limit` bytes of a file (empty when it does not exist).
     pub async fn read_tail(&self, ctx: &Ctx, p: &Path, limit: usize) -> Result<Vec<u8>> {
         if self.is_local() {

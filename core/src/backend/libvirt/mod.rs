@@ -6,6 +6,7 @@
 //! libvirt's agent-lifecycle event.
 
 mod agent;
+mod doctor;
 mod domain_xml;
 mod events;
 pub mod host;
@@ -176,6 +177,39 @@ fn agent_err(ctx: &Ctx, msg: String) -> Error {
 }
 
 impl LibvirtBackend {
+    /// Remove the frozen bases of `vm` (of one snapshot, when given) once no clone of it is
+    /// left; they exist only to be shared by its clones.
+    async fn remove_frozen(&self, ctx: &Ctx, vm: &VmName, snapshot: Option<&str>) {
+        match self.clone_links().await {
+            Ok(links)
+                if links.iter().any(|l| {
+                    l.base == vm.as_str()
+                        && (snapshot.is_none() || l.snapshot.as_deref() == snapshot)
+                }) =>
+            {
+                return
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(vm = %vm, error = %e, "cannot read the clone graph; frozen bases kept");
+                return;
+            }
+        }
+        let files = match self.host.list_dir(ctx, &self.opts.images_dir).await {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!(vm = %vm, error = %e, "cannot list the images dir");
+                return;
+            }
+        };
+        for f in files.iter().filter(|f| is_frozen_of(f, vm.as_str(), snapshot)) {
+            let p = self.opts.images_dir.join(f);
+            if let Err(e) = self.host.remove_file(ctx, &p).await {
+                tracing::warn!(vm = %vm, path = %p.display(), error = %e, "could not remove a frozen base");
+            }
+        }
+    }
+
     /// Connect to `uri` (e.g. `qemu:///system`, `qemu+ssh://user@host/system`).
     pub async fn open(uri: &str, opts: LibvirtOptions) -> Result<Self> {
         let ctx = Ctx::new(format!("connect to {uri}"));
@@ -633,6 +667,9 @@ impl Backend for LibvirtBackend {
             self.release_shares(vm, spec.shares.into_iter().map(|s| s.name));
         }
         let _ = self.host.remove_file(&ctx, &self.console_path(vm)).await;
+        // Its frozen bases serve only clones of it; the facade refuses a destroy while those
+        // exist, so nothing uses them any more.
+        self.remove_frozen(&ctx, vm, None).await;
         Ok(())
     }
 
@@ -753,15 +790,14 @@ impl Backend for LibvirtBackend {
 
     async fn snapshot_delete(&self, vm: &VmName, name: &str) -> Result<()> {
         let n = name.to_string();
-        self.dom(
-            &Ctx::vm(format!("snapshot delete {name}"), vm),
-            vm,
-            move |d, c| {
-                let s = Domain::lookup_snapshot_by_name(d, &n, 0).map_err(|e| map_err(c, e))?;
-                s.delete(0).map_err(|e| map_err(c, e))
-            },
-        )
-        .await
+        let ctx = Ctx::vm(format!("snapshot delete {name}"), vm);
+        self.dom(&ctx, vm, move |d, c| {
+            let s = Domain::lookup_snapshot_by_name(d, &n, 0).map_err(|e| map_err(c, e))?;
+            s.delete(0).map_err(|e| map_err(c, e))
+        })
+        .await?;
+        self.remove_frozen(&ctx, vm, Some(name)).await;
+        Ok(())
     }
 
     async fn snapshot_list(&self, vm: &VmName) -> Result<Vec<SnapshotInfo>> {
@@ -803,7 +839,7 @@ impl Backend for LibvirtBackend {
                         ctx: ctx.clone(),
                         what: format!("snapshot '{s}'"),
                     })?;
-                format!("{s}-{}", info.created.unwrap_or(0))
+                format!("{s}+{}", info.created.unwrap_or(0))
             }
             None => {
                 let st = self.state(base).await?;
@@ -817,7 +853,8 @@ impl Backend for LibvirtBackend {
                 let t = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
                     .unwrap_or_default();
-                format!("current-{}", t.as_nanos())
+                // No snapshot name: an empty one (snapshot names are VM-name shaped).
+                format!("+{}", t.as_nanos())
             }
         };
         self.host
@@ -828,11 +865,13 @@ impl Backend for LibvirtBackend {
         let mut created: Vec<PathBuf> = Vec::new();
         let result: Result<()> = async {
             for (i, disk) in clone.disks.iter_mut().enumerate() {
-                if disk.format != DiskFormat::Qcow2 {
+                // Internal snapshots live in qcow2 files only; the current disks of a stopped
+                // VM can be frozen from any format QEMU reads.
+                if snapshot.is_some() && disk.format != DiskFormat::Qcow2 {
                     return Err(Error::InvalidState {
                         ctx: ctx.clone(),
                         state: format!("disk {} is {}", disk.path.display(), disk.format),
-                        hint: "linked clones need qcow2 disks".into(),
+                        hint: "clones from a snapshot need qcow2 disks; clone the stopped VM's current disks instead (no snapshot)".into(),
                     });
                 }
                 // Freeze the base disk at the snapshot once; every clone then layers on that file,
@@ -840,14 +879,14 @@ impl Backend for LibvirtBackend {
                 let frozen = self
                     .opts
                     .images_dir
-                    .join(format!("{base}-{tag}-{i}.base.qcow2"));
+                    .join(frozen_name(base.as_str(), &tag, i));
                 if !self.host.exists(&ctx, &frozen).await? {
                     let tmp = frozen.with_extension("tmp");
                     let mut args = vec![
                         "convert".to_string(),
                         "-U".into(),
                         "-f".into(),
-                        "qcow2".into(),
+                        disk.format.qemu_name().into(),
                         "-O".into(),
                         "qcow2".into(),
                     ];
@@ -885,6 +924,7 @@ impl Backend for LibvirtBackend {
                 .await?;
                 created.push(overlay.clone());
                 disk.path = overlay;
+                disk.format = DiskFormat::Qcow2;
                 disk.owned = true;
             }
             Ok(())
@@ -900,6 +940,10 @@ impl Backend for LibvirtBackend {
             }
         }
         result
+    }
+
+    async fn doctor(&self) -> Vec<crate::doctor::Check> {
+        doctor::checks(self).await
     }
 
     async fn exec(&self, vm: &VmName, req: &ExecRequest) -> Result<ExecOutput> {
@@ -1266,5 +1310,39 @@ impl Backend for LibvirtBackend {
             }
         }
         Ok(released)
+    }
+}
+
+/// The file a base disk is frozen to for linked clones: `BASE+SNAPSHOT+STAMP+DISK.base.qcow2`
+/// (SNAPSHOT empty for the current disks). '+' cannot occur in VM or snapshot names, so the
+/// files of one base are never taken for those of a base whose name extends it.
+fn frozen_name(base: &str, tag: &str, disk: usize) -> String {
+    format!("{base}+{tag}+{disk}.base.qcow2")
+}
+
+/// Whether `file` is a frozen base of `base` (at `snapshot`, when given).
+fn is_frozen_of(file: &str, base: &str, snapshot: Option<&str>) -> bool {
+    let Some(stem) = file.strip_suffix(".base.qcow2") else {
+        return false;
+    };
+    let parts: Vec<&str> = stem.split('+').collect();
+    parts.len() == 4 && parts[0] == base && snapshot.is_none_or(|s| parts[1] == s)
+}
+
+#[cfg(test)]
+mod frozen_tests {
+    use super::*;
+
+    #[test]
+    fn frozen_bases_belong_to_exactly_one_base_and_snapshot() {
+        let f = frozen_name("mc", "golden+17", 0);
+        assert!(is_frozen_of(&f, "mc", None));
+        assert!(is_frozen_of(&f, "mc", Some("golden")));
+        assert!(!is_frozen_of(&f, "mc", Some("gold")));
+        assert!(!is_frozen_of(&f, "m", None));
+        assert!(!is_frozen_of(&frozen_name("mc-2", "+5", 1), "mc", None));
+        assert!(is_frozen_of(&frozen_name("mc", "+5", 1), "mc", None));
+        assert!(!is_frozen_of(&frozen_name("mc", "+5", 1), "mc", Some("golden")));
+        assert!(!is_frozen_of("mc-golden-17-0.base.qcow2", "mc", None));
     }
 }

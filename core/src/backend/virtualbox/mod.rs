@@ -6,7 +6,9 @@
 //! private `--passwordfile` (never argv), readiness from `guestproperty wait` on the Guest
 //! Additions run level instead of sleeps, and NAT forwards that use the shared port allocator.
 
+mod doctor;
 mod errors;
+mod media;
 mod parse;
 
 use std::ffi::OsString;
@@ -24,7 +26,8 @@ use crate::error::{Ctx, Error, Result};
 use crate::name::VmName;
 use crate::types::SharedFolder;
 use crate::types::{
-    Boot, ExecOutput, ExecRequest, HostPort, PortForward, SnapshotInfo, VmInfo, VmSpec, VmState,
+    Boot, CloneLink, DiskFormat, ExecOutput, ExecRequest, HostPort, PortForward, SnapshotInfo,
+    VmInfo, VmSpec, VmState, VmStatus,
 };
 use crate::util::command::ToolOutput;
 pub use errors::Failure;
@@ -87,6 +90,22 @@ pub struct VirtualBoxBackend {
     tool: ToolRunner,
     opts: VirtualBoxOptions,
     version: OnceCell<(u32, u32, u32)>,
+    /// The last kernel-driver WARNING VBoxManage printed: VMs cannot start while it stands.
+    driver_warning: std::sync::Mutex<Option<String>>,
+}
+
+/// Formats VirtualBox attaches as hard disks.
+const ATTACHABLE: [DiskFormat; 3] = [DiskFormat::Vdi, DiskFormat::Vmdk, DiskFormat::Vhd];
+
+/// VBoxSVC is one process per user and IPC socket; a second VBOX_USER_HOME under the same user
+/// silently talks to the first one's VBoxSVC and registry. A socket id per home keeps them apart.
+fn ipc_socket_id(home: &str) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in home.as_bytes() {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("anyvm-{:012x}", h & 0xffff_ffff_ffff)
 }
 
 fn os(v: &[&str]) -> Vec<OsString> {
@@ -105,10 +124,22 @@ impl VirtualBoxBackend {
         let program = resolve_binary("VBoxManage", opts.vboxmanage.as_deref(), "ANYVM_VBOXMANAGE")?;
         let mut tool = ToolRunner::new(program, opts.call_timeout);
         tool.env = opts.env.clone();
+        let home = tool
+            .env
+            .iter()
+            .find(|(k, _)| k == "VBOX_USER_HOME")
+            .map(|(_, v)| v.clone());
+        if let Some(home) = home {
+            if !tool.env.iter().any(|(k, _)| k == "VBOX_IPC_SOCKETID") {
+                tool.env
+                    .push(("VBOX_IPC_SOCKETID".into(), ipc_socket_id(&home)));
+            }
+        }
         Ok(VirtualBoxBackend {
             tool,
             opts,
             version: OnceCell::new(),
+            driver_warning: std::sync::Mutex::new(None),
         })
     }
 
@@ -132,6 +163,7 @@ impl VirtualBoxBackend {
                         "VBoxManage --version".into(),
                     )
                     .await?;
+                let out = self.strip(out);
                 let v = parse::version(&out.stdout_str())
                     .map_err(|m| Error::backend(ctx.clone(), "VBoxManage", m))?;
                 if v < (6, 1, 0) {
@@ -176,6 +208,7 @@ impl VirtualBoxBackend {
                 .tool
                 .run(ctx, args.clone(), stdin.clone(), timeout, shown.clone())
                 .await?;
+            let out = self.strip(out);
             match errors::classify(&out) {
                 None => return Ok(out),
                 Some(Failure::Busy(m)) if attempt < self.opts.lock_retries => {
@@ -187,6 +220,52 @@ impl VirtualBoxBackend {
             }
         }
         unreachable!("the last attempt returns")
+    }
+
+    /// Remove WARNING blocks from VBoxManage's own output (never from a guest program's) and
+    /// remember whether they say the kernel driver is missing.
+    fn strip(&self, mut out: ToolOutput) -> ToolOutput {
+        let mut driver = None;
+        for stream in [&mut out.stdout, &mut out.stderr] {
+            let text = String::from_utf8_lossy(stream);
+            if !text.contains("WARNING:") {
+                continue;
+            }
+            let (rest, warnings) = parse::strip_warnings(&text);
+            driver = driver.or(warnings.into_iter().find(|w| parse::is_driver_warning(w)));
+            *stream = rest.into_bytes();
+        }
+        if let Ok(mut w) = self.driver_warning.lock() {
+            *w = driver;
+        }
+        out
+    }
+
+    /// The kernel-driver warning of the last call, if it printed one.
+    fn driver_missing(&self) -> Option<String> {
+        self.driver_warning.lock().ok().and_then(|w| w.clone())
+    }
+
+    /// `list -l hdds`: every registered hard disk with its parent and users.
+    async fn media(&self, ctx: &Ctx) -> Result<Vec<parse::Medium>> {
+        let out = self.vbox(ctx, os(&["list", "-l", "hdds"])).await?;
+        parse::media(&out.stdout_str()).map_err(|m| {
+            Error::backend(
+                ctx.clone(),
+                "VBoxManage",
+                format!("unreadable 'list -l hdds' output: {m}"),
+            )
+        })
+    }
+
+    /// VM UUID -> name, from `list vms`.
+    async fn vm_names(&self, ctx: &Ctx) -> Result<std::collections::BTreeMap<String, String>> {
+        let out = self.vbox(ctx, os(&["list", "vms"])).await?;
+        Ok(parse::list(&out.stdout_str())
+            .map_err(|m| Error::backend(ctx.clone(), "VBoxManage", m))?
+            .into_iter()
+            .map(|(name, uuid)| (uuid, name))
+            .collect())
     }
 
     async fn info(&self, ctx: &Ctx, vm: &VmName) -> Result<Vec<(String, String)>> {
@@ -256,6 +335,20 @@ impl VirtualBoxBackend {
         a.extend(os(&["--uart1", "0x3F8", "4", "--uartmode1", "file"]));
         a.push(self.console_path(&spec.name).into_os_string());
         a
+    }
+
+    /// [`Self::modify_args`] for a VM that came with NAT rules of its own (a clone, an imported
+    /// appliance): they are deleted first, so the spec's forwards replace them.
+    async fn modify_replacing_forwards(&self, ctx: &Ctx, spec: &VmSpec) -> Result<Vec<OsString>> {
+        let inherited = parse::forwards(&self.info(ctx, &spec.name).await?, 1)
+            .map_err(|m| Error::backend(ctx.clone(), "VBoxManage", m))?;
+        let mut a = self.modify_args(spec);
+        for f in inherited {
+            a.insert(2, f.name.into());
+            a.insert(2, "delete".into());
+            a.insert(2, "--natpf1".into());
+        }
+        Ok(a)
     }
 
     /// Every configured readiness property has a (non-"0") value.
@@ -440,6 +533,17 @@ impl Backend for VirtualBoxBackend {
             });
         }
         for d in &spec.disks {
+            if !ATTACHABLE.contains(&d.format) {
+                return Err(Error::InvalidArgument {
+                    what: format!("disk {}", d.path.display()),
+                    reason: format!(
+                        "VirtualBox cannot attach {} images (it takes vdi, vmdk and vhd); convert it first: qemu-img convert -O vdi {} {}",
+                        d.format,
+                        d.path.display(),
+                        d.path.with_extension("vdi").display()
+                    ),
+                });
+            }
             if !d.path.exists() {
                 return Err(Error::NotFound {
                     ctx,
@@ -481,7 +585,11 @@ impl Backend for VirtualBoxBackend {
         }
         // From here on a failure unregisters the half-made VM: a failed define changes nothing.
         let rest: Result<()> = async {
-            self.vbox(&ctx, self.modify_args(spec)).await?;
+            let modify = match spec.boot {
+                Boot::Appliance { .. } => self.modify_replacing_forwards(&ctx, spec).await?,
+                _ => self.modify_args(spec),
+            };
+            self.vbox(&ctx, modify).await?;
             if !spec.disks.is_empty() {
                 let n = spec.disks.len().max(1).to_string();
                 self.vbox(
@@ -532,34 +640,112 @@ impl Backend for VirtualBoxBackend {
         Ok(())
     }
 
+    /// Remove the VM, its snapshots and every medium only it used, without ever deleting the
+    /// user's own disks. `unregistervm --delete` cannot do that: it deletes every disk it can,
+    /// and a user disk still referenced by a snapshot makes it fail after unregistering, leaving
+    /// the differencing media registered. So: refuse up front when linked clones depend on the
+    /// VM; otherwise unregister, then close the VM's media leaves first, deleting differencing
+    /// images and images VirtualBox made in the machine folder, keeping (only unregistering)
+    /// the rest; then remove the machine's own files.
     async fn undefine(&self, vm: &VmName) -> Result<()> {
         let ctx = Ctx::vm("undefine", vm);
-        // `unregistervm --delete` deletes every attached disk: detach the ones anyvm did not create.
-        if let Some(spec) = self.spec(vm).await.ok().flatten() {
-            for (i, d) in spec.disks.iter().enumerate().filter(|(_, d)| !d.owned) {
-                let _ = d;
-                self.vbox(
-                    &ctx,
-                    os(&[
-                        "storageattach",
-                        vm.as_str(),
-                        "--storagectl",
-                        CONTROLLER,
-                        "--port",
-                        &i.to_string(),
-                        "--device",
-                        "0",
-                        "--medium",
-                        "none",
-                    ]),
-                )
-                .await?;
+        let kv = self.info(&ctx, vm).await?;
+        let uuid = parse::get(&kv, "UUID").unwrap_or_default().to_string();
+        let cfg = parse::get(&kv, "CfgFile").map(PathBuf::from);
+        let folder = cfg.as_ref().and_then(|c| c.parent()).map(Path::to_path_buf);
+        let spec = self.spec(vm).await.ok().flatten();
+        let before = self.media(&ctx).await?;
+        let names = self.vm_names(&ctx).await?;
+        let deps: std::collections::BTreeSet<String> = media::clone_links(&before, &names)
+            .into_iter()
+            .filter(|l| l.base == vm.as_str())
+            .map(|l| l.clone)
+            .collect();
+        if !deps.is_empty() {
+            return Err(Error::InvalidState {
+                ctx,
+                state: format!(
+                    "has linked clones: {}",
+                    deps.into_iter().collect::<Vec<_>>().join(", ")
+                ),
+                hint: "destroy the clones first, or destroy with --with-clones".into(),
+            });
+        }
+        let keep: Vec<PathBuf> = spec
+            .as_ref()
+            .map(|s| {
+                s.disks
+                    .iter()
+                    .filter(|d| !d.owned)
+                    .flat_map(|d| [d.path.clone(), std::fs::canonicalize(&d.path).unwrap_or_default()])
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mine: Vec<parse::Medium> = media::media_of(&before, &uuid).into_iter().cloned().collect();
+
+        self.vbox(&ctx, os(&["unregistervm", vm.as_str()])).await?;
+
+        // From here the VM is gone from VirtualBox: finish the clean-up, report what could not.
+        let mut problems: Vec<String> = Vec::new();
+        let after = self.media(&ctx).await.unwrap_or_default();
+        for m in &mine {
+            let loc = PathBuf::from(&m.location);
+            let registered = after.iter().any(|a| a.uuid == m.uuid);
+            if registered && media::still_needed(&after, &m.uuid) {
+                continue; // shared with another VM: stays registered
+            }
+            let made_for_vm = folder.as_ref().is_some_and(|f| loc.starts_with(f));
+            let delete = !keep.contains(&loc) && (m.differencing || made_for_vm);
+            if registered {
+                let mut a = os(&["closemedium", "disk"]);
+                a.push(loc.clone().into_os_string());
+                if delete {
+                    a.push("--delete".into());
+                }
+                if let Err(e) = self.vbox(&ctx, a).await {
+                    problems.push(format!("{}: {e}", loc.display()));
+                }
+            } else if delete {
+                if let Err(e) = std::fs::remove_file(&loc) {
+                    if e.kind() != std::io::ErrorKind::NotFound {
+                        problems.push(format!("{}: {e}", loc.display()));
+                    }
+                }
             }
         }
-        self.vbox(&ctx, os(&["unregistervm", vm.as_str(), "--delete"]))
-            .await?;
+        if let (Some(cfg), Some(folder)) = (&cfg, &folder) {
+            remove_machine_files(&kv, cfg, folder);
+        }
         let _ = std::fs::remove_file(self.console_path(vm));
-        Ok(())
+        // A clone made at the base's current state left a snapshot on the base: drop it too.
+        let auto = spec.as_ref().and_then(|s| {
+            (!s.labels.contains_key(crate::vm::CLONE_SNAPSHOT_LABEL))
+                .then(|| s.labels.get(crate::vm::CLONE_BASE_LABEL))
+                .flatten()
+        });
+        if let Some(base) = auto {
+            let snap = format!("anyvm-clone-{vm}");
+            if let Err(e) = self
+                .vbox(&ctx, os(&["snapshot", base, "delete", &snap]))
+                .await
+            {
+                if !matches!(e, Error::NotFound { .. }) {
+                    tracing::warn!(vm = %vm, base = %base, error = %e, "could not delete the clone's base snapshot");
+                }
+            }
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::backend(
+                ctx,
+                "VBoxManage",
+                format!(
+                    "the VM is unregistered, but these media could not be removed: {}; remove them with 'VBoxManage closemedium disk PATH --delete'",
+                    problems.join("; ")
+                ),
+            ))
+        }
     }
 
     async fn state(&self, vm: &VmName) -> Result<VmState> {
@@ -573,11 +759,24 @@ impl Backend for VirtualBoxBackend {
         let args = os(&["startvm", vm.as_str(), "--type", &self.opts.start_type]);
         match self.vbox(&ctx, args).await {
             Ok(_) => Ok(()),
-            // Some versions exit 1 after a successful start; the state says the truth.
-            Err(Error::Backend { .. }) if self.state(vm).await.ok() == Some(VmState::Running) => {
-                Ok(())
+            Err(e) => {
+                if let Some(w) = self.driver_missing() {
+                    return Err(Error::BackendUnavailable {
+                        ctx,
+                        backend: "virtualbox".into(),
+                        reason: format!(
+                            "VirtualBox cannot start VMs on this host: its kernel driver is not loaded ({w}); install virtualbox-dkms and the headers of the running kernel, then load it (modprobe vboxdrv). VBoxManage said: {e}"
+                        ),
+                    });
+                }
+                // Some versions exit 1 after a successful start; the state says the truth.
+                if matches!(e, Error::Backend { .. })
+                    && self.state(vm).await.ok() == Some(VmState::Running)
+                {
+                    return Ok(());
+                }
+                Err(e)
             }
-            Err(e) => Err(e),
         }
     }
 
@@ -683,34 +882,10 @@ impl Backend for VirtualBoxBackend {
     }
 
     async fn snapshot_list(&self, vm: &VmName) -> Result<Vec<SnapshotInfo>> {
+        // showvminfo carries the same SnapshotName keys as 'snapshot list', and answers a VM
+        // without snapshots with success instead of exit 1.
         let ctx = Ctx::vm("snapshot list", vm);
-        let out = match self
-            .vbox(
-                &ctx,
-                os(&["snapshot", vm.as_str(), "list", "--machinereadable"]),
-            )
-            .await
-        {
-            Ok(o) => o,
-            Err(_) if self.exists(vm).await? => return Ok(Vec::new()),
-            Err(e) => return Err(e),
-        };
-        let text = out.stdout_str();
-        if text.contains("does not have any snapshots") {
-            return Ok(Vec::new());
-        }
-        let kv =
-            parse::machine_readable(&text).map_err(|m| Error::backend(ctx, "VBoxManage", m))?;
-        Ok(parse::snapshots(&kv)
-            .into_iter()
-            .map(|(name, parent, current)| SnapshotInfo {
-                name,
-                created: None,
-                state: None,
-                current,
-                parent,
-            })
-            .collect())
+        Ok(snapshot_infos(&self.info(&ctx, vm).await?))
     }
 
     async fn clone_linked(
@@ -745,14 +920,7 @@ impl Backend for VirtualBoxBackend {
             .await?;
         let rest: Result<()> = async {
             // The clone inherited the base's forwards (same host ports): replace them.
-            let inherited = parse::forwards(&self.info(&ctx, &clone.name).await?, 1)
-                .map_err(|m| Error::backend(ctx.clone(), "VBoxManage", m))?;
-            let mut a = self.modify_args(clone);
-            for f in inherited {
-                a.insert(2, f.name.into());
-                a.insert(2, "delete".into());
-                a.insert(2, "--natpf1".into());
-            }
+            let a = self.modify_replacing_forwards(&ctx, clone).await?;
             self.vbox(&ctx, a).await?;
             let mut spec = clone.clone();
             // Its disks are differencing images VirtualBox made: deleted with the clone.
@@ -1062,6 +1230,69 @@ impl Backend for VirtualBoxBackend {
         super::mount_argv("vboxsf", share, guest_path)
     }
 
+    async fn status(&self, vm: &VmName) -> Result<VmStatus> {
+        let ctx = Ctx::vm("status", vm);
+        let kv = self.info(&ctx, vm).await?;
+        Ok(VmStatus {
+            name: vm.to_string(),
+            state: Self::state_of(&ctx, &kv)?,
+            forwards: parse::forwards(&kv, 1)
+                .map_err(|m| Error::backend(ctx.clone(), "VBoxManage", m))?,
+            snapshots: snapshot_infos(&kv),
+        })
+    }
+
+    async fn clone_links(&self) -> Result<Vec<CloneLink>> {
+        let ctx = Ctx::new("clone graph");
+        let names = self.vm_names(&ctx).await?;
+        let media = self.media(&ctx).await?;
+        Ok(media::clone_links(&media, &names))
+    }
+
+    async fn export_appliance(&self, vm: &VmName, path: &Path) -> Result<()> {
+        let ctx = Ctx::vm(format!("export to {}", path.display()), vm);
+        let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
+        if !matches!(ext, "ova" | "ovf") {
+            return Err(Error::invalid_arg(
+                format!("appliance path {}", path.display()),
+                "must end in .ova (one file) or .ovf",
+            ));
+        }
+        if path.exists() {
+            return Err(Error::InvalidState {
+                ctx,
+                state: format!("{} exists", path.display()),
+                hint: "remove it or choose another file name".into(),
+            });
+        }
+        match self.state(vm).await? {
+            VmState::ShutOff => {}
+            st => {
+                return Err(Error::InvalidState {
+                    ctx,
+                    state: st.to_string(),
+                    hint: "stop the VM first (anyvm stop); VirtualBox exports powered-off machines"
+                        .into(),
+                })
+            }
+        }
+        let mut a = os(&["export", vm.as_str(), "--output"]);
+        a.push(path.as_os_str().to_owned());
+        a.extend(os(&["--vsys", "0", "--vmname", vm.as_str()]));
+        let r = self
+            .vbox_with(&ctx, a, None, Some(self.opts.long_timeout))
+            .await;
+        if r.is_err() {
+            // A failed export leaves a partial file behind.
+            let _ = std::fs::remove_file(path);
+        }
+        r.map(|_| ())
+    }
+
+    async fn doctor(&self) -> Vec<crate::doctor::Check> {
+        doctor::checks(self).await
+    }
+
     fn subscribe(&self) -> Option<broadcast::Receiver<VmEvent>> {
         None
     }
@@ -1069,4 +1300,55 @@ impl Backend for VirtualBoxBackend {
     async fn console_log(&self, vm: &VmName) -> Result<Option<PathBuf>> {
         Ok(Some(self.console_path(vm)))
     }
+}
+
+/// Snapshots from `showvminfo` / `snapshot list` keys.
+fn snapshot_infos(kv: &[(String, String)]) -> Vec<SnapshotInfo> {
+    parse::snapshots(kv)
+        .into_iter()
+        .map(|(name, parent, current)| SnapshotInfo {
+            name,
+            created: None,
+            state: None,
+            current,
+            parent,
+        })
+        .collect()
+}
+
+/// Remove what `unregistervm` (without `--delete`) leaves of a machine: its settings file and
+/// backups, logs, saved states and NVRAM; then the folders, if nothing else is in them.
+fn remove_machine_files(kv: &[(String, String)], cfg: &Path, folder: &Path) {
+    let mut files = vec![
+        cfg.to_path_buf(),
+        PathBuf::from(format!("{}-prev", cfg.display())),
+        PathBuf::from(format!("{}-tmp", cfg.display())),
+    ];
+    if let Some(nv) = parse::get(kv, "NvramFile") {
+        files.push(nv.into());
+    }
+    // VirtualBox writes a self-signed VRDE certificate into the folder of VMs with VRDE on.
+    for f in ["VRDEAutoGeneratedCert.pem", "VRDEAutoGeneratedPrivateKey.pem"] {
+        files.push(folder.join(f));
+    }
+    for f in files.iter().filter(|f| f.starts_with(folder)) {
+        let _ = std::fs::remove_file(f);
+    }
+    let inside = |key: &str| {
+        parse::get(kv, key)
+            .map(PathBuf::from)
+            .filter(|p| p.starts_with(folder) && p != folder)
+    };
+    if let Some(logs) = inside("LogFldr") {
+        let _ = std::fs::remove_dir_all(logs);
+    }
+    if let Some(snaps) = inside("SnapFldr") {
+        for e in std::fs::read_dir(&snaps).into_iter().flatten().flatten() {
+            if e.path().extension().is_some_and(|x| x == "sav") {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+        let _ = std::fs::remove_dir(&snaps);
+    }
+    let _ = std::fs::remove_dir(folder);
 }

@@ -240,6 +240,186 @@ pub fn snapshots(kv: &[(String, String)]) -> Vec<(String, Option<String>, bool)>
         .collect()
 }
 
+/// Remove VBoxManage's `WARNING:` blocks (the `WARNING:` line and its indented or blank
+/// continuation lines) from `text`, returning the rest and the warnings, each as one line.
+/// VBoxManage prints them on stdout before the real output whenever the vboxdrv kernel driver is
+/// missing (after every kernel upgrade without rebuilt modules), so no parser may see them.
+pub fn strip_warnings(text: &str) -> (String, Vec<String>) {
+    let mut rest = String::with_capacity(text.len());
+    let mut warnings: Vec<String> = Vec::new();
+    let mut in_block = false;
+    for line in text.split_inclusive('\n') {
+        let bare = line.trim_end_matches(['\n', '\r']);
+        if let Some(w) = bare.strip_prefix("WARNING:") {
+            in_block = true;
+            warnings.push(w.trim().to_string());
+            continue;
+        }
+        if in_block && (bare.trim().is_empty() || bare.starts_with([' ', '\t'])) {
+            if let Some(last) = warnings.last_mut() {
+                if !bare.trim().is_empty() {
+                    last.push(' ');
+                    last.push_str(bare.trim());
+                }
+            }
+            continue;
+        }
+        in_block = false;
+        rest.push_str(line);
+    }
+    (rest, warnings)
+}
+
+/// Whether a warning says the VirtualBox kernel driver is missing (VMs cannot start).
+pub fn is_driver_warning(w: &str) -> bool {
+    w.contains("/dev/vboxdrv") || w.contains("vboxdrv kernel module")
+}
+
+/// One VM (by UUID) using a medium, in its current state and/or in snapshots.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MediumUser {
+    pub vm: String,
+    /// (name, uuid) of the snapshots that reference the medium.
+    pub snapshots: Vec<(String, String)>,
+}
+
+/// One hard disk from `list -l hdds`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Medium {
+    pub uuid: String,
+    /// `None` for a base medium.
+    pub parent: Option<String>,
+    pub location: String,
+    pub format: String,
+    pub differencing: bool,
+    pub users: Vec<MediumUser>,
+}
+
+/// `list -l hdds`: records that start at `UUID:`, `Key:  value` lines, indented continuation
+/// lines (`Child UUIDs:`), and `In use by VMs:  NAME (UUID: U) [SNAP (UUID: S), ...], ...`.
+pub fn media(text: &str) -> Result<Vec<Medium>, String> {
+    let mut out: Vec<Medium> = Vec::new();
+    for line in text.lines() {
+        if line.trim().is_empty() || line.starts_with([' ', '\t']) {
+            continue;
+        }
+        let Some((key, value)) = line.split_once(':') else {
+            continue;
+        };
+        let value = value.trim();
+        if key == "UUID" {
+            out.push(Medium {
+                uuid: value.to_string(),
+                parent: None,
+                location: String::new(),
+                format: String::new(),
+                differencing: false,
+                users: Vec::new(),
+            });
+            continue;
+        }
+        let Some(m) = out.last_mut() else {
+            return Err(format!("medium field before any UUID: {line:?}"));
+        };
+        match key {
+            "Parent UUID" => m.parent = (value != "base").then(|| value.to_string()),
+            "Location" => m.location = value.to_string(),
+            "Storage format" => m.format = value.to_string(),
+            "Type" => m.differencing = value.contains("differencing"),
+            "In use by VMs" => m.users = medium_users(value),
+            _ => {}
+        }
+    }
+    if let Some(m) = out.iter().find(|m| m.location.is_empty()) {
+        return Err(format!("medium {} has no Location", m.uuid));
+    }
+    Ok(out)
+}
+
+/// `a (UUID: U1) [s1 (UUID: S1), s2 (UUID: S2)], b (UUID: U2)`.
+fn medium_users(text: &str) -> Vec<MediumUser> {
+    const TAG: &str = " (UUID: ";
+    let mut users: Vec<MediumUser> = Vec::new();
+    let mut depth = 0i32;
+    let rest = text;
+    let mut name_start = 0usize;
+    let mut pos = 0usize;
+    while let Some(i) = rest[pos..].find(TAG) {
+        let at = pos + i;
+        // Brackets between the previous entry and this one open or close a snapshot list.
+        for c in rest[name_start..at].chars() {
+            match c {
+                '[' => depth += 1,
+                ']' => depth -= 1,
+                _ => {}
+            }
+        }
+        let name = rest[name_start..at]
+            .trim_start_matches([',', ' ', '[', ']'])
+            .trim()
+            .to_string();
+        let after = at + TAG.len();
+        let Some(close) = rest[after..].find(')') else {
+            break;
+        };
+        let uuid = rest[after..after + close].trim().to_string();
+        if depth > 0 {
+            if let Some(u) = users.last_mut() {
+                u.snapshots.push((name, uuid));
+            }
+        } else {
+            users.push(MediumUser {
+                vm: uuid,
+                snapshots: Vec::new(),
+            });
+        }
+        pos = after + close + 1;
+        name_start = pos;
+    }
+    users
+}
+
+/// One installed Extension Pack from `list extpacks`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExtPack {
+    pub name: String,
+    pub version: String,
+    pub usable: bool,
+    pub why_unusable: String,
+    pub vrde_module: String,
+}
+
+/// `list extpacks`: `Extension Packs: N`, then per pack `Pack no. I:   NAME` and `Key: value`
+/// lines (Version, Revision, VRDE Module, Usable, Why unusable).
+pub fn extpacks(text: &str) -> Vec<ExtPack> {
+    let mut out: Vec<ExtPack> = Vec::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("Pack no.") {
+            let name = rest.split_once(':').map(|(_, n)| n.trim()).unwrap_or("");
+            out.push(ExtPack {
+                name: name.to_string(),
+                version: String::new(),
+                usable: false,
+                why_unusable: String::new(),
+                vrde_module: String::new(),
+            });
+            continue;
+        }
+        let (Some(p), Some((k, v))) = (out.last_mut(), line.split_once(':')) else {
+            continue;
+        };
+        let v = v.trim().to_string();
+        match k.trim() {
+            "Version" => p.version = v,
+            "Usable" => p.usable = v == "true",
+            "Why unusable" => p.why_unusable = v,
+            "VRDE Module" => p.vrde_module = v,
+            _ => {}
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -336,5 +516,54 @@ nic3="none"
         assert_eq!(s[0], ("s1".into(), None, false));
         assert_eq!(s[1], ("s2".into(), Some("s1".into()), false));
         assert_eq!(s[2], ("s3".into(), Some("s2".into()), true));
+    }
+
+    #[test]
+    fn strips_warning_blocks_everywhere() {
+        let text = "WARNING: The character device /dev/vboxdrv does not exist.\n\t Please install the virtualbox-dkms package and the appropriate\n\t headers, most likely linux-headers-v1045.\n\n\t You will not be able to start VMs until this problem is fixed.\n\"a b\" {1111}\n";
+        let (rest, w) = strip_warnings(text);
+        assert_eq!(rest, "\"a b\" {1111}\n");
+        assert_eq!(w.len(), 1);
+        assert!(is_driver_warning(&w[0]));
+        assert!(w[0].contains("You will not be able to start VMs"));
+        assert_eq!(list(&rest).unwrap().len(), 1);
+        // A warning-only output (no VMs) leaves nothing to parse.
+        let (rest, _) = strip_warnings("WARNING: x\n\t y\n");
+        assert_eq!(rest, "");
+        assert!(list(&rest).unwrap().is_empty());
+    }
+
+    #[test]
+    fn parses_media_with_users_and_snapshots() {
+        let text = "UUID:           057c\nParent UUID:    base\nState:          created\nType:           normal (base)\nLocation:       /tmp/x1/sl6.vdi\nStorage format: VDI\nIn use by VMs:  base (UUID: fd2e) [s1 (UUID: 7a2b), s (2) (UUID: 9999)], other, odd (UUID: aaaa)\nChild UUIDs:    5d54\n                c5a6\nUUID:           c5a6\nParent UUID:    057c\nType:           normal (differencing)\nLocation:       /tmp/x1/vms/c1/Snapshots/{c5a6}.vdi\nStorage format: VDI\nIn use by VMs:  c1 (UUID: 87e1)\n";
+        let m = media(text).unwrap();
+        assert_eq!(m.len(), 2);
+        assert_eq!(m[0].parent, None);
+        assert!(!m[0].differencing);
+        assert_eq!(m[0].users.len(), 2);
+        assert_eq!(m[0].users[0].vm, "fd2e");
+        assert_eq!(
+            m[0].users[0].snapshots,
+            vec![("s1".into(), "7a2b".into()), ("s (2)".into(), "9999".into())]
+        );
+        assert_eq!(m[0].users[1].vm, "aaaa");
+        assert!(m[0].users[1].snapshots.is_empty());
+        assert_eq!(m[1].parent.as_deref(), Some("057c"));
+        assert!(m[1].differencing);
+        assert_eq!(m[1].users[0].vm, "87e1");
+        assert!(media("Location: /x\n").is_err());
+        assert!(media("").unwrap().is_empty());
+    }
+
+    #[test]
+    fn parses_extension_packs() {
+        let real = "Extension Packs: 1\nPack no. 0:   VNC\nVersion:        7.2.22\nRevision:       175245\nEdition:        \nDescription:    VNC plugin module\nVRDE Module:    VBoxVNC\nCrypto Module:  \nUsable:         true\nWhy unusable:   \n";
+        let p = extpacks(real);
+        assert_eq!(p.len(), 1);
+        assert_eq!(
+            (p[0].name.as_str(), p[0].version.as_str(), p[0].usable, p[0].vrde_module.as_str()),
+            ("VNC", "7.2.22", true, "VBoxVNC")
+        );
+        assert!(extpacks("Extension Packs: 0\n").is_empty());
     }
 }

@@ -349,6 +349,52 @@ impl Backend for VmwareBackend {
         format!("vmware:{}", self.opts.flavor)
     }
 
+    async fn doctor(&self) -> Vec<crate::doctor::Check> {
+        use crate::doctor::Check;
+        let ctx = Ctx::new("doctor");
+        let b = "vmware";
+        let mut out = Vec::new();
+        match self.vmrun(&ctx, "list", vec![], None).await {
+            Ok(o) => out.push(Check::ok(
+                b,
+                "vmrun",
+                format!(
+                    "{} answers (-T {}): {}",
+                    self.tool.program.display(),
+                    self.opts.flavor,
+                    o.stdout_str().lines().next().unwrap_or("").trim()
+                ),
+            )),
+            Err(e) => {
+                out.push(Check::fail(
+                    b,
+                    "vmrun",
+                    e.to_string(),
+                    "install VMware Workstation, Fusion or Player (vmrun comes with them), or set ANYVM_VMRUN",
+                ));
+                return out;
+            }
+        }
+        if self.forward_transport() == super::ForwardTransport::SshTunnel {
+            out.push(Check::ok(
+                b,
+                "host network",
+                "forwards through ssh tunnels (Player or forwards_over_ssh)",
+            ));
+        } else {
+            out.push(match self.host_network(&ctx).await {
+                Ok(n) => Check::ok(b, "host network", format!("NAT network {n} for forwards")),
+                Err(e) => Check::warn(
+                    b,
+                    "host network",
+                    e.to_string(),
+                    "port forwards need Workstation Pro/Fusion Pro host-network commands; otherwise set forwards_over_ssh",
+                ),
+            });
+        }
+        out
+    }
+
     async fn list(&self) -> Result<Vec<VmInfo>> {
         let ctx = Ctx::new("list");
         let running = self.running(&ctx).await?;

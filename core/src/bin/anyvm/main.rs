@@ -9,7 +9,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyvm::{
-    Client, Config, Error, ExecRequest, ForwardSpec, HostPort, Protocol, ReadySpec, SshOptions,
+    Client, ClientOptions, DestroyOptions, Config, Error, ExecRequest, ForwardSpec, HostPort, Protocol, ReadySpec, SshOptions,
     StopOptions, VmName,
 };
 use clap::{Parser, Subcommand};
@@ -80,10 +80,23 @@ enum Cmd {
     Save {
         name: String,
     },
-    /// Power off and remove the VM, its snapshots, clone disks and port leases.
+    /// Power off and remove the VM, its snapshots, clone disks and port leases. Refuses while
+    /// linked clones depend on it, naming them, unless --with-clones.
     Destroy {
         name: String,
+        /// Destroy the VM's linked clones (and theirs) first.
+        #[arg(long)]
+        with_clones: bool,
     },
+    /// Write a powered-off VM as an OVA appliance (VirtualBox).
+    Export {
+        name: String,
+        /// Output file, ending in .ova.
+        path: PathBuf,
+    },
+    /// Check this host for every backend: tools and versions, drivers, KVM, state dir, ports.
+    /// Exit code 1 when a check fails.
+    Doctor,
     /// Wait until the VM passes its readiness probes (from the config, or the guest agent).
     WaitReady {
         name: String,
@@ -226,9 +239,13 @@ enum SnapshotCmd {
         name: String,
         snapshot: String,
     },
+    /// Refuses while linked clones were made from the snapshot, unless --with-clones.
     Delete {
         name: String,
         snapshot: String,
+        /// Destroy the clones made from this snapshot (and theirs) first.
+        #[arg(long)]
+        with_clones: bool,
     },
     List {
         name: String,
@@ -318,27 +335,21 @@ impl App {
                 });
             }
             Cmd::Status { name } => {
-                let vm = self.open(&name).await?;
-                let state = vm.state().await?;
-                let forwards = vm.forwards().await.unwrap_or_default();
-                let snaps = vm.snapshots().await.unwrap_or_default();
-                self.out(
-                    json!({"name": name, "state": state, "forwards": forwards, "snapshots": snaps}),
-                    || {
-                        let mut s = format!("{name}: {state}");
-                        for f in &forwards {
-                            s.push_str(&format!("\n  forward {f}"));
-                        }
-                        for sn in &snaps {
-                            s.push_str(&format!(
-                                "\n  snapshot {}{}",
-                                sn.name,
-                                if sn.current { " (current)" } else { "" }
-                            ));
-                        }
-                        s
-                    },
-                );
+                let st = c.status(&name).await?;
+                self.out(json!(st), || {
+                    let mut s = format!("{name}: {}", st.state);
+                    for f in &st.forwards {
+                        s.push_str(&format!("\n  forward {f}"));
+                    }
+                    for sn in &st.snapshots {
+                        s.push_str(&format!(
+                            "\n  snapshot {}{}",
+                            sn.name,
+                            if sn.current { " (current)" } else { "" }
+                        ));
+                    }
+                    s
+                });
             }
             Cmd::Define { name } => {
                 let m = self.machine(&name)?;
@@ -453,12 +464,34 @@ impl App {
                     format!("{name}: saved")
                 });
             }
-            Cmd::Destroy { name } => {
-                self.open(&name).await?.destroy().await?;
-                self.out(json!({"name": name, "destroyed": true}), || {
-                    format!("{name}: destroyed")
-                });
+            Cmd::Destroy { name, with_clones } => {
+                let vm = self.open(&name).await?;
+                let clones = if with_clones {
+                    vm.dependants(None).await?
+                } else {
+                    Vec::new()
+                };
+                vm.destroy_with(DestroyOptions::default().with_clones(with_clones))
+                    .await?;
+                self.out(
+                    json!({"name": name, "destroyed": true, "clones_destroyed": clones}),
+                    || {
+                        clones
+                            .iter()
+                            .map(|c| format!("{c}: destroyed (clone of {name})\n"))
+                            .collect::<String>()
+                            + &format!("{name}: destroyed")
+                    },
+                );
             }
+            Cmd::Export { name, path } => {
+                self.open(&name).await?.export_appliance(&path).await?;
+                self.out(
+                    json!({"name": name, "exported": path.display().to_string()}),
+                    || format!("{name}: exported to {}", path.display()),
+                );
+            }
+            Cmd::Doctor => unreachable!("doctor runs before a backend is opened"),
             Cmd::WaitReady { name, timeout } => {
                 let vm = self.open(&name).await?;
                 let mut spec = self.ready_spec(&name);
@@ -598,7 +631,7 @@ impl App {
                     snapshot,
                     description,
                 } => {
-                    c.vm(&name)
+                    self.open(&name)
                         .await?
                         .snapshot_take(&snapshot, &description)
                         .await?;
@@ -612,8 +645,18 @@ impl App {
                         format!("{name}: restored {snapshot}")
                     });
                 }
-                SnapshotCmd::Delete { name, snapshot } => {
-                    self.open(&name).await?.snapshot_delete(&snapshot).await?;
+                SnapshotCmd::Delete {
+                    name,
+                    snapshot,
+                    with_clones,
+                } => {
+                    self.open(&name)
+                        .await?
+                        .snapshot_delete_with(
+                            &snapshot,
+                            DestroyOptions::default().with_clones(with_clones),
+                        )
+                        .await?;
                     self.out(json!({"name": name, "snapshot": snapshot}), || {
                         format!("{name}: deleted {snapshot}")
                     });
@@ -709,7 +752,8 @@ impl App {
     }
 }
 
-async fn build(cli: &Cli) -> anyvm::Result<App> {
+/// The config file, the backend URI and the client options the command line asks for.
+fn settings(cli: &Cli) -> anyvm::Result<(Option<Config>, String, ClientOptions)> {
     let config = match &cli.config {
         Some(p) => Some(Config::load(p)?),
         None if std::path::Path::new("anyvm.toml").exists() => Some(Config::load("anyvm.toml")?),
@@ -724,6 +768,27 @@ async fn build(cli: &Cli) -> anyvm::Result<App> {
         .as_ref()
         .map(Config::client_options)
         .unwrap_or_default();
+    Ok((config, backend, opts))
+}
+
+/// `anyvm doctor`: runs without a working backend (finding out why it does not work is the point).
+async fn doctor(cli: &Cli) -> anyvm::Result<u8> {
+    let (_, backend, opts) = settings(cli)?;
+    let report = anyvm::doctor::run_all(&backend, opts).await;
+    if cli.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({"status": report.status(), "checks": report.checks}))
+                .expect("json")
+        );
+    } else {
+        print!("{}", report.render());
+    }
+    Ok(u8::from(report.failed()))
+}
+
+async fn build(cli: &Cli) -> anyvm::Result<App> {
+    let (config, backend, opts) = settings(cli)?;
     let client = Client::connect_with(&backend, opts).await?;
     Ok(App {
         client,
@@ -753,6 +818,9 @@ fn main() -> ExitCode {
     };
     let json = cli.json;
     let res = rt.block_on(async move {
+        if matches!(cli.cmd, Cmd::Doctor) {
+            return doctor(&cli).await;
+        }
         let app = build(&cli).await?;
         app.run(cli.cmd).await
     });

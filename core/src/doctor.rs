@@ -1,0 +1,347 @@
+//! `anyvm doctor`: what is wrong with this host for each hypervisor, with a fix for each problem.
+//!
+//! Each backend contributes its own checks ([`crate::Backend::doctor`]); this module adds the
+//! host-side ones (state dir, port range) and the report type. Checks never fail as calls: a
+//! problem is a [`Check`] with status `fail`, so one broken backend does not hide the others.
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Serialize;
+
+/// How a check came out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckStatus {
+    Ok,
+    /// Works, with a limitation worth knowing.
+    Warn,
+    /// The backend (or a feature of it) cannot work until this is fixed.
+    Fail,
+}
+
+impl std::fmt::Display for CheckStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            CheckStatus::Ok => "ok",
+            CheckStatus::Warn => "warn",
+            CheckStatus::Fail => "fail",
+        })
+    }
+}
+
+/// One finding.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Check {
+    /// `virtualbox`, `libvirt`, `vmware` or `host`.
+    pub backend: String,
+    /// Short name: "VBoxManage", "kernel driver", "KVM", ...
+    pub name: String,
+    pub status: CheckStatus,
+    /// What was found (versions, paths, the tool's own words).
+    pub detail: String,
+    /// What to do about it; `None` when there is nothing to do.
+    pub hint: Option<String>,
+}
+
+impl Check {
+    pub fn ok(backend: &str, name: &str, detail: impl Into<String>) -> Check {
+        Check {
+            backend: backend.into(),
+            name: name.into(),
+            status: CheckStatus::Ok,
+            detail: detail.into(),
+            hint: None,
+        }
+    }
+    pub fn warn(
+        backend: &str,
+        name: &str,
+        detail: impl Into<String>,
+        hint: impl Into<String>,
+    ) -> Check {
+        Check {
+            status: CheckStatus::Warn,
+            hint: Some(hint.into()),
+            ..Check::ok(backend, name, detail)
+        }
+    }
+    pub fn fail(
+        backend: &str,
+        name: &str,
+        detail: impl Into<String>,
+        hint: impl Into<String>,
+    ) -> Check {
+        Check {
+            status: CheckStatus::Fail,
+            hint: Some(hint.into()),
+            ..Check::ok(backend, name, detail)
+        }
+    }
+}
+
+/// Every check, in order.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct DoctorReport {
+    pub checks: Vec<Check>,
+}
+
+impl DoctorReport {
+    /// The worst status (Ok for an empty report).
+    pub fn status(&self) -> CheckStatus {
+        self.checks
+            .iter()
+            .map(|c| c.status)
+            .max()
+            .unwrap_or(CheckStatus::Ok)
+    }
+    pub fn failed(&self) -> bool {
+        self.status() == CheckStatus::Fail
+    }
+    /// Human-readable lines: `fail  virtualbox  kernel driver: ...` and the hint under it.
+    pub fn render(&self) -> String {
+        let mut s = String::new();
+        for c in &self.checks {
+            s.push_str(&format!(
+                "{:<5} {:<10} {}: {}\n",
+                c.status, c.backend, c.name, c.detail
+            ));
+            if let Some(h) = &c.hint {
+                s.push_str(&format!("{:<16}-> {h}\n", ""));
+            }
+        }
+        s
+    }
+}
+
+/// Checks for every backend this build knows, then the host's. The `configured` backend's
+/// problems count in full; a backend nobody asked for that is not installed is a warning.
+pub async fn run_all(configured: &str, opts: crate::ClientOptions) -> DoctorReport {
+    let configured: Option<crate::BackendUri> = configured.parse().ok();
+    let mut candidates: Vec<String> = Vec::new();
+    if let Some(c) = &configured {
+        candidates.push(c.to_string());
+    }
+    for uri in ["libvirt:qemu:///system", "virtualbox", "vmware:ws"] {
+        let kind = uri.split(':').next().unwrap_or(uri);
+        if !candidates
+            .iter()
+            .any(|c| c.split(':').next().unwrap_or(c) == kind)
+        {
+            candidates.push(uri.to_string());
+        }
+    }
+    let mut checks = Vec::new();
+    let mut host = None;
+    for (i, uri) in candidates.iter().enumerate() {
+        let name = uri.split(':').next().unwrap_or(uri).to_string();
+        match crate::Client::connect_with(uri, opts.clone()).await {
+            Ok(c) => {
+                checks.extend(c.backend().doctor().await);
+                host.get_or_insert(c);
+            }
+            Err(e) if i == 0 && configured.is_some() => checks.push(Check::fail(
+                &name,
+                "connect",
+                e.to_string(),
+                "install and start it, or choose another backend (--backend, backend = in anyvm.toml)",
+            )),
+            Err(e) => checks.push(Check::warn(
+                &name,
+                "connect",
+                format!("not available: {e}"),
+                format!("only needed to run VMs on {name}"),
+            )),
+        }
+    }
+    checks.push(check_state_dir(&opts.state_dir));
+    checks.push(check_ports(&crate::ports::PortAllocator::new(
+        opts.state_dir.clone(),
+        opts.port_range.clone(),
+    )));
+    drop(host);
+    DoctorReport { checks }
+}
+
+/// The state dir can be created and written (port leases, known_hosts, clone disks live there).
+pub fn check_state_dir(dir: &Path) -> Check {
+    let probe = || -> std::io::Result<()> {
+        std::fs::create_dir_all(dir)?;
+        let f = tempfile::Builder::new()
+            .prefix(".anyvm-doctor-")
+            .tempfile_in(dir)?;
+        std::fs::write(f.path(), b"ok")?;
+        Ok(())
+    };
+    match probe() {
+        Ok(()) => Check::ok("host", "state dir", format!("{} is writable", dir.display())),
+        Err(e) => Check::fail(
+            "host",
+            "state dir",
+            format!("{}: {e}", dir.display()),
+            "set state_dir in anyvm.toml (or ANYVM_STATE_DIR) to a directory this user can write",
+        ),
+    }
+}
+
+/// How many ports of the range are neither leased nor in use on the loopback.
+pub fn check_ports(ports: &crate::ports::PortAllocator) -> Check {
+    let range = ports.range();
+    let leased: std::collections::BTreeSet<u16> = ports
+        .leases()
+        .map(|l| l.into_iter().map(|l| l.port).collect())
+        .unwrap_or_default();
+    let total = usize::from(range.end() - range.start()) + 1;
+    let free = range
+        .clone()
+        .filter(|p| !leased.contains(p))
+        .filter(|p| std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok())
+        .count();
+    let detail = format!(
+        "{free} of {total} ports free in {}-{} ({} leased)",
+        range.start(),
+        range.end(),
+        leased.len()
+    );
+    if free == 0 {
+        Check::fail(
+            "host",
+            "port range",
+            detail,
+            "widen port_range in anyvm.toml or run 'anyvm gc' to release stale leases",
+        )
+    } else if free < 8 {
+        Check::warn(
+            "host",
+            "port range",
+            detail,
+            "few ports left: widen port_range or run 'anyvm gc'",
+        )
+    } else {
+        Check::ok("host", "port range", detail)
+    }
+}
+
+/// Whether this kernel is at least `major.minor` (from `uname -r`-style text).
+pub(crate) fn kernel_at_least(release: &str, want: (u32, u32)) -> bool {
+    let mut it = release
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|s| !s.is_empty())
+        .map(|s| s.parse::<u32>().unwrap_or(0));
+    let v = (it.next().unwrap_or(0), it.next().unwrap_or(0));
+    v >= want
+}
+
+pub(crate) fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}
+
+/// Does KVM really run guests? A `/dev/kvm` that opens is not enough: on some hosts (nested
+/// clouds) KVM guests hang or die at once. Boots SeaBIOS with no disk under `-accel kvm` and
+/// waits for its "no bootable device" line on the debug console, which takes well under a
+/// second where KVM works.
+pub async fn probe_kvm(qemu: &Path, timeout: Duration) -> Result<Duration, String> {
+    if std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_err()
+    {
+        return Err("/dev/kvm cannot be opened".into());
+    }
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let log = dir.path().join("debugcon.log");
+    let started = std::time::Instant::now();
+    let mut child = tokio::process::Command::new(qemu)
+        .args([
+            "-accel",
+            "kvm",
+            "-M",
+            "pc",
+            "-m",
+            "16",
+            "-nodefaults",
+            "-display",
+            "none",
+            "-no-reboot",
+            "-global",
+            "isa-debugcon.iobase=0x402",
+            "-debugcon",
+        ])
+        .arg(format!("file:{}", log.display()))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| format!("{}: {e}", qemu.display()))?;
+    let result = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("No bootable device") || text.contains("Booting from") {
+            break Ok(started.elapsed());
+        }
+        if let Ok(Some(st)) = child.try_wait() {
+            let mut err = String::new();
+            if let Some(mut e) = child.stderr.take() {
+                use tokio::io::AsyncReadExt;
+                let _ = e.read_to_string(&mut err).await;
+            }
+            break Err(format!(
+                "QEMU under KVM exited ({st}) before the BIOS finished: {}",
+                err.trim().lines().last().unwrap_or("no message")
+            ));
+        }
+        if started.elapsed() >= timeout {
+            break Err(format!(
+                "a KVM guest did not get through its BIOS in {:.0?} (TCG does it in well under a second)",
+                timeout
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let _ = child.kill().await;
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_versions_compare() {
+        assert!(kernel_at_least("6.12.0-1-amd64", (6, 12)));
+        assert!(kernel_at_least("6.13.2", (6, 12)));
+        assert!(!kernel_at_least("6.1.0-28-cloud-amd64", (6, 12)));
+        assert!(!kernel_at_least("", (6, 12)));
+    }
+
+    #[test]
+    fn report_status_is_the_worst_check() {
+        let mut r = DoctorReport::default();
+        assert_eq!(r.status(), CheckStatus::Ok);
+        r.checks.push(Check::ok("host", "a", "fine"));
+        r.checks.push(Check::warn("host", "b", "meh", "do x"));
+        assert_eq!(r.status(), CheckStatus::Warn);
+        assert!(!r.failed());
+        r.checks.push(Check::fail("virtualbox", "c", "broken", "fix it"));
+        assert!(r.failed());
+        let text = r.render();
+        assert!(text.contains("fail  virtualbox c: broken"), "{text}");
+        assert!(text.contains("-> fix it"), "{text}");
+    }
+
+    #[test]
+    fn state_dir_check_reports_unwritable_dirs() {
+        let d = tempfile::tempdir().unwrap();
+        assert_eq!(check_state_dir(d.path()).status, CheckStatus::Ok);
+        let file = d.path().join("f");
+        std::fs::write(&file, b"x").unwrap();
+        // A path under a regular file can never be created.
+        let c = check_state_dir(&file.join("sub"));
+        assert_eq!(c.status, CheckStatus::Fail);
+        assert!(c.hint.unwrap().contains("state_dir"));
+    }
+}
