@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# Every test on a fresh machine: host set-up (packages, libvirtd), the test guest, lint, unit and
-# end-to-end tests against the real libvirtd.
+# Every test on a fresh machine: host set-up (packages, libvirtd), the test guest, the real
+# VBoxManage, lint, unit and end-to-end tests against the real libvirtd and VBoxManage.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 bash scripts/setup-host.sh
 export ANYVM_TEST_GUEST
 ANYVM_TEST_GUEST=$(bash tests/guest/build-guest.sh)
+# The real VBoxManage (VirtualBox from Debian sid in a chroot) for the offline VirtualBox tests.
+export ANYVM_VBOXMANAGE_REAL
+ANYVM_VBOXMANAGE_REAL=$(bash tests/support/vbox-real.sh)
 
 command -v cargo-clippy >/dev/null 2>&1 || rustup component add clippy rustfmt >/dev/null 2>&1 || true
 cargo fmt --all --check

@@ -40,7 +40,7 @@ impl Fake {
         s.memory_mib = 256;
         s.disks.push(DiskSpec {
             path: self.disk(name),
-            format: Default::default(),
+            format: anyvm::DiskFormat::Vdi,
             readonly: false,
             owned: false,
         });
@@ -568,6 +568,66 @@ async fn appliances_are_imported() {
         "[\"import\", \"{}\", \"--vsys\", \"0\", \"--vmname\", \"imp\"]",
         ova.display()
     )));
+}
+
+/// A host whose kernel lost the vboxdrv module (every kernel upgrade without rebuilt modules):
+/// VBoxManage prefixes everything with a WARNING block on stdout. Listing, defining and status
+/// still work; start fails naming the driver.
+#[tokio::test]
+async fn driver_warning_blocks_are_stripped_and_start_names_the_driver() {
+    let f = new_fake();
+    f.faults(r#"{"driver_missing": true}"#);
+    let vm = f.client.define(f.spec("drv")).await.unwrap();
+    assert_eq!(f.client.list().await.unwrap().len(), 1);
+    let st = f.client.status("drv").await.unwrap();
+    assert_eq!(st.state, VmState::ShutOff);
+    assert_eq!(st.forwards.len(), 1);
+    let e = vm.start().await.unwrap_err();
+    assert!(matches!(e, Error::BackendUnavailable { .. }), "{e}");
+    assert!(e.to_string().contains("kernel driver"), "{e}");
+    let d = f.client.doctor().await;
+    assert!(d.failed());
+    assert!(d
+        .checks
+        .iter()
+        .any(|c| c.name == "kernel driver" && c.status == anyvm::CheckStatus::Fail));
+    vm.destroy().await.unwrap();
+}
+
+/// Running VMs (which only the fake has) keep the clone rules: a live snapshot's clone pins
+/// its base; the whole tree goes with with_clones, leaving no registered media.
+#[tokio::test]
+async fn clones_of_a_running_base_pin_it_until_removed() {
+    let f = new_fake();
+    let base = f.client.define(f.spec("live")).await.unwrap();
+    base.start().await.unwrap();
+    base.snapshot_take("warm", "").await.unwrap();
+    assert!(f.calls().contains("\"take\", \"warm\", \"--description\", \"\", \"--live\""));
+    let c = base
+        .clone_linked(&VmName::new("live-job").unwrap(), Some("warm"))
+        .await
+        .unwrap();
+    let e = base.destroy().await.unwrap_err();
+    assert!(e.to_string().contains("live-job"), "{e}");
+    assert_eq!(base.state().await.unwrap(), VmState::Running);
+    let e = base.snapshot_delete("warm").await.unwrap_err();
+    assert!(e.to_string().contains("live-job"), "{e}");
+    c.start().await.unwrap();
+    base.destroy_with(anyvm::DestroyOptions::default().with_clones(true))
+        .await
+        .unwrap();
+    assert!(f.client.list().await.unwrap().is_empty());
+    let hdds = std::process::Command::new(fake())
+        .args(["list", "hdds"])
+        .env("ANYVM_FAKE_VBOX_HOME", f.home())
+        .output()
+        .unwrap();
+    assert!(
+        !String::from_utf8_lossy(&hdds.stdout).contains("differencing"),
+        "{}",
+        String::from_utf8_lossy(&hdds.stdout)
+    );
+    assert!(f.client.ports().leases().unwrap().is_empty());
 }
 
 /// `anyvm --backend virtualbox ...` behaves as with libvirt, and concurrent `up`s from several

@@ -119,7 +119,10 @@ impl TestEnv {
     /// Remove a leftover VM of that name from an earlier, interrupted run.
     pub async fn fresh(&self, name: &str) {
         if let Ok(vm) = self.client.vm(name).await {
-            vm.destroy().await.unwrap();
+            // Clones left by an earlier, interrupted run go with it.
+            vm.destroy_with(anyvm::DestroyOptions::default().with_clones(true))
+                .await
+                .unwrap();
         }
     }
 }

@@ -490,12 +490,59 @@ async fn snapshot_restore_brings_back_disk_data_and_clone_boots_beside_base() {
     // writes to the clone do not reach the base
     assert!(clone.exec(&write("CLONE--3")).await.unwrap().success());
     assert_eq!(vm.exec(&read).await.unwrap().stdout, b"BEFORE-1");
+
+    // The clone graph: the base and its snapshot cannot go while the clone needs them.
+    let images = env.client.options().state_dir.join("images");
+    let frozen = |base: &str| -> Vec<String> {
+        std::fs::read_dir(&images)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|f| f.starts_with(&format!("{base}+")) && f.ends_with(".base.qcow2"))
+            .collect()
+    };
+    assert_eq!(frozen(name).len(), 1, "one frozen base for s1");
+    let e = vm.destroy().await.unwrap_err();
+    assert!(matches!(e, Error::InvalidState { .. }), "{e}");
+    assert!(e.to_string().contains(clone_name), "{e}");
+    let e = vm.snapshot_delete("s1").await.unwrap_err();
+    assert!(e.to_string().contains(clone_name), "{e}");
+    assert_eq!(vm.state().await.unwrap(), VmState::Running);
+    assert_eq!(clone.exec(&read).await.unwrap().stdout, b"CLONE--3");
+
     clone.destroy().await.unwrap();
     assert!(!overlay.exists(), "clone overlay left behind");
+    assert_eq!(frozen(name).len(), 1, "the frozen base stays for further clones");
 
     vm.snapshot_delete("s1").await.unwrap();
     assert!(vm.snapshots().await.unwrap().is_empty());
-    vm.destroy().await.unwrap();
+    assert!(frozen(name).is_empty(), "frozen base of the deleted snapshot left behind");
+
+    // A clone of a clone of the stopped base; the whole tree goes with --with-clones.
+    vm.stop(StopOptions::default()).await.unwrap();
+    let c1 = vm
+        .clone_linked(&VmName::new(clone_name).unwrap(), None)
+        .await
+        .unwrap();
+    let grand = format!("{clone_name}-2");
+    let _c3 = Cleanup::new(&env.client, &grand);
+    let c2 = c1
+        .clone_linked(&VmName::new(&grand).unwrap(), None)
+        .await
+        .unwrap();
+    assert_eq!(
+        vm.dependants(None).await.unwrap(),
+        vec![grand.clone(), clone_name.to_string()]
+    );
+    let c2_disk = c2.spec().await.unwrap().unwrap().disks[0].path.clone();
+    vm.destroy_with(anyvm::DestroyOptions::default().with_clones(true))
+        .await
+        .unwrap();
+    for n in [name, clone_name, grand.as_str()] {
+        assert!(env.client.vm(n).await.is_err(), "{n} still defined");
+        assert!(frozen(n).is_empty(), "frozen bases of {n} left: {:?}", frozen(n));
+    }
+    assert!(!c2_disk.exists());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

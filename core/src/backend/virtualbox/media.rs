@@ -195,7 +195,18 @@ In use by VMs:  c3 (UUID: C3)
         let mine: Vec<&str> = media_of(&m, "B").iter().map(|m| m.uuid.as_str()).collect();
         assert_eq!(mine, vec!["d2", "d1", "d0"]);
         assert!(still_needed(&m, "d0"));
-        assert!(!still_needed(&m, "c2a"));
+        assert!(still_needed(&m, "c2a"));
+        // Once c2 is unregistered its disk has neither users nor children.
+        let mut gone = m.clone();
+        gone.retain(|x| x.uuid != "c2a");
+        assert!(!still_needed(&gone, "c2a"));
+        let mut unused = m.clone();
+        unused.iter_mut().for_each(|x| {
+            if x.uuid == "c2a" {
+                x.users.clear()
+            }
+        });
+        assert!(!still_needed(&unused, "c2a"));
         let lone = vec![Medium {
             uuid: "x".into(),
             parent: None,
