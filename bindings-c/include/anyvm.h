@@ -27,6 +27,12 @@
 #include <stdlib.h>
 
 /**
+ * Flag for anyvm_vm_destroy_with() and anyvm_vm_snapshot_delete_with(): destroy the linked
+ * clones that depend on what is removed (deepest first) instead of refusing.
+ */
+#define ANYVM_WITH_CLONES 1
+
+/**
  * Error kinds, mirroring the core's (anyvm::ErrorKind).
  */
 typedef enum anyvm_error_kind_t {
@@ -231,9 +237,22 @@ struct anyvm_error_t *anyvm_vm_stop(const struct anyvm_vm_t *vm,
 struct anyvm_error_t *anyvm_vm_reset(const struct anyvm_vm_t *vm);
 
 /**
- * Power off and remove the VM with its snapshots, clone disks and port leases.
+ * Power off and remove the VM with its snapshots, clone disks and port leases. Fails with
+ * ANYVM_ERROR_INVALID_STATE, naming them, while linked clones depend on the VM.
  */
 struct anyvm_error_t *anyvm_vm_destroy(const struct anyvm_vm_t *vm);
+
+/**
+ * anyvm_vm_destroy() with \p flags (0 or ANYVM_WITH_CLONES).
+ */
+struct anyvm_error_t *anyvm_vm_destroy_with(const struct anyvm_vm_t *vm,
+                                            uint32_t flags);
+
+/**
+ * Write the powered-off VM as an OVA appliance at \p path (VirtualBox).
+ */
+struct anyvm_error_t *anyvm_vm_export(const struct anyvm_vm_t *vm,
+                                      const char *path);
 
 /**
  * Wait until the guest passes its probes, or fail with the probe still failing.
@@ -291,8 +310,18 @@ struct anyvm_error_t *anyvm_vm_snapshot_take(const struct anyvm_vm_t *vm,
 struct anyvm_error_t *anyvm_vm_snapshot_restore(const struct anyvm_vm_t *vm,
                                                 const char *name);
 
+/**
+ * Delete a snapshot; fails, naming them, while linked clones were made from it.
+ */
 struct anyvm_error_t *anyvm_vm_snapshot_delete(const struct anyvm_vm_t *vm,
                                                const char *name);
+
+/**
+ * anyvm_vm_snapshot_delete() with \p flags (0 or ANYVM_WITH_CLONES).
+ */
+struct anyvm_error_t *anyvm_vm_snapshot_delete_with(const struct anyvm_vm_t *vm,
+                                                    const char *name,
+                                                    uint32_t flags);
 
 /**
  * An OpenSSH config block with the guest's host key pinned. \param user, identity_file may be NULL
@@ -394,6 +423,15 @@ struct anyvm_error_t *anyvm_bench_rust_timings(const struct anyvm_vm_t *vm,
                                                const char *op,
                                                size_t n,
                                                double *out);
+
+/**
+ * Health checks of the client's backend and of the host. \p out receives a JSON report
+ * (`{"status": "ok"|"warn"|"fail", "checks": [{backend, name, status, detail, hint}]}`, free
+ * with anyvm_string_delete()); \p failed (may be NULL) is set when any check failed.
+ */
+struct anyvm_error_t *anyvm_client_doctor(const struct anyvm_client_t *client,
+                                          char **out,
+                                          bool *failed);
 
 /**
  * A job running `program` in a fresh linked clone of `template` (NULL: the profile's machine).

@@ -121,7 +121,13 @@ public:
 
   /// Hardware reset: the guest restarts at once, without a shutdown.
   void reset() const { detail::check(anyvm_vm_reset(raw_.get())); }
-  void destroy() const { detail::check(anyvm_vm_destroy(raw_.get())); }
+  /** Remove the VM. Throws (kind ANYVM_ERROR_INVALID_STATE, naming them) while linked clones
+   *  depend on it, unless `with_clones`: then they are destroyed first. */
+  void destroy(bool with_clones = false) const {
+    detail::check(anyvm_vm_destroy_with(raw_.get(), with_clones ? ANYVM_WITH_CLONES : 0));
+  }
+  /** Write the powered-off VM as an OVA appliance (VirtualBox). */
+  void export_appliance(const std::string &path) const { detail::check(anyvm_vm_export(raw_.get(), path.c_str())); }
 
   /** Probes: "agent", "tcp:PORT", "ssh:PORT"; empty means the guest agent. */
   void wait_ready(double timeout_s = 120.0, const std::vector<std::string> &probes = {}, bool any = false) const {
@@ -324,6 +330,15 @@ public:
     Job job(j);
     for (size_t i = 1; i < argv.size(); ++i) detail::check(anyvm_job_arg(j, argv[i].c_str()));
     return job;
+  }
+
+  /** Health checks of the backend and the host as JSON; `failed` tells whether any failed. */
+  std::string doctor(bool *failed = nullptr) const {
+    char *s = nullptr;
+    bool f = false;
+    detail::check(anyvm_client_doctor(raw_.get(), &s, &f));
+    if (failed) *failed = f;
+    return detail::take_string(s);
   }
 
   /** Remove job clones whose owner process is gone; returns the JSON report. */

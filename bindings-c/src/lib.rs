@@ -6,9 +6,11 @@
 #![allow(non_camel_case_types)]
 #![allow(clippy::missing_safety_doc)]
 
+mod doctor;
 mod handles;
 mod job;
 
+pub use doctor::*;
 pub use job::*;
 
 use std::ffi::{c_char, CStr, CString};
@@ -450,10 +452,40 @@ pub unsafe extern "C" fn anyvm_vm_reset(vm: *const anyvm_vm_t) -> *mut anyvm_err
     vm_call(vm, |v| block(v.reset()))
 }
 
-/// Power off and remove the VM with its snapshots, clone disks and port leases.
+/// Flag for anyvm_vm_destroy_with() and anyvm_vm_snapshot_delete_with(): destroy the linked
+/// clones that depend on what is removed (deepest first) instead of refusing.
+pub const ANYVM_WITH_CLONES: u32 = 1;
+
+fn destroy_options(flags: u32) -> anyvm::DestroyOptions {
+    anyvm::DestroyOptions::default().with_clones(flags & ANYVM_WITH_CLONES != 0)
+}
+
+/// Power off and remove the VM with its snapshots, clone disks and port leases. Fails with
+/// ANYVM_ERROR_INVALID_STATE, naming them, while linked clones depend on the VM.
 #[no_mangle]
 pub unsafe extern "C" fn anyvm_vm_destroy(vm: *const anyvm_vm_t) -> *mut anyvm_error_t {
     vm_call(vm, |v| block(v.destroy()))
+}
+
+/// anyvm_vm_destroy() with \p flags (0 or ANYVM_WITH_CLONES).
+#[no_mangle]
+pub unsafe extern "C" fn anyvm_vm_destroy_with(
+    vm: *const anyvm_vm_t,
+    flags: u32,
+) -> *mut anyvm_error_t {
+    vm_call(vm, |v| block(v.destroy_with(destroy_options(flags))))
+}
+
+/// Write the powered-off VM as an OVA appliance at \p path (VirtualBox).
+#[no_mangle]
+pub unsafe extern "C" fn anyvm_vm_export(
+    vm: *const anyvm_vm_t,
+    path: *const c_char,
+) -> *mut anyvm_error_t {
+    vm_call(vm, |v| {
+        let path = cstr(path, "path")?;
+        block(v.export_appliance(path))
+    })
 }
 
 /// Wait until the guest passes its probes, or fail with the probe still failing.
@@ -622,6 +654,7 @@ pub unsafe extern "C" fn anyvm_vm_snapshot_restore(
     })
 }
 
+/// Delete a snapshot; fails, naming them, while linked clones were made from it.
 #[no_mangle]
 pub unsafe extern "C" fn anyvm_vm_snapshot_delete(
     vm: *const anyvm_vm_t,
@@ -630,6 +663,19 @@ pub unsafe extern "C" fn anyvm_vm_snapshot_delete(
     vm_call(vm, |v| {
         let name = cstr(name, "name")?;
         block(v.snapshot_delete(name))
+    })
+}
+
+/// anyvm_vm_snapshot_delete() with \p flags (0 or ANYVM_WITH_CLONES).
+#[no_mangle]
+pub unsafe extern "C" fn anyvm_vm_snapshot_delete_with(
+    vm: *const anyvm_vm_t,
+    name: *const c_char,
+    flags: u32,
+) -> *mut anyvm_error_t {
+    vm_call(vm, |v| {
+        let name = cstr(name, "name")?;
+        block(v.snapshot_delete_with(name, destroy_options(flags)))
     })
 }
 

@@ -362,6 +362,30 @@ impl Client {
         job::gc(py, &self.inner, dry_run)
     }
 
+    /// Health checks of this client's backend and of the host, as dicts: backend, name,
+    /// status ("ok", "warn", "fail"), detail, hint.
+    fn doctor<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyDict>>> {
+        let c = self.inner.clone();
+        let report = block(
+            py,
+            true,
+            async move { Ok::<_, anyvm::Error>(c.doctor().await) },
+        )?;
+        report
+            .checks
+            .into_iter()
+            .map(|ch| {
+                let d = PyDict::new(py);
+                d.set_item("backend", ch.backend)?;
+                d.set_item("name", ch.name)?;
+                d.set_item("status", ch.status.to_string())?;
+                d.set_item("detail", ch.detail)?;
+                d.set_item("hint", ch.hint)?;
+                Ok(d)
+            })
+            .collect()
+    }
+
     /// VMs as dicts: name, state, managed.
     fn list<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyDict>>> {
         let c = self.inner.clone();
@@ -515,10 +539,31 @@ impl Vm {
         block(py, true, async move { vm.save_state().await })
     }
 
-    /// Power off and remove the VM with its snapshots, clone disks and port leases.
-    fn destroy(&self, py: Python<'_>) -> PyResult<()> {
+    /// Power off and remove the VM with its snapshots, clone disks and port leases. Raises
+    /// InvalidStateError naming the linked clones that depend on it, unless `with_clones`
+    /// (then they are destroyed first).
+    #[pyo3(signature = (*, with_clones=false))]
+    fn destroy(&self, py: Python<'_>, with_clones: bool) -> PyResult<()> {
         let vm = self.inner.clone();
-        block(py, false, async move { vm.destroy().await })
+        let o = anyvm::DestroyOptions::default().with_clones(with_clones);
+        block(py, false, async move { vm.destroy_with(o).await })
+    }
+
+    /// Linked clones that depend on this VM (on `snapshot` of it), deepest first.
+    #[pyo3(signature = (snapshot=None))]
+    fn dependants(&self, py: Python<'_>, snapshot: Option<String>) -> PyResult<Vec<String>> {
+        let vm = self.inner.clone();
+        block(
+            py,
+            true,
+            async move { vm.dependants(snapshot.as_deref()).await },
+        )
+    }
+
+    /// Write the powered-off VM as an OVA appliance (VirtualBox).
+    fn export(&self, py: Python<'_>, path: PathBuf) -> PyResult<()> {
+        let vm = self.inner.clone();
+        block(py, true, async move { vm.export_appliance(&path).await })
     }
 
     /// Wait until the guest passes its probes. Probes: "agent", ("tcp", port), ("ssh", port),
@@ -631,9 +676,15 @@ impl Vm {
         let vm = self.inner.clone();
         block(py, true, async move { vm.snapshot_restore(&name).await })
     }
-    fn delete_snapshot(&self, py: Python<'_>, name: String) -> PyResult<()> {
+    #[pyo3(signature = (name, *, with_clones=false))]
+    fn delete_snapshot(&self, py: Python<'_>, name: String, with_clones: bool) -> PyResult<()> {
         let vm = self.inner.clone();
-        block(py, true, async move { vm.snapshot_delete(&name).await })
+        let o = anyvm::DestroyOptions::default().with_clones(with_clones);
+        block(
+            py,
+            true,
+            async move { vm.snapshot_delete_with(&name, o).await },
+        )
     }
     /// Snapshot names, oldest first.
     fn snapshots(&self, py: Python<'_>) -> PyResult<Vec<String>> {

@@ -52,6 +52,6 @@ def make_vm(client, guest_dir, tmp_path):
     yield make
     for vm in made:
         try:
-            vm.destroy()
+            vm.destroy(with_clones=True)
         except anyvm.NotFoundError:
             pass

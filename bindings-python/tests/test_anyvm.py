@@ -164,3 +164,30 @@ def test_ctrl_c_interrupts_a_long_wait(make_vm):
         vm.wait_ready(timeout=60)
     assert time.monotonic() - t < 5, "Ctrl-C did not interrupt the wait promptly"
     assert vm.state == "running"  # nothing was torn down by the interrupt itself
+
+
+def test_doctor_reports_backend_and_host_checks(client):
+    checks = client.doctor()
+    by = {(c["backend"], c["name"]): c for c in checks}
+    assert by[("libvirt", "libvirtd")]["status"] == "ok", checks
+    assert "libvirt" in by[("libvirt", "libvirtd")]["detail"]
+    assert by[("host", "state dir")]["status"] == "ok"
+    kvm = by[("libvirt", "KVM")]
+    assert kvm["status"] in ("ok", "warn", "fail")
+    if kvm["status"] == "fail":
+        assert "tcg" in kvm["hint"]
+    assert all(set(c) == {"backend", "name", "status", "detail", "hint"} for c in checks)
+
+
+def test_destroy_refuses_while_clones_depend_then_removes_them(client, make_vm):
+    base = make_vm()
+    clone = base.clone(base.name + "-c")
+    assert base.dependants() == [clone.name]
+    with pytest.raises(anyvm.InvalidStateError) as e:
+        base.destroy()
+    assert clone.name in str(e.value)
+    assert "with_clones" in str(e.value)
+    assert client.vm(base.name).state == "shut off"
+    base.destroy(with_clones=True)
+    names = [v["name"] for v in client.list()]
+    assert base.name not in names and clone.name not in names

@@ -174,7 +174,11 @@ pub fn check_state_dir(dir: &Path) -> Check {
         Ok(())
     };
     match probe() {
-        Ok(()) => Check::ok("host", "state dir", format!("{} is writable", dir.display())),
+        Ok(()) => Check::ok(
+            "host",
+            "state dir",
+            format!("{} is writable", dir.display()),
+        ),
         Err(e) => Check::fail(
             "host",
             "state dir",
@@ -326,7 +330,8 @@ mod tests {
         r.checks.push(Check::warn("host", "b", "meh", "do x"));
         assert_eq!(r.status(), CheckStatus::Warn);
         assert!(!r.failed());
-        r.checks.push(Check::fail("virtualbox", "c", "broken", "fix it"));
+        r.checks
+            .push(Check::fail("virtualbox", "c", "broken", "fix it"));
         assert!(r.failed());
         let text = r.render();
         assert!(text.contains("fail  virtualbox c: broken"), "{text}");

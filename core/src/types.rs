@@ -643,6 +643,7 @@ impl std::str::FromStr for DiskFormat {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "DiskSpecRepr")]
 pub struct DiskSpec {
     pub path: PathBuf,
     #[serde(default)]
@@ -652,6 +653,31 @@ pub struct DiskSpec {
     /// anyvm created this file (a clone overlay) and deletes it with the VM.
     #[serde(default)]
     pub owned: bool,
+}
+
+/// How a disk is read from JSON/TOML/Python: `format` may be left out when the file name says it.
+#[derive(Deserialize)]
+struct DiskSpecRepr {
+    path: PathBuf,
+    format: Option<DiskFormat>,
+    #[serde(default)]
+    readonly: bool,
+    #[serde(default)]
+    owned: bool,
+}
+
+impl From<DiskSpecRepr> for DiskSpec {
+    fn from(r: DiskSpecRepr) -> Self {
+        DiskSpec {
+            format: r
+                .format
+                .or_else(|| DiskFormat::from_path(&r.path))
+                .unwrap_or_default(),
+            path: r.path,
+            readonly: r.readonly,
+            owned: r.owned,
+        }
+    }
 }
 
 /// Hardware acceleration. `Auto` picks KVM when `/dev/kvm` is usable.

@@ -14,8 +14,8 @@ use crate::ports::PortAllocator;
 use crate::readiness::{self, ReadyReport, ReadySpec};
 use crate::ssh::{self, SshConfig, SshOptions, SshTarget, Tunnels};
 use crate::types::{
-    ExecOutput, ExecRequest, ForwardSpec, GuestChannel, HostPort, PortForward, SharedFolder,
-    CloneLink, DestroyOptions, SnapshotInfo, StopOptions, StopOutcome, VmSpec, VmState, VmStatus,
+    CloneLink, DestroyOptions, ExecOutput, ExecRequest, ForwardSpec, GuestChannel, HostPort,
+    PortForward, SharedFolder, SnapshotInfo, StopOptions, StopOutcome, VmSpec, VmState, VmStatus,
 };
 use serde_json::json;
 
@@ -832,11 +832,7 @@ impl Vm {
             check_snapshot_name(name)?;
             let deps = self.dependants(Some(name)).await?;
             if !deps.is_empty() && !opts.with_clones {
-                return Err(self.has_clones(
-                    &format!("snapshot delete {name}"),
-                    Some(name),
-                    &deps,
-                ));
+                return Err(self.has_clones(&format!("snapshot delete {name}"), Some(name), &deps));
             }
             for d in &deps {
                 self.sibling(d)?.destroy_one().await?;
@@ -912,7 +908,8 @@ impl Vm {
             spec.labels
                 .insert(CLONE_BASE_LABEL.into(), self.name.to_string());
             if let Some(s) = snapshot {
-                spec.labels.insert(CLONE_SNAPSHOT_LABEL.into(), s.to_string());
+                spec.labels
+                    .insert(CLONE_SNAPSHOT_LABEL.into(), s.to_string());
             }
             spec.validate()?;
             for f in &mut spec.forwards {

@@ -602,7 +602,9 @@ async fn clones_of_a_running_base_pin_it_until_removed() {
     let base = f.client.define(f.spec("live")).await.unwrap();
     base.start().await.unwrap();
     base.snapshot_take("warm", "").await.unwrap();
-    assert!(f.calls().contains("\"take\", \"warm\", \"--description\", \"\", \"--live\""));
+    assert!(f
+        .calls()
+        .contains("\"take\", \"warm\", \"--description\", \"\", \"--live\""));
     let c = base
         .clone_linked(&VmName::new("live-job").unwrap(), Some("warm"))
         .await

@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use anyvm::backend::virtualbox::{VirtualBoxBackend, VirtualBoxOptions};
 use anyvm::{
-    Backend, Boot, CheckStatus, Client, ClientOptions, DestroyOptions, DiskFormat, DiskSpec,
-    Error, ForwardSpec, HostPort, SharedFolder, VmName, VmSpec, VmState,
+    Backend, Boot, CheckStatus, Client, ClientOptions, DestroyOptions, DiskFormat, DiskSpec, Error,
+    ForwardSpec, HostPort, SharedFolder, VmName, VmSpec, VmState,
 };
 
 fn repo_root() -> PathBuf {
@@ -61,7 +61,11 @@ impl Real {
         let home = dir.path().join("home");
         let id = format!(
             "t{}",
-            dir.path().file_name().unwrap().to_string_lossy().replace('.', "")
+            dir.path()
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .replace('.', "")
         );
         let env = vec![
             ("VBOX_USER_HOME".to_string(), home.display().to_string()),
@@ -199,7 +203,10 @@ async fn defines_from_vdi_and_vmdk_and_reads_everything_back() {
     assert!((47000..=47999).contains(&st.forwards[0].host_port));
 
     // Forwards on a powered-off VM go through modifyvm --natpf1.
-    let f = vm.forward_add(&ForwardSpec::new("rdp", 3389)).await.unwrap();
+    let f = vm
+        .forward_add(&ForwardSpec::new("rdp", 3389))
+        .await
+        .unwrap();
     let rules = r.vbox(&["showvminfo", "sl6", "--machinereadable"]);
     assert!(
         rules.contains(&format!("\"rdp,tcp,127.0.0.1,{},,3389\"", f.host_port)),

@@ -155,10 +155,24 @@ static void session(anyvm_client_t *client, const char *guest, const char *work)
   ok(anyvm_vm_snapshot_take(vm, "s1"), "snapshot");
   ok(anyvm_vm_snapshot_restore(vm, "s1"), "restore");
   expect_error(anyvm_vm_snapshot_restore(vm, "nope"), ANYVM_ERROR_NOT_FOUND, "snapshot", "missing snapshot");
-  ok(anyvm_vm_snapshot_delete(vm, "s1"), "snapshot delete");
-  ok(anyvm_vm_destroy(vm), "destroy");
+  ok(anyvm_vm_snapshot_delete_with(vm, "s1", ANYVM_WITH_CLONES), "snapshot delete");
+  expect_error(anyvm_vm_export(vm, "/tmp/capi.ova"), ANYVM_ERROR_INVALID_STATE, "not supported by the libvirt backend",
+               "export on libvirt");
+  expect_error(anyvm_vm_export(vm, NULL), ANYVM_ERROR_INVALID_ARGUMENT, "path", "NULL export path");
+  ok(anyvm_vm_destroy_with(vm, 0), "destroy");
   anyvm_vm_delete(vm);
   expect_error(anyvm_vm_start(vm), ANYVM_ERROR_INVALID_ARGUMENT, "not a live handle", "vm after delete");
+}
+
+static void doctor(anyvm_client_t *client) {
+  char *report = NULL;
+  bool failed_check = true;
+  ok(anyvm_client_doctor(client, &report, &failed_check), "doctor");
+  CHECK(strstr(report, "\"name\":\"libvirtd\"") != NULL, "%s", report);
+  CHECK(strstr(report, "\"name\":\"state dir\"") != NULL, "%s", report);
+  CHECK(failed_check == (strstr(report, "\"status\":\"fail\"") != NULL), "failed flag vs %s", report);
+  anyvm_string_delete(report);
+  expect_error(anyvm_client_doctor(client, NULL, NULL), ANYVM_ERROR_INVALID_ARGUMENT, "must not be NULL", "doctor NULL out");
 }
 
 static void *cancel_later(void *arg) {
@@ -262,6 +276,7 @@ int main(int argc, char **argv) {
   snprintf(state, sizeof state, "%s/state", argv[2]);
   ok(anyvm_client_open("libvirt:qemu:///system", state, &client), "client_open");
   argument_checks(client);
+  doctor(client);
   session(client, argv[1], argv[2]);
   jobs(client, argv[1], argv[2]);
   anyvm_client_delete(client);

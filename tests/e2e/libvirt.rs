@@ -512,11 +512,18 @@ async fn snapshot_restore_brings_back_disk_data_and_clone_boots_beside_base() {
 
     clone.destroy().await.unwrap();
     assert!(!overlay.exists(), "clone overlay left behind");
-    assert_eq!(frozen(name).len(), 1, "the frozen base stays for further clones");
+    assert_eq!(
+        frozen(name).len(),
+        1,
+        "the frozen base stays for further clones"
+    );
 
     vm.snapshot_delete("s1").await.unwrap();
     assert!(vm.snapshots().await.unwrap().is_empty());
-    assert!(frozen(name).is_empty(), "frozen base of the deleted snapshot left behind");
+    assert!(
+        frozen(name).is_empty(),
+        "frozen base of the deleted snapshot left behind"
+    );
 
     // A clone of a clone of the stopped base; the whole tree goes with --with-clones.
     vm.stop(StopOptions::default()).await.unwrap();
@@ -540,7 +547,11 @@ async fn snapshot_restore_brings_back_disk_data_and_clone_boots_beside_base() {
         .unwrap();
     for n in [name, clone_name, grand.as_str()] {
         assert!(env.client.vm(n).await.is_err(), "{n} still defined");
-        assert!(frozen(n).is_empty(), "frozen bases of {n} left: {:?}", frozen(n));
+        assert!(
+            frozen(n).is_empty(),
+            "frozen bases of {n} left: {:?}",
+            frozen(n)
+        );
     }
     assert!(!c2_disk.exists());
 }

@@ -11,9 +11,9 @@ use async_trait::async_trait;
 use tokio::sync::broadcast;
 
 use crate::credentials::Credentials;
+use crate::doctor::Check;
 use crate::error::{Error, Result};
 use crate::name::VmName;
-use crate::doctor::Check;
 use crate::types::{
     CloneLink, ExecOutput, ExecRequest, PortForward, SharedFolder, SnapshotInfo, VmInfo, VmSpec,
     VmState, VmStatus,

@@ -36,8 +36,8 @@ use crate::policy::Policy;
 use crate::profile::{Profile, Resource};
 use crate::readiness::ReadySpec;
 use crate::types::{
-    DiskFormat,
-    Accel, Boot, ConsoleSpec, DiskSpec, ForwardSpec, GuestChannel, Network, SharedFolder, VmSpec,
+    Accel, Boot, ConsoleSpec, DiskFormat, DiskSpec, ForwardSpec, GuestChannel, Network,
+    SharedFolder, VmSpec,
 };
 
 #[derive(Debug, Clone, Deserialize)]

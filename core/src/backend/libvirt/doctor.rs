@@ -71,13 +71,22 @@ pub async fn checks(lv: &LibvirtBackend) -> Vec<Check> {
     }
     let img = lv
         .host
-        .run(&ctx, &["qemu-img".to_string(), "--version".into()], Duration::from_secs(10))
+        .run(
+            &ctx,
+            &["qemu-img".to_string(), "--version".into()],
+            Duration::from_secs(10),
+        )
         .await;
     match img {
         Ok(o) if o.code == Some(0) => out.push(Check::ok(
             ID,
             "qemu-img",
-            o.stdout_str().lines().next().unwrap_or("").trim().to_string(),
+            o.stdout_str()
+                .lines()
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_string(),
         )),
         Ok(o) => out.push(Check::fail(
             ID,

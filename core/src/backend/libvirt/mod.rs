@@ -202,7 +202,10 @@ impl LibvirtBackend {
                 return;
             }
         };
-        for f in files.iter().filter(|f| is_frozen_of(f, vm.as_str(), snapshot)) {
+        for f in files
+            .iter()
+            .filter(|f| is_frozen_of(f, vm.as_str(), snapshot))
+        {
             let p = self.opts.images_dir.join(f);
             if let Err(e) = self.host.remove_file(ctx, &p).await {
                 tracing::warn!(vm = %vm, path = %p.display(), error = %e, "could not remove a frozen base");
@@ -1342,7 +1345,11 @@ mod frozen_tests {
         assert!(!is_frozen_of(&f, "m", None));
         assert!(!is_frozen_of(&frozen_name("mc-2", "+5", 1), "mc", None));
         assert!(is_frozen_of(&frozen_name("mc", "+5", 1), "mc", None));
-        assert!(!is_frozen_of(&frozen_name("mc", "+5", 1), "mc", Some("golden")));
+        assert!(!is_frozen_of(
+            &frozen_name("mc", "+5", 1),
+            "mc",
+            Some("golden")
+        ));
         assert!(!is_frozen_of("mc-golden-17-0.base.qcow2", "mc", None));
     }
 }

@@ -70,7 +70,10 @@ pub async fn checks(vb: &VirtualBoxBackend) -> Vec<Check> {
             out.push(Check::fail(
                 B,
                 "extension pack",
-                format!("'{}' {} is not usable: {}", p.name, p.version, p.why_unusable),
+                format!(
+                    "'{}' {} is not usable: {}",
+                    p.name, p.version, p.why_unusable
+                ),
                 "reinstall the pack ('VBoxManage extpack install --replace ...')",
             ));
         } else {

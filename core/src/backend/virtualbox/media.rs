@@ -181,7 +181,11 @@ In use by VMs:  c3 (UUID: C3)
         assert!(!l.iter().any(|x| x.clone == "c2" && x.base == "base"));
         assert!(!l.iter().any(|x| x.clone == "base"));
         let all = crate::vm::dependants_of(&l, "base", None);
-        assert_eq!(all.first().map(String::as_str), Some("c2"), "deepest first: {all:?}");
+        assert_eq!(
+            all.first().map(String::as_str),
+            Some("c2"),
+            "deepest first: {all:?}"
+        );
         assert_eq!(all.len(), 3);
         assert_eq!(
             crate::vm::dependants_of(&l, "base", Some("s2")),

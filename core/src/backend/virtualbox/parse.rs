@@ -544,7 +544,10 @@ nic3="none"
         assert_eq!(m[0].users[0].vm, "fd2e");
         assert_eq!(
             m[0].users[0].snapshots,
-            vec![("s1".into(), "7a2b".into()), ("s (2)".into(), "9999".into())]
+            vec![
+                ("s1".into(), "7a2b".into()),
+                ("s (2)".into(), "9999".into())
+            ]
         );
         assert_eq!(m[0].users[1].vm, "aaaa");
         assert!(m[0].users[1].snapshots.is_empty());
@@ -561,7 +564,12 @@ nic3="none"
         let p = extpacks(real);
         assert_eq!(p.len(), 1);
         assert_eq!(
-            (p[0].name.as_str(), p[0].version.as_str(), p[0].usable, p[0].vrde_module.as_str()),
+            (
+                p[0].name.as_str(),
+                p[0].version.as_str(),
+                p[0].usable,
+                p[0].vrde_module.as_str()
+            ),
             ("VNC", "7.2.22", true, "VBoxVNC")
         );
         assert!(extpacks("Extension Packs: 0\n").is_empty());

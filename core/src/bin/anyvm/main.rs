@@ -9,8 +9,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyvm::{
-    Client, ClientOptions, DestroyOptions, Config, Error, ExecRequest, ForwardSpec, HostPort, Protocol, ReadySpec, SshOptions,
-    StopOptions, VmName,
+    Client, ClientOptions, Config, DestroyOptions, Error, ExecRequest, ForwardSpec, HostPort,
+    Protocol, ReadySpec, SshOptions, StopOptions, VmName,
 };
 use clap::{Parser, Subcommand};
 use serde_json::json;
@@ -778,8 +778,10 @@ async fn doctor(cli: &Cli) -> anyvm::Result<u8> {
     if cli.json {
         println!(
             "{}",
-            serde_json::to_string_pretty(&json!({"status": report.status(), "checks": report.checks}))
-                .expect("json")
+            serde_json::to_string_pretty(
+                &json!({"status": report.status(), "checks": report.checks})
+            )
+            .expect("json")
         );
     } else {
         print!("{}", report.render());
