@@ -498,3 +498,83 @@ async fn doctor_reports_the_real_tool_and_its_driver() {
         .iter()
         .any(|c| c.backend == "host" && c.name == "state dir" && c.status == CheckStatus::Ok));
 }
+
+/// The operator's view: `anyvm --backend virtualbox` on the real VBoxManage, from an anyvm.toml
+/// whose disk is a plain `sl6.vdi` (the format comes from the file name).
+#[test]
+fn cli_defines_clones_exports_and_destroys_on_the_real_tool() {
+    let r = Real::new();
+    let disk = r.disk("sl6", DiskFormat::Vdi);
+    let cfg = r.dir.path().join("anyvm.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "backend = \"virtualbox\"\nstate_dir = \"{}\"\nport_range = [47000, 47999]\n[machines.sl6]\nmemory_mib = 512\ndisks = [{{ path = \"{}\" }}]\nforwards = [{{ name = \"ssh\", guest_port = 22 }}]\n",
+            r.dir.path().join("cli-state").display(),
+            disk.display()
+        ),
+    )
+    .unwrap();
+    let anyvm = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_anyvm"))
+            .arg("-c")
+            .arg(&cfg)
+            .args(args)
+            .env("ANYVM_VBOXMANAGE", real())
+            .envs(r.env.iter().map(|(k, v)| (k, v)))
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, _, err) = anyvm(&["define", "sl6"]);
+    assert_eq!(code, Some(0), "{err}");
+    let (code, out, err) = anyvm(&["--json", "status", "sl6"]);
+    assert_eq!(code, Some(0), "{err}");
+    let st: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(st["state"], "shut_off");
+    assert_eq!(st["forwards"][0]["guest_port"], 22);
+    assert_eq!(anyvm(&["snapshot", "take", "sl6", "clean"]).0, Some(0));
+    assert_eq!(anyvm(&["clone", "sl6", "sl6-job1", "--snapshot", "clean"]).0, Some(0));
+    let (code, _, err) = anyvm(&["destroy", "sl6"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("sl6-job1") && err.contains("--with-clones"), "{err}");
+    let (code, _, err) = anyvm(&["snapshot", "delete", "sl6", "clean"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("sl6-job1"), "{err}");
+    let ova = r.dir.path().join("sl6.ova");
+    let (code, _, err) = anyvm(&["export", "sl6", ova.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(ova.exists());
+    let (code, out, err) = anyvm(&["destroy", "sl6", "--with-clones"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("sl6-job1: destroyed (clone of sl6)"), "{out}");
+    assert!(r.hdds().is_empty(), "{:?}", r.hdds());
+    assert!(disk.exists());
+    let (code, out, _) = anyvm(&["--json", "doctor"]);
+    assert_eq!(code, Some(1), "{out}");
+    let d: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(d["status"], "fail");
+    let checks = d["checks"].as_array().unwrap();
+    let find = |b: &str, n: &str| {
+        checks
+            .iter()
+            .find(|c| c["backend"] == b && c["name"] == n)
+            .unwrap_or_else(|| panic!("no {b}/{n} in {out}"))
+            .clone()
+    };
+    assert_eq!(find("virtualbox", "kernel driver")["status"], "fail");
+    assert_eq!(find("virtualbox", "VBoxManage")["status"], "ok");
+    assert_eq!(find("host", "state dir")["status"], "ok");
+    // Every backend is looked at; those not asked for are at worst warnings.
+    find("libvirt", "libvirtd");
+    let vmware = checks.iter().find(|c| c["backend"] == "vmware").unwrap();
+    assert_ne!(vmware["status"], "fail", "{vmware}");
+    let (code, text, _) = anyvm(&["doctor"]);
+    assert_eq!(code, Some(1));
+    assert!(text.contains("fail  virtualbox kernel driver"), "{text}");
+    assert!(text.contains("-> install virtualbox-dkms"), "{text}");
+}

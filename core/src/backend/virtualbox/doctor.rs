@@ -105,6 +105,20 @@ pub async fn checks(vb: &VirtualBoxBackend) -> Vec<Check> {
             format!("install the {want} Extension Pack to reach guests' screens over RDP"),
         )
     });
+    if let Some((_, home)) = vb.tool.env.iter().find(|(k, _)| k == "VBOX_USER_HOME") {
+        let id = vb
+            .tool
+            .env
+            .iter()
+            .find(|(k, _)| k == "VBOX_IPC_SOCKETID")
+            .map(|(_, v)| v.as_str())
+            .unwrap_or("");
+        out.push(Check::ok(
+            B,
+            "VirtualBox home",
+            format!("{home}, served by its own VBoxSVC (VBOX_IPC_SOCKETID={id}); run VBoxManage by hand on it with both variables set"),
+        ));
+    }
     out.push(kvm_vtx_check());
     out
 }
