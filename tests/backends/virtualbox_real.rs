@@ -538,10 +538,16 @@ fn cli_defines_clones_exports_and_destroys_on_the_real_tool() {
     assert_eq!(st["state"], "shut_off");
     assert_eq!(st["forwards"][0]["guest_port"], 22);
     assert_eq!(anyvm(&["snapshot", "take", "sl6", "clean"]).0, Some(0));
-    assert_eq!(anyvm(&["clone", "sl6", "sl6-job1", "--snapshot", "clean"]).0, Some(0));
+    assert_eq!(
+        anyvm(&["clone", "sl6", "sl6-job1", "--snapshot", "clean"]).0,
+        Some(0)
+    );
     let (code, _, err) = anyvm(&["destroy", "sl6"]);
     assert_eq!(code, Some(1));
-    assert!(err.contains("sl6-job1") && err.contains("--with-clones"), "{err}");
+    assert!(
+        err.contains("sl6-job1") && err.contains("--with-clones"),
+        "{err}"
+    );
     let (code, _, err) = anyvm(&["snapshot", "delete", "sl6", "clean"]);
     assert_eq!(code, Some(1));
     assert!(err.contains("sl6-job1"), "{err}");

@@ -579,10 +579,26 @@ nic3="none"
     #[test]
     fn tolerates_the_showvminfo_of_every_supported_version() {
         let fixtures = [
-            ("6.1", include_str!("../../../../tests/fixtures/vboxmanage/showvminfo-6.1.txt"), VmState::Running),
-            ("7.0", include_str!("../../../../tests/fixtures/vboxmanage/showvminfo-7.0.txt"), VmState::ShutOff),
-            ("7.1", include_str!("../../../../tests/fixtures/vboxmanage/showvminfo-7.1.txt"), VmState::Saved),
-            ("7.2", include_str!("../../../../tests/fixtures/vboxmanage/showvminfo-7.2.txt"), VmState::ShutOff),
+            (
+                "6.1",
+                include_str!("../../../../tests/fixtures/vboxmanage/showvminfo-6.1.txt"),
+                VmState::Running,
+            ),
+            (
+                "7.0",
+                include_str!("../../../../tests/fixtures/vboxmanage/showvminfo-7.0.txt"),
+                VmState::ShutOff,
+            ),
+            (
+                "7.1",
+                include_str!("../../../../tests/fixtures/vboxmanage/showvminfo-7.1.txt"),
+                VmState::Saved,
+            ),
+            (
+                "7.2",
+                include_str!("../../../../tests/fixtures/vboxmanage/showvminfo-7.2.txt"),
+                VmState::ShutOff,
+            ),
         ];
         for (version, text, state) in fixtures {
             let (rest, warnings) = strip_warnings(text);
@@ -590,18 +606,33 @@ nic3="none"
             let kv = machine_readable(&rest).unwrap_or_else(|e| panic!("{version}: {e}"));
             assert_eq!(get(&kv, "name"), Some("mc prod"), "{version}");
             assert_eq!(vm_state(get(&kv, "VMState").unwrap()), state, "{version}");
-            assert_eq!(get(&kv, "description"), Some("line1\nline2 \"x\""), "{version}");
+            assert_eq!(
+                get(&kv, "description"),
+                Some("line1\nline2 \"x\""),
+                "{version}"
+            );
             let f1 = forwards(&kv, 1).unwrap();
             let names: Vec<&str> = f1.iter().map(|f| f.name.as_str()).collect();
             assert_eq!(names, ["ssh", "web"], "{version}");
-            assert_eq!((f1[0].host_addr.as_str(), f1[0].host_port), ("127.0.0.1", 2222));
+            assert_eq!(
+                (f1[0].host_addr.as_str(), f1[0].host_port),
+                ("127.0.0.1", 2222)
+            );
             assert_eq!(f1[1].host_addr, "0.0.0.0", "{version}");
             let f2 = forwards(&kv, 2).unwrap();
             assert_eq!((f2[0].name.as_str(), f2[0].proto), ("other", Protocol::Udp));
             let snaps = snapshots(&kv);
             assert_eq!(snaps.len(), 3, "{version}");
-            assert_eq!(snaps[1], ("s2".into(), Some("s1".into()), false), "{version}");
-            assert_eq!(snaps[2], ("s3".into(), Some("s1".into()), true), "{version}");
+            assert_eq!(
+                snaps[1],
+                ("s2".into(), Some("s1".into()), false),
+                "{version}"
+            );
+            assert_eq!(
+                snaps[2],
+                ("s3".into(), Some("s1".into()), true),
+                "{version}"
+            );
             assert_eq!(get(&kv, "SharedFolderNameMachineMapping1"), Some("calib"));
             assert_eq!(get(&kv, "uartmode1"), Some("file,/srv/vms/con.log"));
         }
