@@ -65,7 +65,6 @@ pub unsafe extern "C" fn anyvm_job_new(
         let job = CLIENTS.with(client, |c| -> Res<anyvm_job_t> {
             let (vm, spec) = crate::block(anyvm::job::prepare(
                 &c.client,
-                c.config.as_ref(),
                 template.as_deref(),
                 profile.as_deref(),
                 &[program.as_str()],

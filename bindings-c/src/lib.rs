@@ -79,7 +79,6 @@ pub struct anyvm_error_t {
 /// A connection to one hypervisor.
 pub struct anyvm_client_t {
     client: Client,
-    config: Option<Config>,
 }
 
 /// One VM.
@@ -198,11 +197,7 @@ fn out_ptr<T>(p: *mut T, what: &str) -> Res<()> {
 }
 
 fn secs(s: f64, what: &str) -> Res<Duration> {
-    if s.is_finite() && s > 0.0 {
-        Ok(Duration::from_secs_f64(s))
-    } else {
-        Err(invalid(what, "must be a positive number of seconds"))
-    }
+    anyvm::positive_secs(s, what).map_err(from_core)
 }
 
 fn block<T>(f: impl std::future::Future<Output = anyvm::Result<T>>) -> Res<T> {
@@ -263,10 +258,7 @@ pub unsafe extern "C" fn anyvm_client_open(
             opts = opts.state_dir(d);
         }
         let client = block(Client::connect_with(&uri, opts))?;
-        *out = CLIENTS.insert(anyvm_client_t {
-            client,
-            config: None,
-        });
+        *out = CLIENTS.insert(anyvm_client_t { client });
         Ok(())
     })
 }
@@ -281,14 +273,8 @@ pub unsafe extern "C" fn anyvm_client_open_config(
         out_ptr(out, "out")?;
         let path = cstr(config_path, "config_path")?;
         let config = Config::load(path).map_err(from_core)?;
-        let client = block(Client::connect_with(
-            &config.backend_uri(),
-            config.client_options(),
-        ))?;
-        *out = CLIENTS.insert(anyvm_client_t {
-            client,
-            config: Some(config),
-        });
+        let client = block(Client::from_config(config))?;
+        *out = CLIENTS.insert(anyvm_client_t { client });
         Ok(())
     })
 }
@@ -297,10 +283,6 @@ pub unsafe extern "C" fn anyvm_client_open_config(
 #[no_mangle]
 pub unsafe extern "C" fn anyvm_client_delete(client: *mut anyvm_client_t) {
     let _ = catch_unwind(AssertUnwindSafe(|| CLIENTS.remove(client)));
-}
-
-fn with_creds(c: &anyvm_client_t, vm: anyvm::Vm) -> anyvm::Vm {
-    vm.with_config(c.config.as_ref())
 }
 
 /// Open an existing VM by name. \param out free with anyvm_vm_delete()
@@ -313,9 +295,7 @@ pub unsafe extern "C" fn anyvm_vm_open(
     guard(|| {
         out_ptr(out, "out")?;
         let name = cstr(name, "name")?;
-        let vm = CLIENTS.with(client, |c| {
-            block(c.client.vm(name)).map(|vm| with_creds(c, vm))
-        })??;
+        let vm = CLIENTS.with(client, |c| block(c.client.vm(name)))??;
         *out = VMS.insert(anyvm_vm_t { vm });
         Ok(())
     })
@@ -333,9 +313,7 @@ pub unsafe extern "C" fn anyvm_vm_define_json(
         let json = cstr(spec_json, "spec_json")?;
         let spec: anyvm::VmSpec =
             serde_json::from_str(json).map_err(|e| invalid("spec_json", &e.to_string()))?;
-        let vm = CLIENTS.with(client, |c| {
-            block(c.client.define(spec.clone())).map(|vm| with_creds(c, vm))
-        })??;
+        let vm = CLIENTS.with(client, |c| block(c.client.define(spec.clone())))??;
         *out = VMS.insert(anyvm_vm_t { vm });
         Ok(())
     })
@@ -354,7 +332,7 @@ pub unsafe extern "C" fn anyvm_client_up(
         out_ptr(out, "out")?;
         let name = cstr(name, "name")?;
         let vm = CLIENTS.with(client, |c| -> Res<anyvm::Vm> {
-            let cfg = c.config.as_ref().ok_or_else(|| {
+            let cfg = c.client.config().ok_or_else(|| {
                 invalid("client", "was not opened with anyvm_client_open_config()")
             })?;
             let m = cfg.machine(name).map_err(from_core)?;
@@ -362,7 +340,7 @@ pub unsafe extern "C" fn anyvm_client_up(
             if timeout_s > 0.0 {
                 ready.timeout = secs(timeout_s, "timeout_s")?;
             }
-            block(c.client.up(m.spec.clone(), &ready)).map(|vm| with_creds(c, vm))
+            block(c.client.up(m.spec.clone(), &ready))
         })??;
         *out = VMS.insert(anyvm_vm_t { vm });
         Ok(())
@@ -489,7 +467,8 @@ pub unsafe extern "C" fn anyvm_vm_export(
 }
 
 /// Wait until the guest passes its probes, or fail with the probe still failing.
-/// \param probes array of "agent", "tcp:PORT", "ssh:PORT" (NULL with n_probes 0: the agent)
+/// \param probes array of "agent", "tcp:PORT", "ssh:PORT", "command:[\"ARG\", ...]" (the
+///        syntax of anyvm.toml and the command line; NULL with n_probes 0: the agent)
 /// \param any true: one passing probe is enough; false: all must pass
 #[no_mangle]
 pub unsafe extern "C" fn anyvm_vm_wait_ready(
@@ -508,25 +487,7 @@ pub unsafe extern "C" fn anyvm_vm_wait_ready(
             spec.probes.clear();
             for i in 0..n_probes {
                 let p = cstr(*probes.add(i), "probe")?;
-                let port = |s: &str| {
-                    s.parse::<u16>()
-                        .map_err(|_| invalid("probe", &format!("{p:?}: bad port")))
-                };
-                spec.probes.push(match p.split_once(':') {
-                    None if p == "agent" => Probe::Agent,
-                    Some(("tcp", n)) => Probe::Tcp {
-                        guest_port: port(n)?,
-                    },
-                    Some(("ssh", n)) => Probe::SshBanner {
-                        guest_port: port(n)?,
-                    },
-                    _ => {
-                        return Err(invalid(
-                            "probe",
-                            &format!("{p:?} is not agent, tcp:PORT or ssh:PORT"),
-                        ))
-                    }
-                });
+                spec.probes.push(p.parse::<Probe>().map_err(from_core)?);
             }
         }
         if any {

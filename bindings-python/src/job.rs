@@ -3,12 +3,11 @@
 //! KeyboardInterrupt is raised.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyvm::job::pool::{Budget, JobPool as CorePool};
 use anyvm::job::{Cancel, JobReport as CoreReport, JobSpec, Outcome};
-use anyvm::{Client as CoreClient, Config, Vm as CoreVm};
+use anyvm::{Client as CoreClient, Vm as CoreVm};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
@@ -32,21 +31,13 @@ pub struct JobArgs {
 pub fn prepare(
     py: Python<'_>,
     client: &CoreClient,
-    config: Option<&Config>,
     template: Option<String>,
     profile: Option<String>,
     argv: Vec<String>,
     a: JobArgs,
 ) -> PyResult<(CoreVm, JobSpec)> {
     let (vm, mut spec) = crate::block(py, true, async {
-        anyvm::job::prepare(
-            client,
-            config,
-            template.as_deref(),
-            profile.as_deref(),
-            &argv,
-        )
-        .await
+        anyvm::job::prepare(client, template.as_deref(), profile.as_deref(), &argv).await
     })?;
     if let Some(t) = a.timeout {
         spec = spec.timeout(seconds("timeout", t)?);
@@ -261,16 +252,10 @@ impl JobReport {
 pub struct JobPool {
     pool: CorePool,
     client: CoreClient,
-    config: Option<Arc<Config>>,
 }
 
 impl JobPool {
-    pub fn new(
-        client: CoreClient,
-        config: Option<Arc<Config>>,
-        cpus: Option<u32>,
-        memory_mib: Option<u64>,
-    ) -> PyResult<Self> {
+    pub fn new(client: CoreClient, cpus: Option<u32>, memory_mib: Option<u64>) -> PyResult<Self> {
         let host = Budget::host();
         let budget = Budget {
             cpus: cpus.unwrap_or(host.cpus),
@@ -278,11 +263,7 @@ impl JobPool {
         };
         let pool = CorePool::new(client.clone(), budget)
             .map_err(|e| PyValueError::new_err(e.to_string()))?;
-        Ok(JobPool {
-            pool,
-            client,
-            config,
-        })
+        Ok(JobPool { pool, client })
     }
 }
 
@@ -322,7 +303,6 @@ impl JobPool {
         let (vm, spec) = prepare(
             py,
             &self.client,
-            self.config.as_deref(),
             template,
             profile,
             argv.ok_or_else(|| PyValueError::new_err("argv is required"))?,
@@ -375,7 +355,6 @@ impl JobPool {
             prepared.push(prepare(
                 py,
                 &self.client,
-                self.config.as_deref(),
                 opt_str("template")?,
                 opt_str("profile")?,
                 argv,

@@ -71,13 +71,7 @@ where
 }
 
 fn seconds(what: &str, s: f64) -> PyResult<Duration> {
-    if s.is_finite() && s > 0.0 {
-        Ok(Duration::from_secs_f64(s))
-    } else {
-        Err(PyValueError::new_err(format!(
-            "{what} must be a positive number of seconds, got {s}"
-        )))
-    }
+    anyvm::positive_secs(s, what).map_err(|e| PyValueError::new_err(e.to_string()))
 }
 
 fn ready_spec(
@@ -89,33 +83,25 @@ fn ready_spec(
     if let Some(ps) = probes {
         spec.probes.clear();
         for p in ps {
-            let probe = if let Ok(s) = p.extract::<String>() {
-                match s.as_str() {
-                    "agent" => Probe::Agent,
-                    other => {
-                        return Err(PyValueError::new_err(format!(
-                            "unknown probe {other:?}; use \"agent\", (\"tcp\", port), (\"ssh\", port) or (\"command\", [argv])"
-                        )))
-                    }
-                }
+            // The core's one probe syntax; tuples are spelled into it.
+            let text = if let Ok(s) = p.extract::<String>() {
+                s
             } else if let Ok((kind, port)) = p.extract::<(String, u16)>() {
-                match kind.as_str() {
-                    "tcp" => Probe::Tcp { guest_port: port },
-                    "ssh" | "ssh_banner" => Probe::SshBanner { guest_port: port },
-                    k => return Err(PyValueError::new_err(format!("unknown probe kind {k:?}"))),
-                }
+                format!("{kind}:{port}")
             } else if let Ok((kind, argv)) = p.extract::<(String, Vec<String>)>() {
-                if kind != "command" {
-                    return Err(PyValueError::new_err(format!(
-                        "unknown probe kind {kind:?}"
-                    )));
-                }
-                Probe::Command { argv }
+                format!(
+                    "{kind}:{}",
+                    serde_json::to_string(&argv)
+                        .map_err(|e| PyValueError::new_err(e.to_string()))?
+                )
             } else {
                 return Err(pyo3::exceptions::PyTypeError::new_err(
-                    "a probe is \"agent\", (\"tcp\", port), (\"ssh\", port) or (\"command\", [argv])",
+                    "a probe is \"agent\", \"tcp:PORT\", \"ssh:PORT\", \"command:[...]\" or a tuple (\"tcp\", port), (\"ssh\", port), (\"command\", [argv])",
                 ));
             };
+            let probe: Probe = text
+                .parse()
+                .map_err(|e: anyvm::Error| PyValueError::new_err(e.to_string()))?;
             spec.probes.push(probe);
         }
     }
@@ -196,21 +182,10 @@ impl ExecResult {
             return Ok(slf);
         }
         let py = slf.py();
-        let stderr = me.stderr.bind(py).as_bytes().to_vec();
-        let reason = match (me.exit_code, me.signal) {
-            (Some(c), _) => format!("exit code {c}: {}", String::from_utf8_lossy(&stderr).trim()),
-            (None, Some(s)) => format!("killed by signal {s}"),
-            _ => "no exit status".into(),
-        };
+        let stderr = me.stderr.bind(py).as_bytes();
         Err(to_py(
             py,
-            anyvm::Error::GuestCommand {
-                ctx: anyvm::Ctx::vm("exec", &me.vm),
-                program: me.argv.clone(),
-                exit_code: me.exit_code,
-                stderr: stderr.into_boxed_slice(),
-                reason,
-            },
+            anyvm::guest_command_error(&me.vm, &me.argv, me.exit_code, me.signal, stderr),
         ))
     }
 
@@ -229,7 +204,6 @@ impl ExecResult {
 #[pyclass(module = "anyvm._native", frozen)]
 struct Client {
     inner: CoreClient,
-    config: Option<Config>,
 }
 
 /// Open a backend: "libvirt:qemu:///system", "virtualbox", "vmware:ws"; or take it from an
@@ -265,17 +239,13 @@ fn connect(
         }
         opts = opts.port_range(a..=b);
     }
-    let inner = block(py, true, CoreClient::connect_with(&uri, opts))?;
-    Ok(Client { inner, config })
+    let inner = block(py, true, CoreClient::connect_configured(&uri, opts, config))?;
+    Ok(Client { inner })
 }
 
 impl Client {
-    fn attach_creds(&self, vm: CoreVm) -> CoreVm {
-        vm.with_config(self.config.as_ref())
-    }
-
     fn machine(&self, py: Python<'_>, name: &str) -> PyResult<anyvm::MachineConfig> {
-        match &self.config {
+        match self.inner.config() {
             Some(c) => c.machine(name).cloned().map_err(|e| to_py(py, e)),
             None => Err(to_py(
                 py,
@@ -321,7 +291,6 @@ impl Client {
         let (vm, spec) = job::prepare(
             py,
             &self.inner,
-            self.config.as_ref(),
             template,
             profile,
             argv.ok_or_else(|| PyValueError::new_err("argv is required"))?,
@@ -348,12 +317,7 @@ impl Client {
     /// plus one, and 90% of its available memory).
     #[pyo3(signature = (*, cpus=None, memory_mib=None))]
     fn job_pool(&self, cpus: Option<u32>, memory_mib: Option<u64>) -> PyResult<job::JobPool> {
-        job::JobPool::new(
-            self.inner.clone(),
-            self.config.clone().map(std::sync::Arc::new),
-            cpus,
-            memory_mib,
-        )
+        job::JobPool::new(self.inner.clone(), cpus, memory_mib)
     }
 
     /// Remove job clones whose owner process is gone, and stale port leases.
@@ -405,9 +369,7 @@ impl Client {
     fn vm(&self, py: Python<'_>, name: String) -> PyResult<Vm> {
         let c = self.inner.clone();
         let vm = block(py, true, async move { c.vm(&name).await })?;
-        Ok(Vm {
-            inner: self.attach_creds(vm),
-        })
+        Ok(Vm { inner: vm })
     }
 
     /// Define a VM from a spec dict (the JSON form of anyvm's VmSpec) or a machine name from
@@ -425,9 +387,7 @@ impl Client {
         };
         let c = self.inner.clone();
         let vm = block(py, true, async move { c.define(spec).await })?;
-        Ok(Vm {
-            inner: self.attach_creds(vm),
-        })
+        Ok(Vm { inner: vm })
     }
 
     /// Define (if needed), start and wait until ready, for a machine in the config.
@@ -440,9 +400,7 @@ impl Client {
         }
         let c = self.inner.clone();
         let vm = block(py, true, async move { c.up(m.spec, &ready).await })?;
-        Ok(Vm {
-            inner: self.attach_creds(vm),
-        })
+        Ok(Vm { inner: vm })
     }
 
     fn __repr__(&self) -> String {
@@ -513,12 +471,7 @@ impl Vm {
         };
         let vm = self.inner.clone();
         let r = block(py, false, async move { vm.stop(opts).await })?;
-        Ok(match r {
-            anyvm::StopOutcome::AlreadyOff => "already_off",
-            anyvm::StopOutcome::Graceful => "graceful",
-            anyvm::StopOutcome::Forced => "forced",
-        }
-        .into())
+        Ok(r.to_string())
     }
 
     fn pause(&self, py: Python<'_>) -> PyResult<()> {
@@ -757,9 +710,14 @@ impl Vm {
         mode: &str,
     ) -> PyResult<Running> {
         let ready = ready_spec(timeout, probes, mode)?;
-        let clone = self.clone_vm(py, name, snapshot)?;
+        let name = VmName::new(name).map_err(|e| PyValueError::new_err(e.to_string()))?;
+        let base = self.inner.clone();
+        // Owner-labelled like a job's clone: `anyvm gc` collects it if this process is killed.
+        let clone = block(py, true, async move {
+            anyvm::job::transient_clone(&base, &name, snapshot.as_deref()).await
+        })?;
         Ok(Running {
-            vm: clone,
+            vm: Vm { inner: clone },
             ready,
             stop: StopOptions {
                 force: true,
@@ -788,9 +746,10 @@ impl Vm {
             timeout: seconds("timeout", timeout)?,
         };
         let vm = self.inner.clone();
-        awaitable(py, async move {
-            vm.stop(opts).await.map(|o| format!("{o:?}").to_lowercase())
-        })
+        awaitable(
+            py,
+            async move { vm.stop(opts).await.map(|o| o.to_string()) },
+        )
     }
 
     fn state_async<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {

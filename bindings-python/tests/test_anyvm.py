@@ -16,7 +16,7 @@ def test_lifecycle_exec_and_errors(make_vm, tmp_path):
     assert vm.state == "shut off"
     vm.start()
     rep = vm.wait_ready(timeout=120, probes=["agent", ("ssh", 22)])
-    assert [p for p, _ in rep["passed"]] == ["agent", "ssh_banner(22)"]
+    assert [p for p, _ in rep["passed"]] == ["agent", "ssh:22"]
     assert vm.state == "running"
 
     r = vm.exec(["sh", "-c", "echo out; echo err >&2; exit 3"])

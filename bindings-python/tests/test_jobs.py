@@ -89,3 +89,25 @@ def test_ctrl_c_cancels_the_job_and_removes_its_clone(client, make_vm):
         client.run_job(tmpl.name, ["sleep", "300"])
     assert clones(client, tmpl.name) == []
     assert [c for c in client.gc(dry_run=True)["clones"] if c["vm"].startswith(tmpl.name)] == []
+
+
+def test_a_killed_transient_clone_is_collected_by_gc(client, make_vm, tmp_path):
+    import subprocess
+    import sys
+    base = make_vm()
+    base.snapshot("golden")
+    clone_name = "py-orphan-" + base.name[3:]
+    script = f"""
+import os, signal, anyvm
+c = anyvm.connect("libvirt:qemu:///system", state_dir={str(tmp_path / 'child-state')!r}, port_range=(51000, 51999))
+base = c.vm({base.name!r})
+with base.transient_clone({clone_name!r}, snapshot="golden", timeout=120):
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+    r = subprocess.run([sys.executable, "-c", script], timeout=300)
+    assert r.returncode == -signal.SIGKILL
+    assert client.vm(clone_name).state == "running"
+    report = client.gc()
+    assert clone_name in [c["vm"] for c in report["clones"]], report
+    with pytest.raises(anyvm.NotFoundError):
+        client.vm(clone_name)

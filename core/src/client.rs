@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::backend::{Backend, BackendUri};
+use crate::config::Config;
 use crate::error::{Ctx, Error, Result};
 use crate::name::VmName;
 use crate::ports::{PortAllocator, DEFAULT_PORT_RANGE};
@@ -48,36 +49,65 @@ impl ClientOptions {
     }
 }
 
-/// `$ANYVM_STATE_DIR`, else /var/lib/anyvm for root, else `$XDG_STATE_HOME/anyvm` or `~/.local/state/anyvm`.
-pub fn default_state_dir() -> PathBuf {
-    if let Some(d) = std::env::var_os("ANYVM_STATE_DIR").filter(|d| !d.is_empty()) {
-        return d.into();
-    }
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        return "/var/lib/anyvm".into();
-    }
-    if let Some(d) = std::env::var_os("XDG_STATE_HOME").filter(|d| !d.is_empty()) {
-        return PathBuf::from(d).join("anyvm");
-    }
-    let home = std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| "/tmp".into());
-    home.join(".local/state/anyvm")
-}
+pub use crate::paths::default_state_dir;
 
-/// A connection to one hypervisor.
+/// A connection to one hypervisor, with the configuration its handles follow.
+///
+/// A client made from an `anyvm.toml` ([`Client::from_config`]) owns it: every [`Vm`] it hands
+/// out ([`Client::vm`], [`Client::define`], [`Client::up`], clones of those) already carries the
+/// machine's guest account, guest channel and its profile's policy, so no caller can forget them.
 #[derive(Debug, Clone)]
 pub struct Client {
     backend: Arc<dyn Backend>,
     ports: PortAllocator,
     opts: ClientOptions,
+    config: Option<Arc<Config>>,
 }
 
 impl Client {
     /// Open a backend: `libvirt:qemu:///system`, `virtualbox`, `vmware:ws`.
     pub async fn connect(uri: &str) -> Result<Client> {
         Client::connect_with(uri, ClientOptions::default()).await
+    }
+
+    /// The backend, state dir and port range of `config`, whose machines' settings every
+    /// handle then follows.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> anyvm::Result<()> {
+    /// let config = anyvm::Config::load("anyvm.toml")?;
+    /// let client = anyvm::Client::from_config(config).await?;
+    /// let vm = client.vm("build1").await?; // credentials, channel and policy applied
+    /// # Ok(()) }
+    /// ```
+    pub async fn from_config(config: Config) -> Result<Client> {
+        let uri = config.backend_uri();
+        let opts = config.client_options();
+        Client::connect_configured(&uri, opts, Some(config)).await
+    }
+
+    /// [`Client::connect_with`] with a configuration whose machine settings the handles follow
+    /// (the URI and options given here win over the config's).
+    pub async fn connect_configured(
+        uri: &str,
+        opts: ClientOptions,
+        config: Option<Config>,
+    ) -> Result<Client> {
+        let mut c = Client::connect_with(uri, opts).await?;
+        c.config = config.map(Arc::new);
+        Ok(c)
+    }
+
+    /// The configuration handles follow, if the client has one.
+    pub fn config(&self) -> Option<&Config> {
+        self.config.as_deref()
+    }
+
+    /// Follow `config`'s machine settings from now on (clients made with
+    /// [`Client::with_backend`]).
+    pub fn with_config(mut self, config: Config) -> Client {
+        self.config = Some(Arc::new(config));
+        self
     }
 
     pub async fn connect_with(uri: &str, opts: ClientOptions) -> Result<Client> {
@@ -136,6 +166,7 @@ impl Client {
             backend,
             ports,
             opts,
+            config: None,
         }
     }
 
@@ -153,6 +184,7 @@ impl Client {
         self.backend.list().await
     }
 
+    /// Every handle is made here, so every handle follows the config.
     fn handle(&self, name: VmName) -> Vm {
         Vm::new(
             name,
@@ -160,6 +192,25 @@ impl Client {
             self.ports.clone(),
             self.opts.state_dir.clone(),
         )
+        .configured(self.config.as_deref())
+    }
+
+    /// Define (from the config) if needed, start and wait until ready with the machine's probes:
+    /// `anyvm up NAME`.
+    pub async fn up_machine(&self, name: &str) -> Result<Vm> {
+        let m = self
+            .config
+            .as_deref()
+            .ok_or_else(|| {
+                Error::config(
+                    None,
+                    format!("machines.{name}"),
+                    "the client has no configuration; make it with Client::from_config",
+                )
+            })?
+            .machine(name)?;
+        let (spec, ready) = (m.spec.clone(), m.ready.clone());
+        self.up(spec, &ready).await
     }
 
     /// A handle on an existing VM; `NotFound` if the backend does not know it.
@@ -219,5 +270,56 @@ impl Client {
         checks.push(crate::doctor::check_state_dir(&self.opts.state_dir));
         checks.push(crate::doctor::check_ports(&self.ports));
         crate::doctor::DoctorReport { checks }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every handle a configured client makes carries the machine's account, channel and
+    /// policy: `vm`, `define`, and clones of those.
+    #[tokio::test]
+    async fn handles_follow_the_clients_config() {
+        let cfg = Config::parse(
+            r#"
+[machines.b1]
+disks = [{ path = "/x/sl6.vdi" }]
+credentials = { user = "mc", identity_file = "/k" }
+guest_channel = "ssh"
+ssh_port = 2200
+[profiles.mc]
+machine = "b1"
+policy = { exec_allow = ["/bin/true"] }
+"#,
+            None,
+        )
+        .unwrap();
+        assert_eq!(
+            cfg.machine("b1").unwrap().spec.disks[0].format,
+            crate::DiskFormat::Vdi
+        );
+        let mut b = crate::backend::mock();
+        b.expect_exists().returning(|_| Ok(true));
+        b.expect_uri().returning(|| "mock".into());
+        let dir = tempfile::tempdir().unwrap();
+        let client =
+            Client::with_backend(Arc::new(b), ClientOptions::default().state_dir(dir.path()))
+                .with_config(cfg);
+        let vm = client.vm("b1").await.unwrap();
+        assert_eq!(vm.credentials().unwrap().user, "mc");
+        assert_eq!(vm.ssh_port(), 2200);
+        let p = vm.policy().expect("the profile's policy");
+        assert!(p.exec_allow.is_some());
+        // A VM the config does not describe gets a bare handle.
+        let other = client.vm("other").await.unwrap();
+        assert!(other.credentials().is_none());
+        assert!(other.policy().is_none());
+        // A client without config keeps handles bare.
+        let mut b = crate::backend::mock();
+        b.expect_exists().returning(|_| Ok(true));
+        let bare = Client::with_backend(Arc::new(b), ClientOptions::default());
+        assert!(bare.vm("b1").await.unwrap().credentials().is_none());
+        assert!(bare.config().is_none());
     }
 }

@@ -26,14 +26,16 @@ pub mod credentials;
 pub mod doctor;
 pub mod error;
 pub mod job;
+pub mod labels;
 pub mod name;
+pub mod paths;
 pub mod policy;
 pub mod ports;
 pub mod profile;
 pub mod readiness;
 pub mod ssh;
 pub mod types;
-pub mod util;
+pub(crate) mod util;
 pub mod vm;
 
 pub use backend::{Backend, BackendUri, VmEvent, VmEventKind, DEFAULT_BACKEND};

@@ -353,6 +353,29 @@ pub struct CloneLink {
     pub snapshot: Option<String>,
 }
 
+/// The clones that depend on `base` (on its `snapshot`, when given), transitively, deepest first.
+pub fn dependants_of(links: &[CloneLink], base: &str, snapshot: Option<&str>) -> Vec<String> {
+    let mut seen: std::collections::BTreeSet<String> = std::iter::once(base.to_string()).collect();
+    let mut level: Vec<String> = Vec::new();
+    for l in links.iter().filter(|l| l.base == base) {
+        if (snapshot.is_none() || l.snapshot.as_deref() == snapshot) && seen.insert(l.clone.clone())
+        {
+            level.push(l.clone.clone());
+        }
+    }
+    let mut levels: Vec<Vec<String>> = Vec::new();
+    while !level.is_empty() {
+        let mut next = Vec::new();
+        for l in links.iter().filter(|l| level.contains(&l.base)) {
+            if seen.insert(l.clone.clone()) {
+                next.push(l.clone.clone());
+            }
+        }
+        levels.push(std::mem::replace(&mut level, next));
+    }
+    levels.into_iter().rev().flatten().collect()
+}
+
 /// How `destroy` (and `snapshot delete`) treat linked clones that depend on what is removed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct DestroyOptions {
@@ -365,6 +388,48 @@ impl DestroyOptions {
     pub fn with_clones(mut self, yes: bool) -> Self {
         self.with_clones = yes;
         self
+    }
+}
+
+/// A timeout given in seconds by a person or another language: finite and positive, or an
+/// InvalidArgument naming `what`. The one check the CLI, Python and C share.
+pub fn positive_secs(s: f64, what: &str) -> crate::error::Result<Duration> {
+    if s.is_finite() && s > 0.0 && s <= 1e12 {
+        Ok(Duration::from_secs_f64(s))
+    } else {
+        Err(crate::error::Error::invalid_arg(
+            what,
+            format!("{s} is not a positive number of seconds"),
+        ))
+    }
+}
+
+/// The error for a guest program that did not exit 0, as [`crate::Vm::exec_checked`] raises it
+/// (also what the bindings' `check()` raise): VM, program, exit code or signal, its stderr.
+pub fn guest_command_error(
+    vm: &str,
+    program: &str,
+    exit_code: Option<i32>,
+    signal: Option<i32>,
+    stderr: &[u8],
+) -> crate::error::Error {
+    crate::error::Error::GuestCommand {
+        ctx: crate::error::Ctx::vm("exec", vm),
+        program: program.to_string(),
+        exit_code,
+        reason: match (exit_code, signal) {
+            (Some(c), _) => format!(
+                "exit code {c}: {}",
+                String::from_utf8_lossy(stderr)
+                    .trim()
+                    .chars()
+                    .take(500)
+                    .collect::<String>()
+            ),
+            (None, Some(s)) => format!("killed by signal {s}"),
+            _ => "no exit status".into(),
+        },
+        stderr: stderr.to_vec().into_boxed_slice(),
     }
 }
 
@@ -394,6 +459,23 @@ pub enum StopOutcome {
     Graceful,
     /// The graceful request was ignored or too slow; power was cut.
     Forced,
+}
+
+impl StopOutcome {
+    /// `already_off`, `graceful`, `forced`: the one spelling (JSON, Python, the CLI).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StopOutcome::AlreadyOff => "already_off",
+            StopOutcome::Graceful => "graceful",
+            StopOutcome::Forced => "forced",
+        }
+    }
+}
+
+impl fmt::Display for StopOutcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// How exec and file copy reach the guest.

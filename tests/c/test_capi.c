@@ -95,8 +95,8 @@ static void session(anyvm_client_t *client, const char *guest, const char *work)
   ok(anyvm_vm_state(vm, &st), "state");
   CHECK(st == ANYVM_STATE_SHUT_OFF, "state %d", st);
   ok(anyvm_vm_start(vm), "start");
-  const char *probes[] = {"agent", "ssh:22"};
-  ok(anyvm_vm_wait_ready(vm, probes, 2, false, 120.0), "wait_ready");
+  const char *probes[] = {"agent", "ssh:22", "command:[\"test\", \"-d\", \"/proc/1\"]"};
+  ok(anyvm_vm_wait_ready(vm, probes, 3, false, 120.0), "wait_ready");
   const char *bad[] = {"psychic"};
   expect_error(anyvm_vm_wait_ready(vm, bad, 1, false, 5.0), ANYVM_ERROR_INVALID_ARGUMENT, "psychic", "bad probe");
 

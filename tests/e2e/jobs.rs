@@ -242,7 +242,8 @@ async fn gc_removes_only_clones_of_dead_owners() {
     let ghost_mount = shares.join("e2e-gc-ghost").join("data");
     let live_mount = shares.join(names[1]).join("data");
     for m in [&ghost_mount, &live_mount] {
-        anyvm::util::bindmount::ensure_readonly(&anyvm::Ctx::new("test mount"), &src, m).unwrap();
+        anyvm::backend::libvirt::ensure_readonly_mount(&anyvm::Ctx::new("test mount"), &src, m)
+            .unwrap();
     }
     let _unmount = Unmount(vec![ghost_mount.clone(), live_mount.clone()]);
 

@@ -21,7 +21,6 @@ use crate::types::{
 
 #[cfg(feature = "libvirt")]
 pub mod libvirt;
-pub mod tool;
 pub mod virtualbox;
 pub mod vmware;
 
@@ -277,7 +276,7 @@ pub trait Backend: Send + Sync + fmt::Debug {
     }
 
     /// Every linked-clone edge the backend knows. The default reads the clone labels anyvm
-    /// stores in each VM's spec ([`crate::vm::CLONE_BASE_LABEL`]); VirtualBox reads its media
+    /// stores in each VM's spec ([`crate::labels::CLONE_BASE`]); VirtualBox reads its media
     /// registry instead, which also knows clones made without anyvm.
     async fn clone_links(&self) -> Result<Vec<CloneLink>> {
         let mut links = Vec::new();
@@ -291,11 +290,11 @@ pub trait Backend: Send + Sync + fmt::Debug {
                 Ok(None) | Err(Error::NotFound { .. }) => continue,
                 Err(e) => return Err(e),
             };
-            if let Some(base) = spec.labels.get(crate::vm::CLONE_BASE_LABEL) {
+            if let Some(base) = spec.labels.get(crate::labels::CLONE_BASE) {
                 links.push(CloneLink {
                     clone: info.name.clone(),
                     base: base.clone(),
-                    snapshot: spec.labels.get(crate::vm::CLONE_SNAPSHOT_LABEL).cloned(),
+                    snapshot: spec.labels.get(crate::labels::CLONE_SNAPSHOT).cloned(),
                 });
             }
         }

@@ -17,6 +17,23 @@ mod stage;
 
 pub use prepare::prepare;
 
+/// A linked clone that belongs to this process: it carries the owner labels a job's clone
+/// carries, so `anyvm gc` removes it if the process dies (SIGKILL, reboot) before it does.
+/// The caller destroys it when done (Python's `vm.transient_clone()` does, on every exit).
+pub async fn transient_clone(base: &Vm, name: &VmName, snapshot: Option<&str>) -> Result<Vm> {
+    let mut labels = owner::Owner::current().labels();
+    labels.insert(owner::LABEL_TEMPLATE.into(), base.name().to_string());
+    labels.insert(
+        owner::LABEL_STARTED_AT.into(),
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs()
+            .to_string(),
+    );
+    base.clone_linked_labeled(name, snapshot, labels).await
+}
+
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -34,7 +51,7 @@ use crate::types::ExecRequest;
 use crate::vm::Vm;
 
 /// Labels under this prefix belong to the job runner.
-pub const LABEL_PREFIX: &str = "anyvm.job/";
+pub use crate::labels::JOB_PREFIX as LABEL_PREFIX;
 
 /// Wall-clock limit when none is given: batch systems enforce their own.
 pub const DEFAULT_JOB_TIMEOUT: Duration = Duration::from_secs(30 * 24 * 3600);
@@ -587,8 +604,7 @@ async fn body(
     vm.wait_ready(&spec.ready).await.map_err(at(progress))?;
     if let Some(p) = &spec.profile {
         progress.begin(Phase::Check);
-        let rep = vm
-            .check(p, spec.check_timeout)
+        let rep = crate::profile::check(vm, p, spec.check_timeout)
             .await
             .map_err(at(progress))?;
         let failed: Vec<String> = rep

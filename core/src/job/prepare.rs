@@ -10,14 +10,14 @@ use crate::vm::Vm;
 
 use super::JobSpec;
 
-/// Resolve `template` and/or `profile` (at least one) against `config`.
+/// Resolve `template` and/or `profile` (at least one) against the client's configuration.
 pub async fn prepare<S: AsRef<str>>(
     client: &Client,
-    config: Option<&Config>,
     template: Option<&str>,
     profile: Option<&str>,
     argv: &[S],
 ) -> Result<(Vm, JobSpec)> {
+    let config: Option<&Config> = client.config();
     let profile = match profile {
         Some(p) => {
             let cfg = config
@@ -52,7 +52,7 @@ pub async fn prepare<S: AsRef<str>>(
             client.define(m.spec.clone()).await?;
         }
     }
-    let vm = client.vm(&template).await?.with_config(config);
+    let vm = client.vm(&template).await?;
     let mut spec = JobSpec::new(&template, argv)?;
     if let Some(m) = machine {
         spec.ready = m.ready.clone();

@@ -213,8 +213,18 @@ async fn check_one(vm: &Vm, r: &Resource, timeout: Duration) -> Result<(bool, St
 
 /// Verify every resource of `profile` from inside `vm`, mounting the profile's shares first
 /// where they name a guest path. Fails only when the VM cannot be asked at all; each resource's
-/// outcome is in the report.
+/// outcome is in the report. Audited as "check" under the VM's policy.
 pub async fn check(vm: &Vm, profile: &Profile, per_resource: Duration) -> Result<CheckReport> {
+    let args = serde_json::json!({"profile": profile.name});
+    vm.audited("check", args, check_unaudited(vm, profile, per_resource))
+        .await
+}
+
+async fn check_unaudited(
+    vm: &Vm,
+    profile: &Profile,
+    per_resource: Duration,
+) -> Result<CheckReport> {
     let state = vm.state().await?;
     if state != VmState::Running {
         return Err(Error::InvalidState {

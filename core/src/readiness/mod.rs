@@ -18,8 +18,18 @@ use crate::name::VmName;
 use crate::types::{ExecOutput, ExecRequest, VmState};
 
 /// One condition the guest must meet.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+///
+/// One text form, used by anyvm.toml, the command line, Python and C, and printed back by
+/// `Display` so that it round-trips: `agent`, `tcp:PORT`, `ssh:PORT`, `command:["ARG", ...]`
+/// (a JSON array; `command:WORD WORD` splits on spaces for simple commands).
+///
+/// ```
+/// use anyvm::Probe;
+/// let p: Probe = "command:[\"test\", \"-e\", \"/run/ready\"]".parse().unwrap();
+/// assert_eq!(p.to_string().parse::<Probe>().unwrap(), p);
+/// assert_eq!("ssh:22".parse::<Probe>().unwrap(), Probe::SshBanner { guest_port: 22 });
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Probe {
     /// The guest agent (QEMU guest agent, Guest Additions, VMware Tools) answers a ping.
     Agent,
@@ -31,13 +41,99 @@ pub enum Probe {
     Command { argv: Vec<String> },
 }
 
+const PROBE_FORMS: &str = "agent, tcp:PORT, ssh:PORT or command:[\"ARG\", ...]";
+
 impl fmt::Display for Probe {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Probe::Agent => f.write_str("agent"),
-            Probe::Tcp { guest_port } => write!(f, "tcp({guest_port})"),
-            Probe::SshBanner { guest_port } => write!(f, "ssh_banner({guest_port})"),
-            Probe::Command { argv } => write!(f, "command({})", argv.join(" ")),
+            Probe::Tcp { guest_port } => write!(f, "tcp:{guest_port}"),
+            Probe::SshBanner { guest_port } => write!(f, "ssh:{guest_port}"),
+            Probe::Command { argv } => write!(
+                f,
+                "command:{}",
+                serde_json::to_string(argv).map_err(|_| fmt::Error)?
+            ),
+        }
+    }
+}
+
+impl std::str::FromStr for Probe {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Probe> {
+        let bad = |why: String| Error::invalid_arg(format!("probe {s:?}"), why);
+        let (kind, arg) = match s.split_once(':') {
+            Some((k, a)) => (k.trim(), Some(a.trim())),
+            None => (s.trim(), None),
+        };
+        let port = |a: Option<&str>| -> Result<u16> {
+            a.and_then(|a| a.parse::<u16>().ok())
+                .filter(|p| *p != 0)
+                .ok_or_else(|| bad(format!("{kind} needs a guest port 1-65535 ({PROBE_FORMS})")))
+        };
+        match (kind, arg) {
+            ("agent", None) => Ok(Probe::Agent),
+            ("tcp", a) => Ok(Probe::Tcp {
+                guest_port: port(a)?,
+            }),
+            ("ssh" | "ssh_banner", a) => Ok(Probe::SshBanner {
+                guest_port: port(a)?,
+            }),
+            ("command", Some(a)) => {
+                let argv: Vec<String> = if a.starts_with('[') {
+                    serde_json::from_str(a).map_err(|e| {
+                        bad(format!("the command is not a JSON array of strings: {e}"))
+                    })?
+                } else {
+                    a.split_whitespace().map(str::to_string).collect()
+                };
+                if argv.is_empty() || argv[0].is_empty() {
+                    return Err(bad("the command must name a program".into()));
+                }
+                Ok(Probe::Command { argv })
+            }
+            _ => Err(bad(format!("expected {PROBE_FORMS}"))),
+        }
+    }
+}
+
+impl Serialize for Probe {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+/// The table form of older anyvm.toml files (`{ kind = "tcp", guest_port = 22 }`), still read.
+#[derive(Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+enum ProbeTable {
+    Agent,
+    Tcp { guest_port: u16 },
+    SshBanner { guest_port: u16 },
+    Command { argv: Vec<String> },
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum ProbeRepr {
+    Text(String),
+    Table(ProbeTable),
+}
+
+impl<'de> Deserialize<'de> for Probe {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Probe, D::Error> {
+        match ProbeRepr::deserialize(d).map_err(|_| {
+            serde::de::Error::custom(format!(
+                "a probe is {PROBE_FORMS} (or a {{ kind = ... }} table)"
+            ))
+        })? {
+            ProbeRepr::Text(t) => t.parse().map_err(serde::de::Error::custom),
+            ProbeRepr::Table(ProbeTable::Agent) => Ok(Probe::Agent),
+            ProbeRepr::Table(ProbeTable::Tcp { guest_port }) => Ok(Probe::Tcp { guest_port }),
+            ProbeRepr::Table(ProbeTable::SshBanner { guest_port }) => {
+                Ok(Probe::SshBanner { guest_port })
+            }
+            ProbeRepr::Table(ProbeTable::Command { argv }) => Ok(Probe::Command { argv }),
         }
     }
 }

@@ -54,7 +54,7 @@ async fn timeout_names_the_failing_probe_and_its_last_error() {
         Error::NotReady {
             probe, last_error, ..
         } => {
-            assert_eq!(probe, "tcp(22)");
+            assert_eq!(probe, "tcp:22");
             assert!(
                 last_error.contains("no TCP forward to guest port 22"),
                 "{last_error}"
@@ -91,7 +91,7 @@ async fn any_mode_passes_on_the_first_probe() {
         .timeout(Duration::from_secs(5));
     let rep = wait_ready(Arc::new(b), &name(), &spec).await.unwrap();
     assert_eq!(rep.passed.len(), 1);
-    assert_eq!(rep.passed[0].0, "command(true)");
+    assert_eq!(rep.passed[0].0, "command:[\"true\"]");
 }
 
 #[tokio::test]
@@ -138,4 +138,67 @@ async fn refuses_a_vm_that_is_not_running_and_bad_specs() {
         .await
         .unwrap_err();
     assert!(matches!(e, Error::InvalidArgument { .. }));
+}
+
+#[test]
+fn probe_text_round_trips_and_is_what_every_surface_reads() {
+    let probes = [
+        Probe::Agent,
+        Probe::Tcp { guest_port: 22 },
+        Probe::SshBanner { guest_port: 2222 },
+        Probe::Command {
+            argv: vec!["sh".into(), "-c".into(), "test -e \"/run/a b\"".into()],
+        },
+    ];
+    for p in &probes {
+        let text = p.to_string();
+        assert_eq!(&text.parse::<Probe>().unwrap(), p, "{text}");
+        // The same text in TOML and JSON (how specs travel to Python and C).
+        let toml_text = format!("probes = [{}]", toml::Value::String(text.clone()));
+        #[derive(serde::Deserialize)]
+        struct T {
+            probes: Vec<Probe>,
+        }
+        let t: T = toml::from_str(&toml_text).unwrap();
+        assert_eq!(&t.probes[0], p);
+        let json = serde_json::to_string(p).unwrap();
+        assert_eq!(&serde_json::from_str::<Probe>(&json).unwrap(), p, "{json}");
+    }
+    assert_eq!(
+        "command:systemctl is-active sshd".parse::<Probe>().unwrap(),
+        Probe::Command {
+            argv: vec!["systemctl".into(), "is-active".into(), "sshd".into()]
+        }
+    );
+    assert_eq!(
+        "ssh_banner:22".parse::<Probe>().unwrap(),
+        Probe::SshBanner { guest_port: 22 }
+    );
+    for bad in [
+        "",
+        "psychic",
+        "tcp",
+        "tcp:0",
+        "tcp:70000",
+        "ssh:x",
+        "agent:1",
+        "command:",
+        "command:[1]",
+        "command:[\"\"]",
+    ] {
+        let e = bad.parse::<Probe>().unwrap_err();
+        assert!(matches!(e, Error::InvalidArgument { .. }), "{bad}: {e}");
+        assert!(e.to_string().contains("probe"), "{e}");
+    }
+    // Older anyvm.toml files wrote tables; they still read.
+    #[derive(serde::Deserialize)]
+    struct T {
+        probes: Vec<Probe>,
+    }
+    let t: T = toml::from_str(
+        "probes = [{ kind = \"agent\" }, { kind = \"ssh_banner\", guest_port = 22 }, { kind = \"command\", argv = [\"true\"] }]",
+    )
+    .unwrap();
+    assert_eq!(t.probes[1], Probe::SshBanner { guest_port: 22 });
+    assert!(toml::from_str::<T>("probes = [{ kind = \"nope\" }]").is_err());
 }

@@ -9,8 +9,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use crate::error::{Ctx, Error, Result};
-use crate::vm::Vm;
+use crate::error::{Ctx, Result};
 
 /// Public host key files tried in the guest, strongest first.
 pub const HOST_KEY_PATHS: &[&str] = &[
@@ -34,7 +33,7 @@ pub struct SshOptions {
     pub identity_file: Option<PathBuf>,
     /// Guest port sshd listens on (default 22); a forward to it must exist.
     pub guest_port: Option<u16>,
-    /// `Host` alias (default "anyvm-<vm>").
+    /// `Host` alias (default `anyvm-VM`).
     pub alias: Option<String>,
 }
 
@@ -85,48 +84,24 @@ pub(crate) fn host_key_alias(vm: &str) -> String {
     format!("anyvm.{vm}")
 }
 
-/// Read the guest's public host keys from inside it (agent, tools or ssh channel).
-async fn guest_host_keys(vm: &Vm, ctx: &Ctx) -> Result<Vec<String>> {
-    let mut keys = Vec::new();
-    let mut last_err = None;
-    for path in HOST_KEY_PATHS {
-        match vm.read_guest_file(path, 16 * 1024).await {
-            Ok(bytes) => {
-                let text = String::from_utf8_lossy(&bytes);
-                keys.extend(text.lines().filter_map(parse_public_key));
-            }
-            Err(e) if e.kind() == crate::ErrorKind::NotFound => {}
-            Err(e) => last_err = Some(e),
-        }
-    }
-    if keys.is_empty() {
-        return Err(match last_err {
-            Some(e) => e,
-            None => Error::NotFound {
-                ctx: ctx.clone(),
-                what: format!(
-                    "no SSH host public key in the guest (looked at {})",
-                    HOST_KEY_PATHS.join(", ")
-                ),
-            },
-        });
-    }
-    Ok(keys)
-}
-
-pub(crate) async fn ssh_config(vm: &Vm, opts: &SshOptions) -> Result<SshConfig> {
-    let ctx = Ctx::vm("ssh_config", vm.name());
-    let guest_port = opts.guest_port.unwrap_or(22);
-    let (host_name, port) = vm.ssh_endpoint(guest_port).await?;
-    let keys = guest_host_keys(vm, &ctx).await?;
-    let host_key_alias = host_key_alias(vm.name().as_str());
-    let known_hosts = known_hosts_path(vm.state_dir(), &vm.backend().uri(), vm.name().as_str());
-    super::session::pin_keys(&ctx, &known_hosts, &host_key_alias, &keys)?;
-
+/// The config block for a VM reached at `host_name:port` whose guest showed `keys`: pins the
+/// keys in the VM's known_hosts file under its alias. The facade reads the keys
+/// ([`crate::Vm::ssh_config`]); this layer knows only OpenSSH.
+pub(crate) fn build_config(
+    ctx: &Ctx,
+    target: &PinTarget<'_>,
+    host_name: String,
+    port: u16,
+    keys: &[String],
+    opts: &SshOptions,
+) -> Result<SshConfig> {
+    let host_key_alias = host_key_alias(target.vm);
+    let known_hosts = known_hosts_path(target.state_dir, target.backend_uri, target.vm);
+    super::session::pin_keys(ctx, &known_hosts, &host_key_alias, keys)?;
     let alias = opts
         .alias
         .clone()
-        .unwrap_or_else(|| format!("anyvm-{}", vm.name()));
+        .unwrap_or_else(|| format!("anyvm-{}", target.vm));
     let user = opts.user.clone().unwrap_or_else(|| "root".into());
     let mut stanza = format!(
         "Host {alias}\n  HostName {host_name}\n  Port {port}\n  User {user}\n  HostKeyAlias {host_key_alias}\n  UserKnownHostsFile {}\n  StrictHostKeyChecking yes\n  CheckHostIP no\n",
@@ -148,6 +123,13 @@ pub(crate) async fn ssh_config(vm: &Vm, opts: &SshOptions) -> Result<SshConfig> 
         known_hosts,
         stanza,
     })
+}
+
+/// Whose keys are pinned where: the VM, its backend and anyvm's state dir.
+pub(crate) struct PinTarget<'a> {
+    pub vm: &'a str,
+    pub backend_uri: &'a str,
+    pub state_dir: &'a Path,
 }
 
 fn sanitize(s: &str) -> String {

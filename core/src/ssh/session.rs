@@ -11,10 +11,10 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::backend::tool::resolve_binary;
 use crate::error::{Ctx, Error, Result};
 use crate::types::{ExecOutput, ExecRequest};
 use crate::util::command::ToolCommand;
+use crate::util::tool::resolve_binary;
 
 /// How to reach one guest's sshd.
 #[derive(Debug, Clone)]

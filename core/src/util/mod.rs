@@ -1,7 +1,9 @@
-//! Small helpers shared by backends.
+//! Small helpers shared by backends and the layers above them: running tools under deadlines,
+//! JSON stores written by rename, bind mounts, file tails, XML escaping. Internal to the crate.
 
-pub mod bindmount;
-pub mod command;
-pub mod json_store;
-pub mod tail;
-pub mod xml;
+pub(crate) mod bindmount;
+pub(crate) mod command;
+pub(crate) mod json_store;
+pub(crate) mod tail;
+pub(crate) mod tool;
+pub(crate) mod xml;

@@ -11,6 +11,9 @@ mod domain_xml;
 mod events;
 pub mod host;
 
+/// Make `target` a read-only bind mount of `source` (what read-only shares are served from).
+pub use crate::util::bindmount::ensure_readonly as ensure_readonly_mount;
+
 use host::HypervisorHost;
 
 use std::path::{Path, PathBuf};
@@ -77,7 +80,7 @@ fn find_virtiofsd() -> PathBuf {
 
 impl Default for LibvirtOptions {
     fn default() -> Self {
-        let base = crate::client::default_state_dir();
+        let base = crate::paths::default_state_dir();
         LibvirtOptions {
             images_dir: base.join("images"),
             console_dir: base.join("console"),

@@ -180,7 +180,7 @@ In use by VMs:  c3 (UUID: C3)
         // c2 is not a direct clone of base; base's own snapshot chain is no clone.
         assert!(!l.iter().any(|x| x.clone == "c2" && x.base == "base"));
         assert!(!l.iter().any(|x| x.clone == "base"));
-        let all = crate::vm::dependants_of(&l, "base", None);
+        let all = crate::types::dependants_of(&l, "base", None);
         assert_eq!(
             all.first().map(String::as_str),
             Some("c2"),
@@ -188,7 +188,7 @@ In use by VMs:  c3 (UUID: C3)
         );
         assert_eq!(all.len(), 3);
         assert_eq!(
-            crate::vm::dependants_of(&l, "base", Some("s2")),
+            crate::types::dependants_of(&l, "base", Some("s2")),
             vec!["c3".to_string()]
         );
     }

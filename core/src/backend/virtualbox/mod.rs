@@ -1,4 +1,4 @@
-//! VirtualBox backend, driven through `VBoxManage` with the hardened [`ToolRunner`].
+//! VirtualBox backend, driven through `VBoxManage` with the hardened tool runner (`util::tool`).
 //!
 //! What this adds over calling VBoxManage by hand: C locale, argv only, every call under a
 //! deadline with the process group killed on expiry, "already locked" retried with backoff,
@@ -19,7 +19,6 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use tokio::sync::{broadcast, OnceCell};
 
-use super::tool::{resolve_binary, ToolRunner};
 use super::{Backend, VmEvent};
 use crate::credentials::Credentials;
 use crate::error::{Ctx, Error, Result};
@@ -30,6 +29,7 @@ use crate::types::{
     VmInfo, VmSpec, VmState, VmStatus,
 };
 use crate::util::command::ToolOutput;
+use crate::util::tool::{resolve_binary, ToolRunner};
 pub use errors::Failure;
 
 const SPEC_KEY: &str = "anyvm/spec";
@@ -71,7 +71,7 @@ impl Default for VirtualBoxOptions {
             start_type: "headless".into(),
             ready_run_level: 2,
             ready_properties: Vec::new(),
-            console_dir: crate::client::default_state_dir().join("console"),
+            console_dir: crate::paths::default_state_dir().join("console"),
             env: Vec::new(),
         }
     }
@@ -727,8 +727,8 @@ impl Backend for VirtualBoxBackend {
         let _ = std::fs::remove_file(self.console_path(vm));
         // A clone made at the base's current state left a snapshot on the base: drop it too.
         let auto = spec.as_ref().and_then(|s| {
-            (!s.labels.contains_key(crate::vm::CLONE_SNAPSHOT_LABEL))
-                .then(|| s.labels.get(crate::vm::CLONE_BASE_LABEL))
+            (!s.labels.contains_key(crate::labels::CLONE_SNAPSHOT))
+                .then(|| s.labels.get(crate::labels::CLONE_BASE))
                 .flatten()
         });
         if let Some(base) = auto {

@@ -28,7 +28,6 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
-use super::tool::{resolve_binary, ToolRunner};
 use super::{Backend, ForwardTransport, VmEvent};
 use crate::credentials::Credentials;
 use crate::error::{Ctx, Error, Result};
@@ -39,6 +38,7 @@ use crate::types::{
 };
 use crate::util::command::ToolOutput;
 use crate::util::json_store::JsonStore;
+use crate::util::tool::{resolve_binary, ToolRunner};
 
 #[derive(Debug, Clone)]
 pub struct VmwareOptions {
@@ -72,7 +72,7 @@ impl Default for VmwareOptions {
             flavor: "ws".into(),
             call_timeout: Duration::from_secs(120),
             long_timeout: Duration::from_secs(1800),
-            state_dir: crate::client::default_state_dir(),
+            state_dir: crate::paths::default_state_dir(),
             host_network: None,
             forbid_secrets_in_argv: false,
             forwards_over_ssh: false,

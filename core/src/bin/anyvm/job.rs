@@ -168,7 +168,6 @@ impl App {
     async fn job_spec(&self, a: &JobArgs) -> anyvm::Result<(anyvm::Vm, JobSpec)> {
         let (vm, mut spec) = job::prepare(
             &self.client,
-            self.config.as_ref(),
             a.template.as_deref(),
             a.profile.as_deref(),
             &a.argv,

@@ -259,14 +259,7 @@ struct App {
 }
 
 fn secs(s: f64, what: &str) -> anyvm::Result<Duration> {
-    if s.is_finite() && s > 0.0 {
-        Ok(Duration::from_secs_f64(s))
-    } else {
-        Err(Error::invalid_arg(
-            what,
-            format!("{s} is not a positive number of seconds"),
-        ))
-    }
+    anyvm::positive_secs(s, what)
 }
 
 impl App {
@@ -291,11 +284,7 @@ impl App {
 
     /// A VM handle carrying the guest account from the config, if the config has one.
     async fn open(&self, name: &str) -> anyvm::Result<anyvm::Vm> {
-        Ok(self
-            .client
-            .vm(name)
-            .await?
-            .with_config(self.config.as_ref()))
+        self.client.vm(name).await
     }
 
     fn machine(&self, name: &str) -> anyvm::Result<&anyvm::MachineConfig> {
@@ -426,7 +415,7 @@ impl App {
                 })?;
                 let p = cfg.profile(&profile)?.clone();
                 let vm = self.open(&p.machine).await?;
-                let rep = vm.check(&p, secs(timeout, "--timeout")?).await?;
+                let rep = anyvm::profile::check(&vm, &p, secs(timeout, "--timeout")?).await?;
                 self.out(json!(rep), || {
                     let mut t = format!(
                         "profile {} on {}: {}\n",
@@ -791,7 +780,7 @@ async fn doctor(cli: &Cli) -> anyvm::Result<u8> {
 
 async fn build(cli: &Cli) -> anyvm::Result<App> {
     let (config, backend, opts) = settings(cli)?;
-    let client = Client::connect_with(&backend, opts).await?;
+    let client = Client::connect_configured(&backend, opts, config.clone()).await?;
     Ok(App {
         client,
         config,

@@ -1,4 +1,4 @@
-//! The hardened runner for hypervisor command-line tools (VBoxManage, vmrun): finds the binary,
+//! The hardened runner for hypervisor command-line tools (VBoxManage, vmrun, ssh): finds the binary,
 //! runs argv vectors under a deadline (killing the process group on expiry, see
 //! [`crate::util::command`]), and counts invocations per subcommand, because each real call
 //! costs 0.1-1 s and the count is what to optimize.
@@ -99,10 +99,6 @@ impl ToolRunner {
     /// Invocations so far, by subcommand.
     pub fn invocations(&self) -> BTreeMap<String, u64> {
         self.calls.lock().expect("calls lock").clone()
-    }
-
-    pub fn total_invocations(&self) -> u64 {
-        self.calls.lock().expect("calls lock").values().sum()
     }
 }
 

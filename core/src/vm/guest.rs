@@ -1,0 +1,136 @@
+//! Guest programs and files: exec under the policy and the chosen channel, file copies.
+
+use super::*;
+
+impl Vm {
+    pub async fn exec(&self, req: &ExecRequest) -> Result<ExecOutput> {
+        self.exec_as("exec", req, true).await
+    }
+
+    /// Exec for anyvm's own probes (resource checks, mounts): audited under `op`, not subject
+    /// to the exec allowlist, which governs what users run.
+    pub(crate) async fn exec_internal(&self, op: &str, req: &ExecRequest) -> Result<ExecOutput> {
+        self.exec_as(op, req, false).await
+    }
+
+    pub(super) async fn exec_as(
+        &self,
+        op: &str,
+        req: &ExecRequest,
+        allowlist: bool,
+    ) -> Result<ExecOutput> {
+        let args = json!({
+            "argv": std::iter::once(&req.program).chain(&req.args).collect::<Vec<_>>(),
+            "cwd": req.cwd,
+            "env_keys": req.env.keys().collect::<Vec<_>>(),
+        });
+        self.audited(op, args, async move {
+            req.validate()?;
+            if allowlist {
+                self.check_exec_policy(req)?;
+            } else {
+                self.check_argv_secrets(&self.ctx(op), req.credentials.as_ref().or(self.credentials.as_ref()))?;
+            }
+            let mut r = req.clone();
+            if r.credentials.is_none() {
+                r.credentials = self.credentials.clone();
+            }
+            let out = match self.channel {
+                GuestChannel::Tools => self.backend.exec(&self.name, &r).await?,
+                GuestChannel::Ssh { port } => {
+                    self.ssh_target_for(port, r.credentials.as_ref())
+                        .await?
+                        .exec(&r)
+                        .await?
+                }
+            };
+            if out.stdout_truncated || out.stderr_truncated {
+                tracing::warn!(vm = %self.name, program = %req.program, "guest output was truncated by the backend's capture limit");
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// Run and require exit code 0.
+    pub async fn exec_checked(&self, req: &ExecRequest) -> Result<ExecOutput> {
+        let out = self.exec(req).await?;
+        if out.success() {
+            return Ok(out);
+        }
+        Err(crate::types::guest_command_error(
+            self.name.as_str(),
+            &req.program,
+            out.exit_code,
+            out.signal,
+            &out.stderr,
+        ))
+    }
+
+    pub async fn copy_to(&self, host: impl AsRef<Path>, guest: &str) -> Result<u64> {
+        let args = json!({"host": host.as_ref().display().to_string(), "guest": guest});
+        self.audited("copy_to", args, async move {
+            let host = host.as_ref();
+            if !host.is_file() {
+                return Err(Error::NotFound {
+                    ctx: self.ctx("copy_to"),
+                    what: format!("host file {}", host.display()),
+                });
+            }
+            check_guest_path(guest)?;
+            match self.channel {
+                GuestChannel::Tools => {
+                    self.backend
+                        .copy_to(&self.name, host, guest, self.credentials.clone())
+                        .await
+                }
+                GuestChannel::Ssh { port } => {
+                    self.ssh_target(port)
+                        .await?
+                        .upload(host, guest, COPY_TIMEOUT)
+                        .await
+                }
+            }
+        })
+        .await
+    }
+
+    pub async fn copy_from(&self, guest: &str, host: impl AsRef<Path>) -> Result<u64> {
+        let args = json!({"guest": guest, "host": host.as_ref().display().to_string()});
+        self.audited("copy_from", args, async move {
+            check_guest_path(guest)?;
+            match self.channel {
+                GuestChannel::Tools => {
+                    self.backend
+                        .copy_from(&self.name, guest, host.as_ref(), self.credentials.clone())
+                        .await
+                }
+                GuestChannel::Ssh { port } => {
+                    self.ssh_target(port)
+                        .await?
+                        .download(guest, host.as_ref(), COPY_TIMEOUT)
+                        .await
+                }
+            }
+        })
+        .await
+    }
+
+    /// A small guest file, through whichever channel this handle uses.
+    pub(crate) async fn read_guest_file(&self, guest: &str, limit: usize) -> Result<Vec<u8>> {
+        match self.channel {
+            GuestChannel::Tools => {
+                self.backend
+                    .read_file(&self.name, guest, limit, self.credentials.clone())
+                    .await
+            }
+            GuestChannel::Ssh { .. } => {
+                let ctx = self.ctx(&format!("read {guest}"));
+                crate::backend::read_by_copy(&ctx, limit, |p| async move {
+                    self.copy_from(guest, p).await
+                })
+                .await
+            }
+        }
+    }
+}

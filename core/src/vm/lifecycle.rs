@@ -1,0 +1,257 @@
+//! Lifecycle: state, start, the graceful-then-forced stop, reset, pause, save, destroy with
+//! the clone graph, readiness, console.
+
+use super::*;
+
+impl Vm {
+    pub async fn state(&self) -> Result<VmState> {
+        self.backend.state(&self.name).await
+    }
+
+    pub async fn spec(&self) -> Result<Option<VmSpec>> {
+        self.backend.spec(&self.name).await
+    }
+
+    /// Start the VM (headless). Starting a running VM does nothing.
+    pub async fn start(&self) -> Result<()> {
+        let args = json!({});
+        self.audited("start", args, async move {
+            match self.state().await? {
+                VmState::Running => Ok(()),
+                VmState::Paused => Err(Error::InvalidState {
+                    ctx: self.ctx("start"),
+                    state: "paused".into(),
+                    hint: format!("resume it instead (anyvm resume {})", self.name),
+                }),
+                _ => self.backend.start(&self.name).await,
+            }
+        })
+        .await
+    }
+
+    /// Graceful shutdown with a deadline, then power off. Returns which of the two happened.
+    pub async fn stop(&self, opts: StopOptions) -> Result<StopOutcome> {
+        let args = json!({"force": opts.force, "timeout_s": opts.timeout.as_secs_f64()});
+        self.audited("stop", args, async move {
+            let out = self.stop_inner(opts).await;
+            self.close_tunnels().await;
+            out
+        })
+        .await
+    }
+
+    pub(super) async fn stop_inner(&self, opts: StopOptions) -> Result<StopOutcome> {
+        let state = self.state().await?;
+        if matches!(state, VmState::ShutOff | VmState::Saved) {
+            return Ok(StopOutcome::AlreadyOff);
+        }
+        if opts.force || state == VmState::Crashed {
+            self.backend.power_off(&self.name).await?;
+            return Ok(StopOutcome::Forced);
+        }
+        if state == VmState::Paused {
+            // A paused guest cannot see a shutdown request.
+            self.backend.resume(&self.name).await?;
+        }
+        let deadline = Instant::now() + opts.timeout;
+        let events = self.backend.subscribe();
+        match self.backend.request_shutdown(&self.name).await {
+            Ok(()) => {
+                if self.wait_off(deadline, events).await? {
+                    return Ok(StopOutcome::Graceful);
+                }
+                tracing::warn!(vm = %self.name, timeout = ?opts.timeout, "graceful shutdown timed out; powering off");
+            }
+            Err(e) => {
+                tracing::warn!(vm = %self.name, error = %e, "shutdown request failed; powering off")
+            }
+        }
+        match self.backend.power_off(&self.name).await {
+            Ok(()) => Ok(StopOutcome::Forced),
+            // It may have gone down between the deadline and the power-off.
+            Err(e) if self.state().await.ok() == Some(VmState::ShutOff) => {
+                tracing::debug!(vm = %self.name, error = %e, "power off raced with shutdown");
+                Ok(StopOutcome::Graceful)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Wait until the VM is off or the deadline passes; true if it went off.
+    pub(super) async fn wait_off(
+        &self,
+        deadline: Instant,
+        mut events: Option<tokio::sync::broadcast::Receiver<crate::backend::VmEvent>>,
+    ) -> Result<bool> {
+        let mut poll = Duration::from_millis(50);
+        loop {
+            if matches!(self.state().await?, VmState::ShutOff | VmState::Saved) {
+                return Ok(true);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok(false);
+            }
+            let wait = poll.min(deadline - now);
+            poll = (poll * 2).min(Duration::from_secs(1));
+            match events.as_mut() {
+                Some(rx) => {
+                    let stopped = async {
+                        loop {
+                            match rx.recv().await {
+                                Ok(ev)
+                                    if ev.vm == self.name.as_str()
+                                        && ev.kind == VmEventKind::Stopped =>
+                                {
+                                    return
+                                }
+                                Ok(_) => {}
+                                Err(_) => futures::future::pending::<()>().await,
+                            }
+                        }
+                    };
+                    tokio::select! { _ = stopped => {}, _ = tokio::time::sleep(wait) => {} }
+                }
+                None => tokio::time::sleep(wait).await,
+            }
+        }
+    }
+
+    /// Cut the power at once.
+    pub async fn power_off(&self) -> Result<()> {
+        let args = json!({});
+        self.audited("power_off", args, async move {
+            let out = self.backend.power_off(&self.name).await;
+            self.close_tunnels().await;
+            out
+        })
+        .await
+    }
+    /// Hardware reset: the guest restarts at once (ssh tunnels reopen at the next `wait_ready`).
+    pub async fn reset(&self) -> Result<()> {
+        let args = json!({});
+        self.audited("reset", args, async move {
+            self.backend.reset(&self.name).await?;
+            self.close_tunnels().await;
+            Ok(())
+        })
+        .await
+    }
+    pub async fn pause(&self) -> Result<()> {
+        let args = json!({});
+        self.audited("pause", args, async move {
+            self.backend.pause(&self.name).await
+        })
+        .await
+    }
+    pub async fn resume(&self) -> Result<()> {
+        let args = json!({});
+        self.audited("resume", args, async move {
+            self.backend.resume(&self.name).await
+        })
+        .await
+    }
+    pub async fn save_state(&self) -> Result<()> {
+        let args = json!({});
+        self.audited("save_state", args, async move {
+            self.backend.save_state(&self.name).await?;
+            self.close_tunnels().await;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Power off if needed, remove the definition, its snapshots, the disks anyvm created for it,
+    /// its port leases and its known_hosts file. Refuses, changing nothing, while linked clones
+    /// depend on the VM; see [`Vm::destroy_with`].
+    pub async fn destroy(&self) -> Result<()> {
+        self.destroy_with(DestroyOptions::default()).await
+    }
+
+    /// [`Vm::destroy`]; with [`DestroyOptions::with_clones`] the dependent clones (and their
+    /// clones) are destroyed first, deepest first.
+    pub async fn destroy_with(&self, opts: DestroyOptions) -> Result<()> {
+        let args = json!({"with_clones": opts.with_clones});
+        self.audited("destroy", args, async move {
+            let deps = self.dependants(None).await?;
+            if !deps.is_empty() && !opts.with_clones {
+                return Err(self.has_clones("destroy", None, &deps));
+            }
+            for d in &deps {
+                self.sibling(d)?.destroy_one().await?;
+            }
+            self.destroy_one().await
+        })
+        .await
+    }
+
+    pub(super) async fn destroy_one(&self) -> Result<()> {
+        self.close_tunnels().await;
+        if !matches!(self.state().await?, VmState::ShutOff | VmState::Saved) {
+            self.backend.power_off(&self.name).await?;
+        }
+        self.backend.undefine(&self.name).await?;
+        self.ports
+            .release(&self.backend.uri(), self.name.as_str(), None)?;
+        let kh = self
+            .state_dir
+            .join("ssh")
+            .read_dir()
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|d| d.path().join(format!("{}.known_hosts", self.name)));
+        for p in kh {
+            let _ = std::fs::remove_file(p);
+        }
+        Ok(())
+    }
+
+    /// Linked clones that depend on this VM (on `snapshot` of it, when given), transitively,
+    /// deepest first: the order in which they can be removed.
+    pub async fn dependants(&self, snapshot: Option<&str>) -> Result<Vec<String>> {
+        let links = self.backend.clone_links().await?;
+        Ok(dependants_of(&links, self.name.as_str(), snapshot))
+    }
+
+    pub(super) fn has_clones(&self, op: &str, snapshot: Option<&str>, deps: &[String]) -> Error {
+        let what = match snapshot {
+            Some(s) => format!("snapshot '{s}' is the base of linked clones"),
+            None => "has linked clones".to_string(),
+        };
+        Error::InvalidState {
+            ctx: self.ctx(op),
+            state: format!("{what}: {}", deps.join(", ")),
+            hint: "destroy those clones first, or ask for them to be removed too (anyvm: --with-clones; Rust: DestroyOptions::with_clones; Python: with_clones=True; C: ANYVM_WITH_CLONES)".into(),
+        }
+    }
+
+    /// Wait until the guest passes `spec`'s probes, or fail with the probe still failing.
+    /// Where anyvm carries forwards as ssh tunnels, they are (re)opened once the probes pass.
+    pub async fn wait_ready(&self, spec: &ReadySpec) -> Result<ReadyReport> {
+        let deadline = Instant::now() + spec.timeout;
+        let this = self.clone();
+        let exec: readiness::GuestExec = Arc::new(move |req| {
+            let vm = this.clone();
+            Box::pin(async move { vm.exec(&req).await })
+        });
+        let report =
+            readiness::wait_ready_with(self.backend.clone(), &self.name, spec, Some(exec)).await?;
+        self.open_tunnels(deadline).await?;
+        Ok(report)
+    }
+
+    /// State, forwards and snapshots, in as few hypervisor calls as the backend allows.
+    pub async fn status(&self) -> Result<VmStatus> {
+        self.backend.status(&self.name).await
+    }
+
+    /// The last `limit` bytes of the serial console log, read where the hypervisor keeps it.
+    pub async fn console_tail(&self, limit: usize) -> Result<Vec<u8>> {
+        self.backend.console_tail(&self.name, limit).await
+    }
+
+    pub async fn console_log(&self) -> Result<Option<PathBuf>> {
+        self.backend.console_log(&self.name).await
+    }
+}

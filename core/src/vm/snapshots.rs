@@ -1,0 +1,140 @@
+//! Snapshots, linked clones (fresh ports, clone labels) and appliance export.
+
+use super::*;
+
+impl Vm {
+    pub async fn snapshot_take(&self, name: &str, description: &str) -> Result<()> {
+        let args = json!({"snapshot": name});
+        self.audited("snapshot_take", args, async move {
+            check_snapshot_name(name)?;
+            self.backend
+                .snapshot_take(&self.name, name, description)
+                .await
+        })
+        .await
+    }
+    pub async fn snapshot_restore(&self, name: &str) -> Result<()> {
+        let args = json!({"snapshot": name});
+        self.audited("snapshot_restore", args, async move {
+            check_snapshot_name(name)?;
+            self.backend.snapshot_restore(&self.name, name).await
+        })
+        .await
+    }
+    /// Delete a snapshot. Refuses, changing nothing, while linked clones were made from it; see
+    /// [`Vm::snapshot_delete_with`].
+    pub async fn snapshot_delete(&self, name: &str) -> Result<()> {
+        self.snapshot_delete_with(name, DestroyOptions::default())
+            .await
+    }
+
+    /// [`Vm::snapshot_delete`]; with [`DestroyOptions::with_clones`] the clones made from the
+    /// snapshot (and their clones) are destroyed first.
+    pub async fn snapshot_delete_with(&self, name: &str, opts: DestroyOptions) -> Result<()> {
+        let args = json!({"snapshot": name, "with_clones": opts.with_clones});
+        self.audited("snapshot_delete", args, async move {
+            check_snapshot_name(name)?;
+            let deps = self.dependants(Some(name)).await?;
+            if !deps.is_empty() && !opts.with_clones {
+                return Err(self.has_clones(&format!("snapshot delete {name}"), Some(name), &deps));
+            }
+            for d in &deps {
+                self.sibling(d)?.destroy_one().await?;
+            }
+            self.backend.snapshot_delete(&self.name, name).await
+        })
+        .await
+    }
+
+    /// Write this (powered-off) VM as an OVA appliance, the way frozen VMs are shipped
+    /// (VirtualBox; other backends say they cannot).
+    pub async fn export_appliance(&self, path: impl AsRef<Path>) -> Result<()> {
+        let path = path.as_ref();
+        let args = json!({"path": path});
+        self.audited("export", args, async move {
+            self.backend.export_appliance(&self.name, path).await
+        })
+        .await
+    }
+
+    pub async fn snapshots(&self) -> Result<Vec<SnapshotInfo>> {
+        self.backend.snapshot_list(&self.name).await
+    }
+
+    /// A copy-on-write clone of this VM (at `snapshot`, or its current disks when it is off).
+    /// The clone gets fresh host ports for every forward and console.
+    pub async fn clone_linked(&self, new_name: &VmName, snapshot: Option<&str>) -> Result<Vm> {
+        self.clone_linked_labeled(new_name, snapshot, Default::default())
+            .await
+    }
+
+    /// [`Vm::clone_linked`], storing `labels` with the clone (over the base's own labels, minus
+    /// the job-ownership ones, which belong to one clone only).
+    pub async fn clone_linked_labeled(
+        &self,
+        new_name: &VmName,
+        snapshot: Option<&str>,
+        labels: std::collections::BTreeMap<String, String>,
+    ) -> Result<Vm> {
+        let args = json!({"clone": new_name.as_str(), "snapshot": snapshot, "labels": labels});
+        self.audited("clone_linked", args, async move {
+            if let Some(s) = snapshot {
+                check_snapshot_name(s)?;
+            }
+            if self.backend.exists(new_name).await? {
+                return Err(Error::InvalidState {
+                    ctx: Ctx::vm("clone", new_name),
+                    state: "already defined".into(),
+                    hint: "choose another name or destroy the existing VM".into(),
+                });
+            }
+            let ctx = Ctx::vm(format!("clone to {new_name}"), &self.name);
+            let mut spec =
+                self.backend
+                    .spec(&self.name)
+                    .await?
+                    .ok_or_else(|| Error::InvalidState {
+                        ctx: ctx.clone(),
+                        state: "not defined by anyvm".into(),
+                        hint: "only VMs defined through anyvm carry the spec a clone is made from"
+                            .into(),
+                    })?;
+            spec.name = new_name.clone();
+            spec.labels.retain(|k, _| {
+                !k.starts_with(crate::labels::JOB_PREFIX)
+                    && !k.starts_with(crate::labels::CLONE_PREFIX)
+            });
+            spec.labels.extend(labels);
+            spec.labels
+                .insert(CLONE_BASE_LABEL.into(), self.name.to_string());
+            if let Some(s) = snapshot {
+                spec.labels
+                    .insert(CLONE_SNAPSHOT_LABEL.into(), s.to_string());
+            }
+            spec.validate()?;
+            for f in &mut spec.forwards {
+                f.host_port = HostPort::Auto;
+            }
+            if spec.console.vnc.is_some() {
+                spec.console.vnc = Some(HostPort::Auto);
+            }
+            let backend = self.backend.clone();
+            let snapshot = snapshot.map(str::to_string);
+            let base = self.name.clone();
+            with_ports(&self.backend, &self.ports, spec, move |spec| async move {
+                backend.clone_linked(&base, snapshot, &spec).await
+            })
+            .await?;
+            Ok(Vm::new(
+                new_name.clone(),
+                self.backend.clone(),
+                self.ports.clone(),
+                self.state_dir.clone(),
+            )
+            .with_credentials_opt(self.credentials.clone())
+            .with_guest_channel(self.channel)
+            .with_policy_opt(self.policy.clone()))
+        })
+        .await
+    }
+}
