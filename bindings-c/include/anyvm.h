@@ -256,7 +256,8 @@ struct anyvm_error_t *anyvm_vm_export(const struct anyvm_vm_t *vm,
 
 /**
  * Wait until the guest passes its probes, or fail with the probe still failing.
- * \param probes array of "agent", "tcp:PORT", "ssh:PORT" (NULL with n_probes 0: the agent)
+ * \param probes array of "agent", "tcp:PORT", "ssh:PORT", "command:[\"ARG\", ...]" (the
+ *        syntax of anyvm.toml and the command line; NULL with n_probes 0: the agent)
  * \param any true: one passing probe is enough; false: all must pass
  */
 struct anyvm_error_t *anyvm_vm_wait_ready(const struct anyvm_vm_t *vm,

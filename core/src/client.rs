@@ -235,7 +235,9 @@ impl Client {
             return Err(Error::InvalidState {
                 ctx: Ctx::vm("define", &name),
                 state: "already defined".into(),
-                hint: format!("use it as is, or remove it first (anyvm destroy {name})"),
+                hint: Some(format!(
+                    "use it as is, or remove it first (anyvm destroy {name})"
+                )),
             });
         }
         define_with_ports(&self.backend, &self.ports, spec).await?;

@@ -47,7 +47,8 @@ pub enum Error {
     InvalidState {
         ctx: Ctx,
         state: String,
-        hint: String,
+        /// What to do about it, when anyvm knows.
+        hint: Option<String>,
     },
 
     #[error("{ctx}: timed out after {} waiting for {what}", fmt_dur(.after))]
@@ -119,11 +120,10 @@ pub enum Error {
     },
 }
 
-fn hint_suffix(hint: &str) -> String {
-    if hint.is_empty() {
-        String::new()
-    } else {
-        format!("; {hint}")
+fn hint_suffix(hint: &Option<String>) -> String {
+    match hint.as_deref() {
+        Some(h) if !h.is_empty() => format!("; {h}"),
+        _ => String::new(),
     }
 }
 
@@ -234,7 +234,7 @@ mod tests {
         let e = Error::InvalidState {
             ctx: Ctx::vm("exec", "b"),
             state: "shut off".into(),
-            hint: "start it first (anyvm start b)".into(),
+            hint: Some("start it first (anyvm start b)".into()),
         };
         assert_eq!(
             e.to_string(),

@@ -397,7 +397,7 @@ pub fn unsupported(backend: &str, vm: &VmName, what: &str) -> Error {
     Error::InvalidState {
         ctx: crate::error::Ctx::vm(what, vm),
         state: format!("not supported by the {backend} backend"),
-        hint: String::new(),
+        hint: None,
     }
 }
 

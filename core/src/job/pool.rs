@@ -197,7 +197,7 @@ impl JobPool {
                 return fail(Error::InvalidState {
                     ctx,
                     state: "not defined by anyvm".into(),
-                    hint: "job templates must be defined through anyvm".into(),
+                    hint: Some("job templates must be defined through anyvm".into()),
                 })
             }
             Err(e) => return fail(e),

@@ -230,10 +230,10 @@ async fn check_unaudited(
         return Err(Error::InvalidState {
             ctx: crate::error::Ctx::vm(format!("check {}", profile.name), vm.name()),
             state: state.to_string(),
-            hint: format!(
+            hint: Some(format!(
                 "start it and wait until it is ready (anyvm up {})",
                 vm.name()
-            ),
+            )),
         });
     }
     let mut resources: Vec<(String, Resource)> = Vec::new();

@@ -286,7 +286,7 @@ pub(crate) async fn wait_ready_with(
         return Err(Error::InvalidState {
             ctx,
             state: state.to_string(),
-            hint: format!("start it first (anyvm start {vm})"),
+            hint: Some(format!("start it first (anyvm start {vm})")),
         });
     }
     let needs_ports = spec
@@ -380,7 +380,9 @@ async fn watch_state(
     let left = |state: String| Error::InvalidState {
         ctx: ctx.clone(),
         state,
-        hint: "the VM stopped while waiting for it to become ready; see its console log".into(),
+        hint: Some(
+            "the VM stopped while waiting for it to become ready; see its console log".into(),
+        ),
     };
     // Events give an immediate answer; a slow poll covers backends without them and lost events.
     let poll_every = if events.is_some() {

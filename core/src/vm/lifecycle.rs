@@ -21,7 +21,7 @@ impl Vm {
                 VmState::Paused => Err(Error::InvalidState {
                     ctx: self.ctx("start"),
                     state: "paused".into(),
-                    hint: format!("resume it instead (anyvm resume {})", self.name),
+                    hint: Some(format!("resume it instead (anyvm resume {})", self.name)),
                 }),
                 _ => self.backend.start(&self.name).await,
             }
@@ -222,7 +222,7 @@ impl Vm {
         Error::InvalidState {
             ctx: self.ctx(op),
             state: format!("{what}: {}", deps.join(", ")),
-            hint: "destroy those clones first, or ask for them to be removed too (anyvm: --with-clones; Rust: DestroyOptions::with_clones; Python: with_clones=True; C: ANYVM_WITH_CLONES)".into(),
+            hint: Some("destroy those clones first, or ask for them to be removed too (anyvm: --with-clones; Rust: DestroyOptions::with_clones; Python: with_clones=True; C: ANYVM_WITH_CLONES)".into()),
         }
     }
 

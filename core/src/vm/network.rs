@@ -19,7 +19,7 @@ impl Vm {
                     .map_err(|reason| Error::InvalidState {
                         ctx: self.ctx("ssh"),
                         state: reason,
-                        hint: String::new(),
+                        hint: None,
                     });
             }
         }
@@ -28,10 +28,10 @@ impl Vm {
             None => Err(Error::InvalidState {
                 ctx: self.ctx("ssh"),
                 state: format!("no forward to guest port {guest_port}"),
-                hint: format!(
+                hint: Some(format!(
                     "add one: anyvm forward add {} --guest-port {guest_port}",
                     self.name
-                ),
+                )),
             }),
         }
     }

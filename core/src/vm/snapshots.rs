@@ -85,7 +85,7 @@ impl Vm {
                 return Err(Error::InvalidState {
                     ctx: Ctx::vm("clone", new_name),
                     state: "already defined".into(),
-                    hint: "choose another name or destroy the existing VM".into(),
+                    hint: Some("choose another name or destroy the existing VM".into()),
                 });
             }
             let ctx = Ctx::vm(format!("clone to {new_name}"), &self.name);
@@ -96,8 +96,10 @@ impl Vm {
                     .ok_or_else(|| Error::InvalidState {
                         ctx: ctx.clone(),
                         state: "not defined by anyvm".into(),
-                        hint: "only VMs defined through anyvm carry the spec a clone is made from"
-                            .into(),
+                        hint: Some(
+                            "only VMs defined through anyvm carry the spec a clone is made from"
+                                .into(),
+                        ),
                     })?;
             spec.name = new_name.clone();
             spec.labels.retain(|k, _| {

@@ -116,7 +116,7 @@ impl HypervisorHost {
             HypervisorHost::NoFileAccess(reason) => Err(Error::InvalidState {
                 ctx: ctx.clone(),
                 state: "remote libvirt host without file access".into(),
-                hint: reason.clone(),
+                hint: Some(reason.clone()),
             }),
             HypervisorHost::Local => {
                 ToolCommand::new(&argv[0], &argv[1..], timeout)

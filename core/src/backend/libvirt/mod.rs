@@ -134,7 +134,7 @@ fn map_err(ctx: &Ctx, e: virt::error::Error) -> Error {
         Error::InvalidState {
             ctx: ctx.clone(),
             state: msg,
-            hint: String::new(),
+            hint: None,
         }
     } else if known(ErrorNumber::AgentUnresponsive) || known(ErrorNumber::AgentUnsynced) {
         Error::NotReady {
@@ -358,7 +358,7 @@ impl LibvirtBackend {
         self.spec(vm).await?.ok_or_else(|| Error::InvalidState {
             ctx: ctx.clone(),
             state: "not defined by anyvm".into(),
-            hint: "only VMs defined through anyvm carry the spec this needs".into(),
+            hint: Some("only VMs defined through anyvm carry the spec this needs".into()),
         })
     }
 
@@ -631,7 +631,7 @@ impl Backend for LibvirtBackend {
             return Err(Error::InvalidState {
                 ctx,
                 state: format!("appliance {}", path.display()),
-                hint: "libvirt does not import OVA/OVF appliances; convert the disk (qemu-img convert) and boot from it".into(),
+                hint: Some("libvirt does not import OVA/OVF appliances; convert the disk (qemu-img convert) and boot from it".into()),
             });
         }
         self.check_host_paths(&ctx, spec).await?;
@@ -853,7 +853,7 @@ impl Backend for LibvirtBackend {
                     return Err(Error::InvalidState {
                         ctx,
                         state: st.to_string(),
-                        hint: "stop the base VM or name a snapshot to clone from".into(),
+                        hint: Some("stop the base VM or name a snapshot to clone from".into()),
                     });
                 }
                 let t = std::time::SystemTime::now()
@@ -877,7 +877,7 @@ impl Backend for LibvirtBackend {
                     return Err(Error::InvalidState {
                         ctx: ctx.clone(),
                         state: format!("disk {} is {}", disk.path.display(), disk.format),
-                        hint: "clones from a snapshot need qcow2 disks; clone the stopped VM's current disks instead (no snapshot)".into(),
+                        hint: Some("clones from a snapshot need qcow2 disks; clone the stopped VM's current disks instead (no snapshot)".into()),
                     });
                 }
                 // Freeze the base disk at the snapshot once; every clone then layers on that file,
@@ -910,7 +910,7 @@ impl Backend for LibvirtBackend {
                     return Err(Error::InvalidState {
                         ctx: ctx.clone(),
                         state: format!("{} exists", overlay.display()),
-                        hint: "remove the stale clone disk or pick another name".into(),
+                        hint: Some("remove the stale clone disk or pick another name".into()),
                     });
                 }
                 self.qemu_img(
@@ -1167,7 +1167,7 @@ impl Backend for LibvirtBackend {
             return Err(Error::InvalidState {
                 ctx,
                 state: state.to_string(),
-                hint: "virtiofs shares are added while the VM is off; stop it first".into(),
+                hint: Some("virtiofs shares are added while the VM is off; stop it first".into()),
             });
         }
         spec.shares.push(folder.clone());
@@ -1189,7 +1189,7 @@ impl Backend for LibvirtBackend {
             return Err(Error::InvalidState {
                 ctx,
                 state: state.to_string(),
-                hint: "virtiofs shares are removed while the VM is off; stop it first".into(),
+                hint: Some("virtiofs shares are removed while the VM is off; stop it first".into()),
             });
         }
         spec.shares.retain(|s| s.name != name);

@@ -100,7 +100,7 @@ pub fn to_error(ctx: &Ctx, f: Failure) -> Error {
         Failure::InvalidState(m) => Error::InvalidState {
             ctx: ctx.clone(),
             state: m,
-            hint: String::new(),
+            hint: None,
         },
         Failure::Other(m) => Error::backend(ctx.clone(), "VBoxManage", m),
     }

@@ -528,8 +528,9 @@ impl Backend for VirtualBoxBackend {
             return Err(Error::InvalidState {
                 ctx,
                 state: "direct kernel boot requested".into(),
-                hint: "VirtualBox boots from disks or appliances; use a disk image or an OVA"
-                    .into(),
+                hint: Some(
+                    "VirtualBox boots from disks or appliances; use a disk image or an OVA".into(),
+                ),
             });
         }
         for d in &spec.disks {
@@ -668,7 +669,7 @@ impl Backend for VirtualBoxBackend {
                     "has linked clones: {}",
                     deps.into_iter().collect::<Vec<_>>().join(", ")
                 ),
-                hint: "destroy the clones first, or destroy with --with-clones".into(),
+                hint: Some("destroy the clones first, or destroy with --with-clones".into()),
             });
         }
         let keep: Vec<PathBuf> = spec
@@ -1270,7 +1271,7 @@ impl Backend for VirtualBoxBackend {
             return Err(Error::InvalidState {
                 ctx,
                 state: format!("{} exists", path.display()),
-                hint: "remove it or choose another file name".into(),
+                hint: Some("remove it or choose another file name".into()),
             });
         }
         match self.state(vm).await? {
@@ -1279,8 +1280,10 @@ impl Backend for VirtualBoxBackend {
                 return Err(Error::InvalidState {
                     ctx,
                     state: st.to_string(),
-                    hint: "stop the VM first (anyvm stop); VirtualBox exports powered-off machines"
-                        .into(),
+                    hint: Some(
+                        "stop the VM first (anyvm stop); VirtualBox exports powered-off machines"
+                            .into(),
+                    ),
                 })
             }
         }

@@ -54,7 +54,7 @@ pub fn to_error(ctx: &Ctx, msg: String) -> Error {
         Error::InvalidState {
             ctx: ctx.clone(),
             state: msg,
-            hint: String::new(),
+            hint: None,
         }
     } else {
         Error::backend(ctx.clone(), "vmrun", msg)

@@ -244,7 +244,7 @@ impl VmwareBackend {
         let out = self.vmrun(ctx, "listHostNetworks", vec![], None).await.map_err(|e| Error::InvalidState {
             ctx: ctx.clone(),
             state: format!("no host-network commands ({e})"),
-            hint: "port forwarding needs VMware Workstation Pro or Fusion Pro; on Player use 'ssh -L' through the guest".into(),
+            hint: Some("port forwarding needs VMware Workstation Pro or Fusion Pro; on Player use 'ssh -L' through the guest".into()),
         })?;
         let nets = parse::host_networks(&out.stdout_str())
             .map_err(|m| Error::backend(ctx.clone(), "vmrun", m))?;
@@ -254,7 +254,7 @@ impl VmwareBackend {
             .ok_or_else(|| Error::InvalidState {
                 ctx: ctx.clone(),
                 state: "no NAT host network".into(),
-                hint: "create one in the Virtual Network Editor or set host_network".into(),
+                hint: Some("create one in the Virtual Network Editor or set host_network".into()),
             })
     }
 
@@ -450,7 +450,7 @@ impl Backend for VmwareBackend {
             return Err(Error::InvalidState {
                 ctx,
                 state: "no .vmx given".into(),
-                hint: "vmrun cannot create VMs; define from an existing .vmx (boot = { kind = \"existing\", path = \"/vms/x.vmx\" })".into(),
+                hint: Some("vmrun cannot create VMs; define from an existing .vmx (boot = { kind = \"existing\", path = \"/vms/x.vmx\" })".into()),
             });
         };
         if !path.is_file() {
@@ -466,7 +466,7 @@ impl Backend for VmwareBackend {
                 return Err(Error::InvalidState {
                     ctx: ctx.clone(),
                     state: "already defined".into(),
-                    hint: String::new(),
+                    hint: None,
                 });
             }
             inv.vms.insert(
