@@ -68,7 +68,7 @@ def test_bad_arguments_raise_type_and_value_errors(client, make_vm):
         vm.exec(["true"], timeout=0)
     with pytest.raises(ValueError, match="mode"):
         vm.wait_ready(mode="sometimes")
-    with pytest.raises(ValueError, match="unknown probe"):
+    with pytest.raises(ValueError, match="probe \"psychic\""):
         vm.wait_ready(probes=["psychic"])
     with pytest.raises(ValueError, match="must name a program"):
         vm.exec([])

@@ -123,6 +123,23 @@ async fn lifecycle_exec_copy_and_ssh() {
     assert!(t.elapsed() < Duration::from_secs(15));
     let ps = vm.exec(&ExecRequest::new("ps")).await.unwrap().stdout_str();
     assert!(!ps.contains("sleep 600"), "{ps}");
+    // Dropping an exec (a caller's own timeout, a cancelled task) kills the guest program too.
+    let dropped = tokio::time::timeout(
+        Duration::from_secs(2),
+        vm.exec(&ExecRequest::new("sleep").arg("601")),
+    )
+    .await;
+    assert!(dropped.is_err(), "sleep 601 cannot have finished");
+    let mut gone = false;
+    for _ in 0..50 {
+        let ps = vm.exec(&ExecRequest::new("ps")).await.unwrap().stdout_str();
+        if !ps.contains("sleep 601") {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(gone, "the dropped exec's guest program still runs");
 
     // file copy round trip (3 MiB + a bit, several chunks)
     let data: Vec<u8> = (0..(3 * 1024 * 1024 + 12345u32))

@@ -98,6 +98,9 @@ impl ToolCommand {
             }
         })?;
         let pgid = child.id().map(|p| p as i32);
+        // Dropping this future (a cancelled caller) must not leave the tool's helpers running:
+        // the guard kills the whole process group unless the call completes.
+        let mut group = GroupGuard(pgid);
         let mut stdout = child.stdout.take().expect("piped");
         let mut stderr = child.stderr.take().expect("piped");
         let stdin = child.stdin.take();
@@ -123,6 +126,9 @@ impl ToolCommand {
             Ok::<_, std::io::Error>((status, out, err))
         })
         .await;
+        if matches!(waited, Ok(Ok(_))) {
+            group.0 = None;
+        }
         match waited {
             Ok(Ok((status, stdout, stderr))) => Ok(ToolOutput {
                 code: status.code(),
@@ -132,16 +138,25 @@ impl ToolCommand {
             }),
             Ok(Err(e)) => Err(Error::io(ctx.clone(), &self.program, e)),
             Err(_) => {
-                if let Some(pg) = pgid {
-                    // SAFETY: plain syscall on a process group we created.
-                    unsafe { libc::killpg(pg, libc::SIGKILL) };
-                }
+                drop(group);
                 Err(Error::Timeout {
                     ctx: ctx.clone(),
                     after: self.timeout,
                     what: format!("'{}' (killed)", self.display),
                 })
             }
+        }
+    }
+}
+
+/// Kills a process group when dropped, unless emptied first.
+struct GroupGuard(Option<i32>);
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        if let Some(pg) = self.0.take() {
+            // SAFETY: plain syscall on a process group this module created.
+            unsafe { libc::killpg(pg, libc::SIGKILL) };
         }
     }
 }
@@ -217,5 +232,31 @@ mod tests {
             .await
             .unwrap_err();
         assert!(matches!(e, Error::BackendUnavailable { .. }), "{e}");
+    }
+
+    #[tokio::test]
+    async fn dropping_the_call_kills_the_whole_process_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let pidfile = dir.path().join("child.pid");
+        let script = format!("sleep 300 & echo $! > {}; wait", pidfile.display());
+        let cmd = ToolCommand::new("/bin/sh", ["-c", script.as_str()], Duration::from_secs(60));
+        let ctx = Ctx::new("t");
+        let r = tokio::time::timeout(Duration::from_millis(500), cmd.run(&ctx)).await;
+        assert!(r.is_err(), "the call cannot have finished");
+        let pid: i32 = std::fs::read_to_string(&pidfile)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let mut gone = false;
+        for _ in 0..50 {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            if stat.is_empty() || stat.contains(") Z ") {
+                gone = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(gone, "sleep {pid} survived the dropped call");
     }
 }

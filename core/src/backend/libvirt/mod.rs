@@ -963,6 +963,13 @@ impl Backend for LibvirtBackend {
             .agent(&ctx, vm, agent::exec(req), self.opts.agent_timeout)
             .await?;
         let pid = agent::int_field(&reply, "pid").map_err(|m| agent_err(&ctx, m))?;
+        // Cancel-safety: if this future is dropped (a cancelled job, a timeout around the call),
+        // the guest program is killed instead of running on unobserved.
+        let mut guard = KillOnDrop {
+            conn: Some(self.conn.clone()),
+            vm: vm.to_string(),
+            pid,
+        };
         // Short programs finish in a few ms: poll fast at first, then back off.
         let mut delay = Duration::from_millis(1);
         loop {
@@ -970,6 +977,7 @@ impl Backend for LibvirtBackend {
                 .agent(&ctx, vm, agent::exec_status(pid), self.opts.agent_timeout)
                 .await?;
             if let Some(s) = agent::parse_exec_status(&st).map_err(|m| agent_err(&ctx, m))? {
+                guard.disarm();
                 return Ok(ExecOutput {
                     exit_code: s.exit_code,
                     signal: s.signal,
@@ -982,6 +990,7 @@ impl Backend for LibvirtBackend {
             }
             let now = Instant::now();
             if now >= deadline {
+                guard.disarm();
                 if let Err(e) = self
                     .agent(&ctx, vm, agent::kill(pid), self.opts.agent_timeout)
                     .await
@@ -1333,6 +1342,40 @@ fn is_frozen_of(file: &str, base: &str, snapshot: Option<&str>) -> bool {
     };
     let parts: Vec<&str> = stem.split('+').collect();
     parts.len() == 4 && parts[0] == base && snapshot.is_none_or(|s| parts[1] == s)
+}
+
+/// Kills a guest program started through the agent when the exec that watches it is dropped
+/// before the program ended. Runs on its own thread: Drop cannot await, and libvirt blocks.
+struct KillOnDrop {
+    conn: Option<Arc<Connect>>,
+    vm: String,
+    pid: i64,
+}
+
+impl KillOnDrop {
+    fn disarm(&mut self) {
+        self.conn = None;
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let Some(conn) = self.conn.take() else {
+            return;
+        };
+        let (vm, pid) = (self.vm.clone(), self.pid);
+        let _ = std::thread::Builder::new()
+            .name("anyvm-exec-kill".into())
+            .spawn(move || {
+                let r = conn
+                    .lookup_domain_by_name(&vm)
+                    .and_then(|d| d.qemu_agent_command(&agent::kill(pid), 5, 0));
+                match r {
+                    Ok(_) => tracing::debug!(vm = %vm, pid, "exec dropped: guest program killed"),
+                    Err(e) => tracing::warn!(vm = %vm, pid, error = %e, "exec dropped: could not kill the guest program"),
+                }
+            });
+    }
 }
 
 #[cfg(test)]
