@@ -24,7 +24,7 @@ cmdline = "console=ttyS0 quiet"
 disks = [{ path = "$WORK/data.qcow2" }]
 forwards = [{ name = "ssh", guest_port = 22 }]
 credentials = { user = "root", identity_file = "$GUEST/client_key" }
-ready = { timeout_s = 120, probes = [{ kind = "agent" }, { kind = "ssh_banner", guest_port = 22 }] }
+ready = { timeout_s = 120, probes = ["agent", "ssh:22"] }
 TOML
 
 cleanup() { "$ANYVM" -c "$WORK/anyvm.toml" destroy anyvm-demo >/dev/null 2>&1 || true; rm -rf "$WORK"; }
