@@ -21,8 +21,14 @@ pub use prepare::prepare;
 /// carries, so `anyvm gc` removes it if the process dies (SIGKILL, reboot) before it does.
 /// The caller destroys it when done (Python's `vm.transient_clone()` does, on every exit).
 pub async fn transient_clone(base: &Vm, name: &VmName, snapshot: Option<&str>) -> Result<Vm> {
+    let labels = ownership_labels(base.name().as_str());
+    base.clone_linked_labeled(name, snapshot, labels).await
+}
+
+/// This process as the owner of a clone of `template`, made now.
+fn ownership_labels(template: &str) -> std::collections::BTreeMap<String, String> {
     let mut labels = owner::Owner::current().labels();
-    labels.insert(owner::LABEL_TEMPLATE.into(), base.name().to_string());
+    labels.insert(owner::LABEL_TEMPLATE.into(), template.to_string());
     labels.insert(
         owner::LABEL_STARTED_AT.into(),
         SystemTime::now()
@@ -31,7 +37,7 @@ pub async fn transient_clone(base: &Vm, name: &VmName, snapshot: Option<&str>) -
             .as_secs()
             .to_string(),
     );
-    base.clone_linked_labeled(name, snapshot, labels).await
+    labels
 }
 
 use std::path::PathBuf;
@@ -514,17 +520,8 @@ pub(crate) async fn run_job_queued(
             return finish(report);
         }
     };
-    let mut labels = owner::Owner::current().labels();
+    let mut labels = ownership_labels(spec.template.as_str());
     labels.insert(owner::LABEL_JOB.into(), job_id.clone());
-    labels.insert(owner::LABEL_TEMPLATE.into(), spec.template.to_string());
-    labels.insert(
-        owner::LABEL_STARTED_AT.into(),
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_secs()
-            .to_string(),
-    );
     let vm = match template
         .clone_linked_labeled(&name, spec.snapshot.as_deref(), labels)
         .await

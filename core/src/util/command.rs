@@ -213,15 +213,7 @@ mod tests {
             .parse()
             .unwrap();
         // The grandchild must be gone (or a zombie about to be reaped by init).
-        let mut gone = false;
-        for _ in 0..50 {
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-            if stat.is_empty() || stat.contains(") Z ") {
-                gone = true;
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let gone = gone_soon(pid);
         assert!(gone, "sleep {pid} survived the timeout");
     }
 
@@ -232,6 +224,18 @@ mod tests {
             .await
             .unwrap_err();
         assert!(matches!(e, Error::BackendUnavailable { .. }), "{e}");
+    }
+
+    /// The process exits (or is a zombie about to be reaped) within a second.
+    fn gone_soon(pid: i32) -> bool {
+        (0..50).any(|_| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let gone = stat.is_empty() || stat.contains(") Z ");
+            if !gone {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            gone
+        })
     }
 
     #[tokio::test]
@@ -248,15 +252,7 @@ mod tests {
             .trim()
             .parse()
             .unwrap();
-        let mut gone = false;
-        for _ in 0..50 {
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-            if stat.is_empty() || stat.contains(") Z ") {
-                gone = true;
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let gone = gone_soon(pid);
         assert!(gone, "sleep {pid} survived the dropped call");
     }
 }

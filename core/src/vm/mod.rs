@@ -184,15 +184,19 @@ impl Vm {
 
     /// A handle on another VM of the same backend, with this one's settings.
     fn sibling(&self, name: &str) -> Result<Vm> {
-        Ok(Vm::new(
-            VmName::new(name)?,
+        Ok(self.sibling_named(VmName::new(name)?))
+    }
+
+    fn sibling_named(&self, name: VmName) -> Vm {
+        Vm::new(
+            name,
             self.backend.clone(),
             self.ports.clone(),
             self.state_dir.clone(),
         )
         .with_credentials_opt(self.credentials.clone())
         .with_guest_channel(self.channel)
-        .with_policy_opt(self.policy.clone()))
+        .with_policy_opt(self.policy.clone())
     }
 }
 

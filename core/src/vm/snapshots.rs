@@ -127,15 +127,7 @@ impl Vm {
                 backend.clone_linked(&base, snapshot, &spec).await
             })
             .await?;
-            Ok(Vm::new(
-                new_name.clone(),
-                self.backend.clone(),
-                self.ports.clone(),
-                self.state_dir.clone(),
-            )
-            .with_credentials_opt(self.credentials.clone())
-            .with_guest_channel(self.channel)
-            .with_policy_opt(self.policy.clone()))
+            Ok(self.sibling_named(new_name.clone()))
         })
         .await
     }
