@@ -451,7 +451,9 @@ pub unsafe extern "C" fn anyvm_vm_destroy_with(
     vm: *const anyvm_vm_t,
     flags: u32,
 ) -> *mut anyvm_error_t {
-    vm_call(vm, |v| block(v.destroy_with(destroy_options(flags))))
+    vm_call(vm, |v| {
+        block(v.destroy_with(destroy_options(flags))).map(|_| ())
+    })
 }
 
 /// Write the powered-off VM as an OVA appliance at \p path (VirtualBox).

@@ -499,7 +499,11 @@ impl Vm {
     fn destroy(&self, py: Python<'_>, with_clones: bool) -> PyResult<()> {
         let vm = self.inner.clone();
         let o = anyvm::DestroyOptions::default().with_clones(with_clones);
-        block(py, false, async move { vm.destroy_with(o).await })
+        block(
+            py,
+            false,
+            async move { vm.destroy_with(o).await.map(|_| ()) },
+        )
     }
 
     /// Linked clones that depend on this VM (on `snapshot` of it), deepest first.

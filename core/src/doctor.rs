@@ -60,11 +60,7 @@ impl Check {
         detail: impl Into<String>,
         hint: impl Into<String>,
     ) -> Check {
-        Check {
-            status: CheckStatus::Warn,
-            hint: Some(hint.into()),
-            ..Check::ok(backend, name, detail)
-        }
+        Check::with_hint(CheckStatus::Warn, backend, name, detail.into(), hint.into())
     }
     pub fn fail(
         backend: &str,
@@ -72,9 +68,18 @@ impl Check {
         detail: impl Into<String>,
         hint: impl Into<String>,
     ) -> Check {
+        Check::with_hint(CheckStatus::Fail, backend, name, detail.into(), hint.into())
+    }
+    fn with_hint(
+        status: CheckStatus,
+        backend: &str,
+        name: &str,
+        detail: String,
+        hint: String,
+    ) -> Check {
         Check {
-            status: CheckStatus::Fail,
-            hint: Some(hint.into()),
+            status,
+            hint: Some(hint),
             ..Check::ok(backend, name, detail)
         }
     }
@@ -132,7 +137,6 @@ pub async fn run_all(configured: &str, opts: crate::ClientOptions) -> DoctorRepo
         }
     }
     let mut checks = Vec::new();
-    let mut host = None;
     for (i, uri) in candidates.iter().enumerate() {
         let name = uri.split(':').next().unwrap_or(uri).to_string();
         match crate::Client::connect_with(uri, opts.clone()).await {
@@ -146,7 +150,6 @@ pub async fn run_all(configured: &str, opts: crate::ClientOptions) -> DoctorRepo
                     }
                     ch
                 }));
-                host.get_or_insert(c);
             }
             Err(e) if i == 0 && configured.is_some() => checks.push(Check::fail(
                 &name,
@@ -167,7 +170,6 @@ pub async fn run_all(configured: &str, opts: crate::ClientOptions) -> DoctorRepo
         opts.state_dir.clone(),
         opts.port_range.clone(),
     )));
-    drop(host);
     DoctorReport { checks }
 }
 
@@ -207,7 +209,9 @@ pub fn check_ports(ports: &crate::ports::PortAllocator) -> Check {
     let free = range
         .clone()
         .filter(|p| !leased.contains(p))
-        .filter(|p| std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok())
+        .filter(|p| {
+            crate::ports::PortAllocator::host_port_free("127.0.0.1", *p, crate::Protocol::Tcp)
+        })
         .count();
     let detail = format!(
         "{free} of {total} ports free in {}-{} ({} leased)",
@@ -252,9 +256,9 @@ pub(crate) fn kernel_release() -> String {
 }
 
 /// Does KVM really run guests? A `/dev/kvm` that opens is not enough: on some hosts (nested
-/// clouds) KVM guests hang or die at once. Boots SeaBIOS with no disk under `-accel kvm` and
-/// waits for its "no bootable device" line on the debug console, which takes well under a
-/// second where KVM works.
+/// clouds) KVM guests crawl, hang or die at once. Boots SeaBIOS with no disk under KVM and under
+/// TCG and compares how long each takes to report that nothing is bootable: a working KVM is
+/// the faster one (well under a second), a broken one is slower than software emulation.
 pub async fn probe_kvm(qemu: &Path, timeout: Duration) -> Result<Duration, String> {
     if std::fs::OpenOptions::new()
         .read(true)

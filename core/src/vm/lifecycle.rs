@@ -165,24 +165,39 @@ impl Vm {
     /// its port leases and its known_hosts file. Refuses, changing nothing, while linked clones
     /// depend on the VM; see [`Vm::destroy_with`].
     pub async fn destroy(&self) -> Result<()> {
-        self.destroy_with(DestroyOptions::default()).await
+        self.destroy_with(DestroyOptions::default())
+            .await
+            .map(|_| ())
     }
 
     /// [`Vm::destroy`]; with [`DestroyOptions::with_clones`] the dependent clones (and their
-    /// clones) are destroyed first, deepest first.
-    pub async fn destroy_with(&self, opts: DestroyOptions) -> Result<()> {
+    /// clones) are destroyed first, deepest first. Returns the clones it destroyed.
+    pub async fn destroy_with(&self, opts: DestroyOptions) -> Result<Vec<String>> {
         let args = json!({"with_clones": opts.with_clones});
         self.audited("destroy", args, async move {
-            let deps = self.dependants(None).await?;
-            if !deps.is_empty() && !opts.with_clones {
-                return Err(self.has_clones("destroy", None, &deps));
-            }
-            for d in &deps {
-                self.sibling(d)?.destroy_one().await?;
-            }
-            self.destroy_one().await
+            let removed = self.remove_dependants("destroy", None, opts).await?;
+            self.destroy_one().await?;
+            Ok(removed)
         })
         .await
+    }
+
+    /// The one place the clone rule is applied: refuse (changing nothing) while clones depend on
+    /// this VM or its `snapshot`, or, with `with_clones`, destroy them deepest first.
+    pub(super) async fn remove_dependants(
+        &self,
+        op: &str,
+        snapshot: Option<&str>,
+        opts: DestroyOptions,
+    ) -> Result<Vec<String>> {
+        let deps = self.dependants(snapshot).await?;
+        if !deps.is_empty() && !opts.with_clones {
+            return Err(self.has_clones(op, snapshot, &deps));
+        }
+        for d in &deps {
+            self.sibling(d)?.destroy_one().await?;
+        }
+        Ok(deps)
     }
 
     pub(super) async fn destroy_one(&self) -> Result<()> {

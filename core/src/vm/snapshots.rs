@@ -34,13 +34,8 @@ impl Vm {
         let args = json!({"snapshot": name, "with_clones": opts.with_clones});
         self.audited("snapshot_delete", args, async move {
             check_snapshot_name(name)?;
-            let deps = self.dependants(Some(name)).await?;
-            if !deps.is_empty() && !opts.with_clones {
-                return Err(self.has_clones(&format!("snapshot delete {name}"), Some(name), &deps));
-            }
-            for d in &deps {
-                self.sibling(d)?.destroy_one().await?;
-            }
+            self.remove_dependants(&format!("snapshot delete {name}"), Some(name), opts)
+                .await?;
             self.backend.snapshot_delete(&self.name, name).await
         })
         .await

@@ -183,20 +183,15 @@ impl LibvirtBackend {
     /// Remove the frozen bases of `vm` (of one snapshot, when given) once no clone of it is
     /// left; they exist only to be shared by its clones.
     async fn remove_frozen(&self, ctx: &Ctx, vm: &VmName, snapshot: Option<&str>) {
-        match self.clone_links().await {
-            Ok(links)
-                if links.iter().any(|l| {
-                    l.base == vm.as_str()
-                        && (snapshot.is_none() || l.snapshot.as_deref() == snapshot)
-                }) =>
-            {
-                return
-            }
-            Ok(_) => {}
+        let links = match self.clone_links().await {
+            Ok(l) => l,
             Err(e) => {
                 tracing::warn!(vm = %vm, error = %e, "cannot read the clone graph; frozen bases kept");
                 return;
             }
+        };
+        if !crate::types::dependants_of(&links, vm.as_str(), snapshot).is_empty() {
+            return;
         }
         let files = match self.host.list_dir(ctx, &self.opts.images_dir).await {
             Ok(f) => f,

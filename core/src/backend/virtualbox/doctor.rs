@@ -30,8 +30,10 @@ pub async fn checks(vb: &VirtualBoxBackend) -> Vec<Check> {
         }
     };
     // The version call was cached: ask something cheap that prints the driver warning.
-    let ext = vb.vbox(&ctx, os(&["list", "extpacks"])).await;
-    out.push(match vb.driver_missing() {
+    let (ext, driver) = vb
+        .vbox_call(&ctx, os(&["list", "extpacks"]), None, None)
+        .await;
+    out.push(match driver {
         Some(w) => Check::fail(
             B,
             "kernel driver",

@@ -14,6 +14,20 @@ fn by_uuid(media: &[Medium]) -> BTreeMap<&str, &Medium> {
     media.iter().map(|m| (m.uuid.as_str(), m)).collect()
 }
 
+/// The registered ancestors of `m`, nearest first (bounded: a corrupt registry may loop).
+fn ancestors<'a>(index: &BTreeMap<&str, &'a Medium>, m: &Medium) -> Vec<&'a Medium> {
+    let mut out = Vec::new();
+    let mut cur = m.parent.as_deref().and_then(|p| index.get(p).copied());
+    while let Some(a) = cur {
+        if out.len() >= 4096 {
+            break;
+        }
+        out.push(a);
+        cur = a.parent.as_deref().and_then(|p| index.get(p).copied());
+    }
+    out
+}
+
 fn used_by<'a>(m: &'a Medium, vm: &str) -> Option<&'a super::parse::MediumUser> {
     m.users.iter().find(|u| u.vm == vm)
 }
@@ -27,40 +41,33 @@ pub fn clone_links(media: &[Medium], names: &BTreeMap<String, String>) -> Vec<Cl
     let mut out: BTreeSet<CloneLink> = BTreeSet::new();
     for m in media {
         for y in &m.users {
-            let mut cur = m.parent.as_deref().and_then(|p| index.get(p).copied());
-            let mut hops = 0;
-            while let Some(a) = cur {
-                hops += 1;
-                if hops > 4096 {
-                    break; // a cycle in a corrupt registry
-                }
-                let other = a.users.iter().find(|u| u.vm != y.vm);
-                if let Some(x) = other {
-                    let name = |u: &str| names.get(u).cloned().unwrap_or_else(|| u.to_string());
-                    let mut pinned: Vec<String> =
-                        x.snapshots.iter().map(|(n, _)| n.clone()).collect();
-                    if let Some(parent) = a.parent.as_deref().and_then(|p| index.get(p)) {
-                        if let Some(xu) = used_by(parent, &x.vm) {
-                            pinned.extend(xu.snapshots.iter().map(|(n, _)| n.clone()));
-                        }
-                    }
-                    if pinned.is_empty() {
-                        out.insert(CloneLink {
-                            clone: name(&y.vm),
-                            base: name(&x.vm),
-                            snapshot: None,
-                        });
-                    }
-                    for s in pinned {
-                        out.insert(CloneLink {
-                            clone: name(&y.vm),
-                            base: name(&x.vm),
-                            snapshot: Some(s),
-                        });
-                    }
-                    break;
-                }
-                cur = a.parent.as_deref().and_then(|p| index.get(p).copied());
+            // The nearest ancestor another VM uses names the base.
+            let Some((a, x)) = ancestors(&index, m)
+                .into_iter()
+                .find_map(|a| a.users.iter().find(|u| u.vm != y.vm).map(|x| (a, x)))
+            else {
+                continue;
+            };
+            let mut pinned: Vec<Option<String>> =
+                x.snapshots.iter().map(|(n, _)| Some(n.clone())).collect();
+            if let Some(xu) = a
+                .parent
+                .as_deref()
+                .and_then(|p| index.get(p))
+                .and_then(|parent| used_by(parent, &x.vm))
+            {
+                pinned.extend(xu.snapshots.iter().map(|(n, _)| Some(n.clone())));
+            }
+            if pinned.is_empty() {
+                pinned.push(None);
+            }
+            let name = |u: &str| names.get(u).cloned().unwrap_or_else(|| u.to_string());
+            for snapshot in pinned {
+                out.insert(CloneLink {
+                    clone: name(&y.vm),
+                    base: name(&x.vm),
+                    snapshot,
+                });
             }
         }
     }
@@ -71,23 +78,11 @@ pub fn clone_links(media: &[Medium], names: &BTreeMap<String, String>) -> Vec<Cl
 /// they can be closed.
 pub fn media_of<'a>(media: &'a [Medium], vm_uuid: &str) -> Vec<&'a Medium> {
     let index = by_uuid(media);
-    let depth = |m: &Medium| {
-        let mut d = 0usize;
-        let mut cur = m.parent.as_deref();
-        while let Some(p) = cur {
-            d += 1;
-            if d > 4096 {
-                break;
-            }
-            cur = index.get(p).and_then(|m| m.parent.as_deref());
-        }
-        d
-    };
     let mut mine: Vec<&Medium> = media
         .iter()
         .filter(|m| used_by(m, vm_uuid).is_some())
         .collect();
-    mine.sort_by_key(|m| std::cmp::Reverse(depth(m)));
+    mine.sort_by_key(|m| std::cmp::Reverse(ancestors(&index, m).len()));
     mine
 }
 

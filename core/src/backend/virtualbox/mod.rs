@@ -90,8 +90,6 @@ pub struct VirtualBoxBackend {
     tool: ToolRunner,
     opts: VirtualBoxOptions,
     version: OnceCell<(u32, u32, u32)>,
-    /// The last kernel-driver WARNING VBoxManage printed: VMs cannot start while it stands.
-    driver_warning: std::sync::Mutex<Option<String>>,
 }
 
 /// Formats VirtualBox attaches as hard disks.
@@ -139,7 +137,6 @@ impl VirtualBoxBackend {
             tool,
             opts,
             version: OnceCell::new(),
-            driver_warning: std::sync::Mutex::new(None),
         })
     }
 
@@ -163,7 +160,7 @@ impl VirtualBoxBackend {
                         "VBoxManage --version".into(),
                     )
                     .await?;
-                let out = self.strip(out);
+                let (out, _) = strip(out);
                 let v = parse::version(&out.stdout_str())
                     .map_err(|m| Error::backend(ctx.clone(), "VBoxManage", m))?;
                 if v < (6, 1, 0) {
@@ -194,6 +191,18 @@ impl VirtualBoxBackend {
         stdin: Option<Vec<u8>>,
         timeout: Option<Duration>,
     ) -> Result<ToolOutput> {
+        self.vbox_call(ctx, args, stdin, timeout).await.0
+    }
+
+    /// [`Self::vbox_with`], also returning the kernel-driver WARNING the (last) call printed:
+    /// it is that call's own, so concurrent calls cannot mix theirs up.
+    async fn vbox_call(
+        &self,
+        ctx: &Ctx,
+        args: Vec<OsString>,
+        stdin: Option<Vec<u8>>,
+        timeout: Option<Duration>,
+    ) -> (Result<ToolOutput>, Option<String>) {
         let shown = format!(
             "VBoxManage {}",
             args.iter()
@@ -204,46 +213,26 @@ impl VirtualBoxBackend {
         );
         let mut delay = Duration::from_millis(200);
         for attempt in 0..=self.opts.lock_retries {
-            let out = self
+            let out = match self
                 .tool
                 .run(ctx, args.clone(), stdin.clone(), timeout, shown.clone())
-                .await?;
-            let out = self.strip(out);
+                .await
+            {
+                Ok(o) => o,
+                Err(e) => return (Err(e), None),
+            };
+            let (out, driver) = strip(out);
             match errors::classify(&out) {
-                None => return Ok(out),
+                None => return (Ok(out), driver),
                 Some(Failure::Busy(m)) if attempt < self.opts.lock_retries => {
                     tracing::debug!(call = %shown, attempt, "VM locked, retrying: {m}");
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(3));
                 }
-                Some(f) => return Err(errors::to_error(ctx, f)),
+                Some(f) => return (Err(errors::to_error(ctx, f)), driver),
             }
         }
         unreachable!("the last attempt returns")
-    }
-
-    /// Remove WARNING blocks from VBoxManage's own output (never from a guest program's) and
-    /// remember whether they say the kernel driver is missing.
-    fn strip(&self, mut out: ToolOutput) -> ToolOutput {
-        let mut driver = None;
-        for stream in [&mut out.stdout, &mut out.stderr] {
-            let text = String::from_utf8_lossy(stream);
-            if !text.contains("WARNING:") {
-                continue;
-            }
-            let (rest, warnings) = parse::strip_warnings(&text);
-            driver = driver.or(warnings.into_iter().find(|w| parse::is_driver_warning(w)));
-            *stream = rest.into_bytes();
-        }
-        if let Ok(mut w) = self.driver_warning.lock() {
-            *w = driver;
-        }
-        out
-    }
-
-    /// The kernel-driver warning of the last call, if it printed one.
-    fn driver_missing(&self) -> Option<String> {
-        self.driver_warning.lock().ok().and_then(|w| w.clone())
     }
 
     /// `list -l hdds`: every registered hard disk with its parent and users.
@@ -766,10 +755,10 @@ impl Backend for VirtualBoxBackend {
     async fn start(&self, vm: &VmName) -> Result<()> {
         let ctx = Ctx::vm("start", vm);
         let args = os(&["startvm", vm.as_str(), "--type", &self.opts.start_type]);
-        match self.vbox(&ctx, args).await {
-            Ok(_) => Ok(()),
-            Err(e) => {
-                if let Some(w) = self.driver_missing() {
+        match self.vbox_call(&ctx, args, None, None).await {
+            (Ok(_), _) => Ok(()),
+            (Err(e), driver) => {
+                if let Some(w) = driver {
                     return Err(Error::BackendUnavailable {
                         ctx,
                         backend: "virtualbox".into(),
@@ -1311,6 +1300,22 @@ impl Backend for VirtualBoxBackend {
     async fn console_log(&self, vm: &VmName) -> Result<Option<PathBuf>> {
         Ok(Some(self.console_path(vm)))
     }
+}
+
+/// Remove WARNING blocks from VBoxManage's own output (never from a guest program's); the
+/// kernel-driver warning among them, if any, comes back beside the output.
+fn strip(mut out: ToolOutput) -> (ToolOutput, Option<String>) {
+    let mut driver = None;
+    for stream in [&mut out.stdout, &mut out.stderr] {
+        let text = String::from_utf8_lossy(stream);
+        if !text.contains("WARNING:") {
+            continue;
+        }
+        let (rest, warnings) = parse::strip_warnings(&text);
+        driver = driver.or(warnings.into_iter().find(|w| parse::is_driver_warning(w)));
+        *stream = rest.into_bytes();
+    }
+    (out, driver)
 }
 
 /// Snapshots from `showvminfo` / `snapshot list` keys.

@@ -241,7 +241,7 @@ impl App {
                 let exe = std::env::current_exe()
                     .map_err(|e| Error::io(anyvm::Ctx::new("find anyvm"), "/proc/self/exe", e))?;
                 let mut argv = vec![exe.display().to_string()];
-                if let Some(c) = self.config.as_ref().and_then(|c| c.path.clone()) {
+                if let Some(c) = self.client.config().and_then(|c| c.path.clone()) {
                     let c = std::fs::canonicalize(&c).unwrap_or(c);
                     argv.extend(["--config".into(), c.display().to_string()]);
                 }

@@ -253,8 +253,8 @@ enum SnapshotCmd {
 }
 
 struct App {
+    /// Owns the configuration (`client.config()`), which its handles follow.
     client: Client,
-    config: Option<Config>,
     json: bool,
 }
 
@@ -275,20 +275,20 @@ impl App {
     }
 
     fn ready_spec(&self, name: &str) -> ReadySpec {
-        self.config
-            .as_ref()
+        self.client
+            .config()
             .and_then(|c| c.machines.get(name))
             .map(|m| m.ready.clone())
             .unwrap_or_default()
     }
 
-    /// A VM handle carrying the guest account from the config, if the config has one.
+    /// A handle on an existing VM (it follows the client's config).
     async fn open(&self, name: &str) -> anyvm::Result<anyvm::Vm> {
         self.client.vm(name).await
     }
 
     fn machine(&self, name: &str) -> anyvm::Result<&anyvm::MachineConfig> {
-        match &self.config {
+        match self.client.config() {
             Some(c) => c.machine(name),
             None => Err(Error::config(
                 None,
@@ -407,7 +407,7 @@ impl App {
                 });
             }
             Cmd::Check { profile, timeout } => {
-                let cfg = self.config.as_ref().ok_or_else(|| {
+                let cfg = self.client.config().ok_or_else(|| {
                     anyvm::Error::invalid_arg(
                         "check",
                         "profiles come from a config file (--config)",
@@ -454,13 +454,10 @@ impl App {
                 });
             }
             Cmd::Destroy { name, with_clones } => {
-                let vm = self.open(&name).await?;
-                let clones = if with_clones {
-                    vm.dependants(None).await?
-                } else {
-                    Vec::new()
-                };
-                vm.destroy_with(DestroyOptions::default().with_clones(with_clones))
+                let clones = self
+                    .open(&name)
+                    .await?
+                    .destroy_with(DestroyOptions::default().with_clones(with_clones))
                     .await?;
                 self.out(
                     json!({"name": name, "destroyed": true, "clones_destroyed": clones}),
@@ -685,7 +682,7 @@ impl App {
                 identity,
                 guest_port,
             } => {
-                let cred = self.config.as_ref().and_then(|c| c.credentials(&name));
+                let cred = self.client.config().and_then(|c| c.credentials(&name));
                 let opts = SshOptions {
                     user: user.or(cred.as_ref().map(|c| c.user.clone())),
                     identity_file: identity.or(cred.and_then(|c| c.identity_file)),
@@ -780,10 +777,9 @@ async fn doctor(cli: &Cli) -> anyvm::Result<u8> {
 
 async fn build(cli: &Cli) -> anyvm::Result<App> {
     let (config, backend, opts) = settings(cli)?;
-    let client = Client::connect_configured(&backend, opts, config.clone()).await?;
+    let client = Client::connect_configured(&backend, opts, config).await?;
     Ok(App {
         client,
-        config,
         json: cli.json,
     })
 }
