@@ -13,6 +13,10 @@ use anyvm::job::{run_job, Cancel, JobSpec, Outcome, Phase};
 use anyvm::{Client, Vm, VmName};
 use common::*;
 
+/// gc removes every dead owner's clone on the host, by design: the two tests that make such
+/// clones and run gc would collect each other's, so they take turns.
+static GC_TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 async fn template(env: &TestEnv, name: &str) -> Vm {
     env.fresh(name).await;
     let mut spec = env.spec(name, "");
@@ -202,6 +206,7 @@ impl Drop for Unmount {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn gc_removes_only_clones_of_dead_owners() {
+    let _turn = GC_TURN.lock().await;
     let env = env().await;
     let _c = Cleanup::new(&env.client, "e2e-gc-tmpl");
     let t = template(&env, "e2e-gc-tmpl").await;
@@ -385,6 +390,7 @@ async fn wait_clone_running(client: &Client, template: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn cli_job_run_exit_codes_signals_and_gc() {
+    let _turn = GC_TURN.lock().await;
     let env = env().await;
     let d = env.dir.path();
     let state = d.join("state");
