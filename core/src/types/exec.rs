@@ -1,0 +1,192 @@
+//! Guest programs: the request, what it produced, how it reaches the guest.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::credentials::Credentials;
+use crate::error::{Error, Result};
+
+/// The error for a guest program that did not exit 0, as [`crate::Vm::exec_checked`] raises it
+/// (also what the bindings' `check()` raise): VM, program, exit code or signal, its stderr.
+pub fn guest_command_error(
+    vm: &str,
+    program: &str,
+    exit_code: Option<i32>,
+    signal: Option<i32>,
+    stderr: &[u8],
+) -> crate::error::Error {
+    crate::error::Error::GuestCommand {
+        ctx: crate::error::Ctx::vm("exec", vm),
+        program: program.to_string(),
+        exit_code,
+        reason: match (exit_code, signal) {
+            (Some(c), _) => format!(
+                "exit code {c}: {}",
+                String::from_utf8_lossy(stderr)
+                    .trim()
+                    .chars()
+                    .take(500)
+                    .collect::<String>()
+            ),
+            (None, Some(s)) => format!("killed by signal {s}"),
+            _ => "no exit status".into(),
+        },
+        stderr: stderr.to_vec().into_boxed_slice(),
+    }
+}
+
+/// How exec and file copy reach the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum GuestChannel {
+    /// The hypervisor's guest tools: QEMU guest agent, Guest Additions, VMware Tools.
+    #[default]
+    Tools,
+    /// OpenSSH with the credentials' key, to sshd on `port` in the guest (through its forward,
+    /// or at the guest's address). For sites whose policy forbids passwords on command lines.
+    Ssh { port: u16 },
+}
+
+/// A program to run in the guest. Build with [`ExecRequest::new`] and the chained setters.
+#[derive(Debug, Clone)]
+pub struct ExecRequest {
+    pub program: String,
+    pub args: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    pub cwd: Option<String>,
+    pub stdin: Option<Vec<u8>>,
+    pub timeout: Duration,
+    pub credentials: Option<Credentials>,
+}
+
+impl ExecRequest {
+    pub fn new(program: impl Into<String>) -> Self {
+        ExecRequest {
+            program: program.into(),
+            args: Vec::new(),
+            env: BTreeMap::new(),
+            cwd: None,
+            stdin: None,
+            timeout: Duration::from_secs(300),
+            credentials: None,
+        }
+    }
+    /// First element is the program, the rest are its arguments.
+    pub fn from_argv<S: AsRef<str>>(argv: &[S]) -> Result<Self> {
+        let (first, rest) = argv
+            .split_first()
+            .ok_or_else(|| Error::invalid_arg("argv", "must name a program"))?;
+        Ok(ExecRequest::new(first.as_ref()).args(rest.iter().map(|s| s.as_ref().to_string())))
+    }
+    pub fn arg(mut self, a: impl Into<String>) -> Self {
+        self.args.push(a.into());
+        self
+    }
+    pub fn args<I: IntoIterator<Item = S>, S: Into<String>>(mut self, a: I) -> Self {
+        self.args.extend(a.into_iter().map(Into::into));
+        self
+    }
+    pub fn env(mut self, k: impl Into<String>, v: impl Into<String>) -> Self {
+        self.env.insert(k.into(), v.into());
+        self
+    }
+    pub fn cwd(mut self, d: impl Into<String>) -> Self {
+        self.cwd = Some(d.into());
+        self
+    }
+    pub fn stdin(mut self, data: impl Into<Vec<u8>>) -> Self {
+        self.stdin = Some(data.into());
+        self
+    }
+    pub fn timeout(mut self, t: Duration) -> Self {
+        self.timeout = t;
+        self
+    }
+    pub fn credentials(mut self, c: Credentials) -> Self {
+        self.credentials = Some(c);
+        self
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if self.program.is_empty() {
+            return Err(Error::invalid_arg("exec program", "must not be empty"));
+        }
+        let nul = |s: &str| s.contains('\0');
+        if nul(&self.program) || self.args.iter().any(|a| nul(a)) {
+            return Err(Error::invalid_arg(
+                "exec argv",
+                "NUL bytes cannot be passed to a guest program",
+            ));
+        }
+        for k in self.env.keys() {
+            if k.is_empty() || k.contains('=') || nul(k) {
+                return Err(Error::invalid_arg(
+                    format!("exec env {k:?}"),
+                    "names must be non-empty without '=' or NUL",
+                ));
+            }
+        }
+        if self.timeout.is_zero() {
+            return Err(Error::invalid_arg(
+                "exec timeout",
+                "must be greater than zero",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The command line for messages; arguments are shown, secrets never are part of it.
+    pub fn display_argv(&self) -> String {
+        std::iter::once(&self.program)
+            .chain(&self.args)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+}
+
+/// What a guest program produced.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ExecOutput {
+    /// Exit code, or None when the program was killed by a signal.
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    #[serde(with = "lossy_bytes")]
+    pub stdout: Vec<u8>,
+    #[serde(with = "lossy_bytes")]
+    pub stderr: Vec<u8>,
+    #[serde(with = "duration_secs")]
+    pub duration: Duration,
+    /// The backend's capture limit was hit: output is incomplete.
+    pub stdout_truncated: bool,
+    pub stderr_truncated: bool,
+}
+
+impl ExecOutput {
+    pub fn success(&self) -> bool {
+        self.exit_code == Some(0)
+    }
+    pub fn stdout_str(&self) -> String {
+        String::from_utf8_lossy(&self.stdout).into_owned()
+    }
+    pub fn stderr_str(&self) -> String {
+        String::from_utf8_lossy(&self.stderr).into_owned()
+    }
+}
+
+mod lossy_bytes {
+    pub fn serialize<S: serde::Serializer>(b: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&String::from_utf8_lossy(b))
+    }
+}
+
+mod duration_secs {
+    pub fn serialize<S: serde::Serializer>(
+        d: &std::time::Duration,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        s.serialize_f64(d.as_secs_f64())
+    }
+}

@@ -1,0 +1,108 @@
+//! Power states, listings and how a stop is asked for and how it ended.
+
+use std::fmt;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::*;
+
+/// A VM's power state, normalized across hypervisors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VmState {
+    Running,
+    Paused,
+    /// Memory saved to disk (managed save / savestate / suspend).
+    Saved,
+    ShutOff,
+    /// Transitional: starting, stopping, saving, restoring.
+    Busy,
+    Crashed,
+    Unknown,
+}
+
+impl VmState {
+    pub fn is_running(self) -> bool {
+        matches!(self, VmState::Running)
+    }
+}
+
+impl fmt::Display for VmState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            VmState::Running => "running",
+            VmState::Paused => "paused",
+            VmState::Saved => "saved",
+            VmState::ShutOff => "shut off",
+            VmState::Busy => "busy",
+            VmState::Crashed => "crashed",
+            VmState::Unknown => "unknown",
+        })
+    }
+}
+
+/// One line of `list`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct VmInfo {
+    pub name: String,
+    pub state: VmState,
+    /// Whether anyvm defined the VM (and so knows its spec); `None` when the backend cannot
+    /// tell without extra calls per VM.
+    pub managed: Option<bool>,
+}
+
+/// Everything `anyvm status` shows, read in as few hypervisor calls as the backend allows
+/// (one `showvminfo` on VirtualBox).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct VmStatus {
+    pub name: String,
+    pub state: VmState,
+    pub forwards: Vec<PortForward>,
+    pub snapshots: Vec<SnapshotInfo>,
+}
+
+/// How to stop a VM.
+#[derive(Debug, Clone, Copy)]
+pub struct StopOptions {
+    /// Time allowed for a graceful shutdown before forcing power off.
+    pub timeout: Duration,
+    /// Skip the graceful attempt.
+    pub force: bool,
+}
+
+impl Default for StopOptions {
+    fn default() -> Self {
+        StopOptions {
+            timeout: Duration::from_secs(60),
+            force: false,
+        }
+    }
+}
+
+/// Which way a stop ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopOutcome {
+    AlreadyOff,
+    Graceful,
+    /// The graceful request was ignored or too slow; power was cut.
+    Forced,
+}
+
+impl StopOutcome {
+    /// `already_off`, `graceful`, `forced`: the one spelling (JSON, Python, the CLI).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StopOutcome::AlreadyOff => "already_off",
+            StopOutcome::Graceful => "graceful",
+            StopOutcome::Forced => "forced",
+        }
+    }
+}
+
+impl fmt::Display for StopOutcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
