@@ -206,34 +206,6 @@ impl PortForward {
     }
 }
 
-#[cfg(test)]
-mod forward_tests {
-    use super::*;
-
-    #[test]
-    fn connect_address_here_and_on_a_remote_host() {
-        let mut f = PortForward {
-            name: "ssh".into(),
-            proto: Protocol::Tcp,
-            host_addr: "0.0.0.0".into(),
-            host_port: 40022,
-            guest_port: 22,
-        };
-        assert_eq!(f.connect_addr(), ("127.0.0.1".into(), 40022));
-        assert_eq!(f.connect_addr_via(None), Ok(("127.0.0.1".into(), 40022)));
-        assert_eq!(f.connect_addr_via(Some("hv1")), Ok(("hv1".into(), 40022)));
-        f.host_addr = "127.0.0.1".into();
-        assert_eq!(f.connect_addr(), ("127.0.0.1".into(), 40022));
-        let e = f.connect_addr_via(Some("hv1")).unwrap_err();
-        assert!(e.contains("loopback") && e.contains("0.0.0.0"), "{e}");
-        f.host_addr = "10.0.0.5".into();
-        assert_eq!(
-            f.connect_addr_via(Some("hv1")),
-            Ok(("10.0.0.5".into(), 40022))
-        );
-    }
-}
-
 impl From<&PortForward> for ForwardSpec {
     fn from(f: &PortForward) -> Self {
         ForwardSpec {
@@ -269,5 +241,33 @@ impl fmt::Display for PortForward {
             "{} {}:{}:{} -> {}",
             self.name, self.proto, self.host_addr, self.host_port, self.guest_port
         )
+    }
+}
+
+#[cfg(test)]
+mod forward_tests {
+    use super::*;
+
+    #[test]
+    fn connect_address_here_and_on_a_remote_host() {
+        let mut f = PortForward {
+            name: "ssh".into(),
+            proto: Protocol::Tcp,
+            host_addr: "0.0.0.0".into(),
+            host_port: 40022,
+            guest_port: 22,
+        };
+        assert_eq!(f.connect_addr(), ("127.0.0.1".into(), 40022));
+        assert_eq!(f.connect_addr_via(None), Ok(("127.0.0.1".into(), 40022)));
+        assert_eq!(f.connect_addr_via(Some("hv1")), Ok(("hv1".into(), 40022)));
+        f.host_addr = "127.0.0.1".into();
+        assert_eq!(f.connect_addr(), ("127.0.0.1".into(), 40022));
+        let e = f.connect_addr_via(Some("hv1")).unwrap_err();
+        assert!(e.contains("loopback") && e.contains("0.0.0.0"), "{e}");
+        f.host_addr = "10.0.0.5".into();
+        assert_eq!(
+            f.connect_addr_via(Some("hv1")),
+            Ok(("10.0.0.5".into(), 40022))
+        );
     }
 }
