@@ -51,6 +51,10 @@ typedef enum anyvm_error_kind_t {
   ANYVM_ERROR_IO = 13,
   ANYVM_ERROR_BACKEND = 14,
   /**
+   * The caller cancelled the operation (an output callback returned nonzero).
+   */
+  ANYVM_ERROR_CANCELLED = 15,
+  /**
    * A bug in anyvm (a caught panic); the message says where.
    */
   ANYVM_ERROR_INTERNAL = 99,

@@ -44,6 +44,8 @@ pub enum anyvm_error_kind_t {
     ANYVM_ERROR_BUSY = 12,
     ANYVM_ERROR_IO = 13,
     ANYVM_ERROR_BACKEND = 14,
+    /// The caller cancelled the operation (an output callback returned nonzero).
+    ANYVM_ERROR_CANCELLED = 15,
     /// A bug in anyvm (a caught panic); the message says where.
     ANYVM_ERROR_INTERNAL = 99,
 }
@@ -131,6 +133,7 @@ fn kind_of(k: ErrorKind) -> anyvm_error_kind_t {
         ErrorKind::Busy => ANYVM_ERROR_BUSY,
         ErrorKind::Io => ANYVM_ERROR_IO,
         ErrorKind::Backend => ANYVM_ERROR_BACKEND,
+        ErrorKind::Cancelled => ANYVM_ERROR_CANCELLED,
     }
 }
 

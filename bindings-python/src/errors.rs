@@ -21,6 +21,7 @@ fn class_name(k: ErrorKind) -> &'static str {
         ErrorKind::Busy => "BusyError",
         ErrorKind::Io => "HostIOError",
         ErrorKind::Backend => "BackendError",
+        ErrorKind::Cancelled => "CancelledError",
     }
 }
 

@@ -112,6 +112,11 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    /// The caller cancelled the operation (dropped or cancelled a stream, a job's cancel
+    /// token); what it had started in the guest was stopped.
+    #[error("{ctx}: cancelled: {what}")]
+    Cancelled { ctx: Ctx, what: String },
+
     #[error("{ctx}: {backend}: {message}")]
     Backend {
         ctx: Ctx,
@@ -154,6 +159,7 @@ pub enum ErrorKind {
     Busy = 12,
     Io = 13,
     Backend = 14,
+    Cancelled = 15,
 }
 
 impl Error {
@@ -173,6 +179,7 @@ impl Error {
             Error::Busy { .. } => ErrorKind::Busy,
             Error::Io { .. } => ErrorKind::Io,
             Error::Backend { .. } => ErrorKind::Backend,
+            Error::Cancelled { .. } => ErrorKind::Cancelled,
         }
     }
 

@@ -774,3 +774,100 @@ async fn transient_job_on_virtualbox() {
         .iter()
         .all(|l| l.vm == "tmpl"));
 }
+
+/// The process exits (or is a zombie about to be reaped) within two seconds. Async: the
+/// aborted exec task must get to run its drop on this runtime.
+async fn pid_gone_soon(pid: i32) -> bool {
+    for _ in 0..100 {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        if stat.is_empty() || stat.contains(") Z ") {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
+}
+
+#[tokio::test]
+async fn exec_streams_output_and_a_dropped_stream_kills_the_program() {
+    use anyvm::OutputStream;
+    let f = new_fake();
+    let vm = f
+        .client
+        .define(f.spec("mcs"))
+        .await
+        .unwrap()
+        .with_credentials(creds());
+    vm.start().await.unwrap();
+    vm.wait_ready(&ReadySpec::default().timeout(Duration::from_secs(10)))
+        .await
+        .unwrap();
+
+    // Output arrives while the program runs, each stream on its own.
+    let started = Instant::now();
+    let mut s = vm
+        .exec_stream(
+            &ExecRequest::new("/bin/sh")
+                .args(["-c", "echo one; sleep 2; echo two; echo oops >&2; exit 5"]),
+        )
+        .await
+        .unwrap();
+    let first = s.next().await.unwrap();
+    let first_at = started.elapsed();
+    assert_eq!(
+        (first.stream, first.data.as_slice()),
+        (OutputStream::Stdout, &b"one\n"[..])
+    );
+    let out = s.wait().await.unwrap();
+    assert!(
+        out.duration >= first_at + Duration::from_millis(1500),
+        "first chunk at {first_at:?}, program took {:?}",
+        out.duration
+    );
+    assert_eq!(out.exit_code, Some(5));
+    assert_eq!(out.stdout_str(), "two\n");
+    assert_eq!(out.stderr_str(), "oops\n");
+
+    // Bad requests fail before anything runs.
+    let e = vm.exec_stream(&ExecRequest::new("")).await.unwrap_err();
+    assert!(matches!(e, Error::InvalidArgument { .. }), "{e}");
+
+    // Dropping the stream kills the guest program; cancel reports Cancelled.
+    let pidfile = f.dir.path().join("prog.pid");
+    let script = format!("echo $$ > {}; echo up; exec sleep 300", pidfile.display());
+    let mut s = vm
+        .exec_stream(&ExecRequest::new("/bin/sh").args(["-c", script.as_str()]))
+        .await
+        .unwrap();
+    assert_eq!(s.next().await.unwrap().data, b"up\n");
+    let pid: i32 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    drop(s);
+    assert!(
+        pid_gone_soon(pid).await,
+        "guest program {pid} survived the dropped stream"
+    );
+
+    let mut s = vm
+        .exec_stream(&ExecRequest::new("/bin/sh").args(["-c", script.as_str()]))
+        .await
+        .unwrap();
+    assert_eq!(s.next().await.unwrap().data, b"up\n");
+    let pid: i32 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    s.cancel();
+    let e = s.wait().await.unwrap_err();
+    assert_eq!(e.kind(), anyvm::ErrorKind::Cancelled, "{e}");
+    assert!(e.to_string().contains("vm 'mcs'"), "{e}");
+    assert!(
+        pid_gone_soon(pid).await,
+        "guest program {pid} survived cancel"
+    );
+    vm.destroy().await.unwrap();
+}

@@ -17,6 +17,7 @@ from . import _native
 from ._errors import (
     AuthError,
     BackendError,
+    CancelledError,
     BackendUnavailableError,
     BusyError,
     ConfigError,
@@ -38,7 +39,7 @@ __all__ = [
     "JobReport", "JobPool",
     "Error", "NotFoundError", "InvalidStateError", "TimeoutError", "NotReadyError", "AuthError",
     "PortInUseError", "BackendUnavailableError", "GuestCommandError", "ConfigError",
-    "InvalidArgumentError", "PolicyDenied", "BusyError", "HostIOError", "BackendError",
+    "InvalidArgumentError", "PolicyDenied", "BusyError", "HostIOError", "BackendError", "CancelledError",
 ]
 
 _logger = _logging.getLogger("anyvm")

@@ -68,3 +68,8 @@ class HostIOError(Error, OSError):
 
 class BackendError(Error):
     """The hypervisor reported an error anyvm has no more specific kind for."""
+
+
+class CancelledError(Error):
+    """The caller cancelled the operation (a stream closed or cancelled, a callback that
+    raised); the guest program it had started was killed."""

@@ -15,8 +15,8 @@ use crate::doctor::Check;
 use crate::error::{Error, Result};
 use crate::name::VmName;
 use crate::types::{
-    CloneLink, ExecOutput, ExecRequest, PortForward, SharedFolder, SnapshotInfo, VmInfo, VmSpec,
-    VmState, VmStatus,
+    CloneLink, ExecOutput, ExecRequest, OutputSink, PortForward, SharedFolder, SnapshotInfo,
+    VmInfo, VmSpec, VmState, VmStatus,
 };
 
 #[cfg(feature = "libvirt")]
@@ -160,6 +160,20 @@ pub trait Backend: Send + Sync + fmt::Debug {
     ) -> Result<()>;
 
     async fn exec(&self, vm: &VmName, req: &ExecRequest) -> Result<ExecOutput>;
+    /// Run a guest program, sending its output to `sink` as it arrives. The returned output
+    /// has the exit status and duration and empty stdout/stderr: everything went to the sink.
+    /// Dropping the future kills the guest program. The default runs [`Backend::exec`] and
+    /// sends the buffered output at the end, for channels that only return output at exit.
+    async fn exec_streaming(
+        &self,
+        vm: &VmName,
+        req: &ExecRequest,
+        sink: OutputSink,
+    ) -> Result<ExecOutput> {
+        let mut out = self.exec(vm, req).await?;
+        crate::types::send_buffered(&sink, &mut out).await;
+        Ok(out)
+    }
     /// Guest file operations take the guest account for backends whose tools need one.
     async fn copy_to(
         &self,

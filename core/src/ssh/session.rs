@@ -142,6 +142,18 @@ impl SshTarget {
     /// Run a program in the guest. Exit code 255 with one of ssh's own error lines is an ssh
     /// failure (typed error), anything else is the program's result.
     pub async fn exec(&self, req: &ExecRequest) -> Result<ExecOutput> {
+        self.exec_into(req, None).await
+    }
+
+    /// [`SshTarget::exec`] forwarding output to `sink` as ssh relays it; the returned output
+    /// then has empty stdout/stderr. Dropping the future kills the ssh client; without a tty
+    /// sshd then closes the session's pipes, so the program ends at its next write (SIGPIPE).
+    pub async fn exec_into(
+        &self,
+        req: &ExecRequest,
+        sink: Option<crate::types::OutputSink>,
+    ) -> Result<ExecOutput> {
+        let streamed = sink.is_some();
         let ctx = self.ctx(&format!("exec {}", req.program));
         self.check_identity(&ctx)?;
         self.ensure_known_hosts_dir(&ctx)?;
@@ -156,11 +168,16 @@ impl SshTarget {
         let mut cmd = ToolCommand::new(ssh_binary("ssh")?, args, req.timeout);
         cmd.display = format!("ssh {} {}", self.destination(false), req.program);
         cmd.stdin = req.stdin.clone();
-        let out = cmd.run(&ctx).await?;
+        cmd.sink = sink;
+        let mut out = cmd.run(&ctx).await?;
         if out.code == Some(255) {
             if let Some(err) = classify(&ctx, &out.stderr_str()) {
                 return Err(err);
             }
+        }
+        if streamed {
+            out.stdout.clear();
+            out.stderr.clear();
         }
         Ok(ExecOutput {
             exit_code: out.code,

@@ -176,6 +176,52 @@ impl ExecOutput {
     }
 }
 
+/// Which of a guest program's outputs a chunk belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OutputStream {
+    /// The program's standard output.
+    Stdout,
+    /// The program's standard error.
+    Stderr,
+}
+
+impl OutputStream {
+    /// `"stdout"` or `"stderr"`, as the bindings name them.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OutputStream::Stdout => "stdout",
+            OutputStream::Stderr => "stderr",
+        }
+    }
+}
+
+/// Bytes a guest program wrote, in the order they arrived on one stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutputChunk {
+    /// The stream they were written to.
+    pub stream: OutputStream,
+    /// The bytes, never empty.
+    pub data: Vec<u8>,
+}
+
+/// Where a streaming exec sends output as it arrives. Bounded, so a slow reader slows the
+/// reading instead of growing memory; a closed receiver only drops what would have gone to it.
+pub type OutputSink = tokio::sync::mpsc::Sender<OutputChunk>;
+
+/// Send a finished program's buffered output to `sink` (stdout first), leaving `out` empty:
+/// the streaming path of channels that only return output at exit (vmrun).
+pub(crate) async fn send_buffered(sink: &OutputSink, out: &mut ExecOutput) {
+    for (stream, data) in [
+        (OutputStream::Stdout, std::mem::take(&mut out.stdout)),
+        (OutputStream::Stderr, std::mem::take(&mut out.stderr)),
+    ] {
+        if !data.is_empty() {
+            let _ = sink.send(OutputChunk { stream, data }).await;
+        }
+    }
+}
+
 mod lossy_bytes {
     pub fn serialize<S: serde::Serializer>(b: &[u8], s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(&String::from_utf8_lossy(b))

@@ -7,9 +7,14 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 
 use crate::error::{Ctx, Error, Result};
+use crate::types::{OutputChunk, OutputSink, OutputStream};
+
+/// How much of each stream a streamed call still keeps (for error classification: the tools'
+/// own error lines come last).
+pub const STREAM_TAIL: usize = 64 * 1024;
 
 #[derive(Debug, Clone)]
 pub struct ToolCommand {
@@ -20,6 +25,9 @@ pub struct ToolCommand {
     pub timeout: Duration,
     /// What messages call this command. Never holds a secret.
     pub display: String,
+    /// Forward output here as it is read; the returned output then keeps only the last
+    /// [`STREAM_TAIL`] bytes of each stream.
+    pub sink: Option<OutputSink>,
 }
 
 #[derive(Debug, Clone)]
@@ -63,6 +71,7 @@ impl ToolCommand {
             stdin: None,
             timeout,
             display,
+            sink: None,
         }
     }
 
@@ -105,20 +114,19 @@ impl ToolCommand {
         let mut stderr = child.stderr.take().expect("piped");
         let stdin = child.stdin.take();
         let input = self.stdin.clone();
+        let sink = self.sink.clone();
         let io = async move {
             let feed = async move {
                 if let (Some(mut w), Some(data)) = (stdin, input) {
                     let _ = w.write_all(&data).await;
                 }
             };
-            let mut out = Vec::new();
-            let mut err = Vec::new();
-            let (_, r1, r2) = tokio::join!(
+            let (_, out, err) = tokio::join!(
                 feed,
-                stdout.read_to_end(&mut out),
-                stderr.read_to_end(&mut err)
+                drain(&mut stdout, OutputStream::Stdout, sink.as_ref()),
+                drain(&mut stderr, OutputStream::Stderr, sink.as_ref())
             );
-            r1.and(r2).map(|_| (out, err))
+            Ok::<_, std::io::Error>((out?, err?))
         };
         let waited = tokio::time::timeout(self.timeout, async {
             let (out, err) = io.await?;
@@ -146,6 +154,33 @@ impl ToolCommand {
                 })
             }
         }
+    }
+}
+
+/// Read a pipe to its end: all of it, or, with a sink, forward each read and keep the tail.
+async fn drain<R: AsyncRead + Unpin>(
+    r: &mut R,
+    stream: OutputStream,
+    sink: Option<&OutputSink>,
+) -> std::io::Result<Vec<u8>> {
+    let mut kept = Vec::new();
+    let Some(sink) = sink else {
+        r.read_to_end(&mut kept).await?;
+        return Ok(kept);
+    };
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = r.read(&mut buf).await?;
+        if n == 0 {
+            return Ok(kept);
+        }
+        let data = buf[..n].to_vec();
+        kept.extend_from_slice(&data);
+        if kept.len() > STREAM_TAIL {
+            kept.drain(..kept.len() - STREAM_TAIL);
+        }
+        // A reader that went away must not stall the program: keep draining the pipe.
+        let _ = sink.send(OutputChunk { stream, data }).await;
     }
 }
 
@@ -178,6 +213,35 @@ mod tests {
         assert_eq!(out.code, Some(3));
         assert_eq!(out.stdout_str(), "out\n");
         assert_eq!(out.stderr_str(), "err\n");
+    }
+
+    #[tokio::test]
+    async fn a_sink_gets_output_as_it_is_written_and_the_tail_is_kept() {
+        let (tx, mut rx) = tokio::sync::mpsc::channel(16);
+        let mut c = ToolCommand::new(
+            "/bin/sh",
+            ["-c", "echo first; sleep 1; echo second; echo oops >&2"],
+            Duration::from_secs(10),
+        );
+        c.sink = Some(tx);
+        let started = Instant::now();
+        let run = tokio::spawn(async move { c.run(&Ctx::new("t")).await });
+        let first = rx.recv().await.unwrap();
+        assert_eq!(first.stream, OutputStream::Stdout);
+        assert_eq!(first.data, b"first\n");
+        assert!(
+            started.elapsed() < Duration::from_millis(900),
+            "first chunk came late"
+        );
+        let out = run.await.unwrap().unwrap();
+        let mut rest = Vec::new();
+        while let Some(c) = rx.recv().await {
+            rest.push((c.stream, c.data));
+        }
+        assert!(rest.contains(&(OutputStream::Stdout, b"second\n".to_vec())));
+        assert!(rest.contains(&(OutputStream::Stderr, b"oops\n".to_vec())));
+        assert_eq!(out.stderr_str(), "oops\n");
+        assert_eq!(out.code, Some(0));
     }
 
     #[tokio::test]

@@ -78,6 +78,21 @@ impl ToolRunner {
         timeout: Option<Duration>,
         display: String,
     ) -> Result<ToolOutput> {
+        self.run_into(ctx, args, stdin, timeout, display, None)
+            .await
+    }
+
+    /// [`ToolRunner::run`] forwarding output to `sink` as it is read (guest programs run by the
+    /// tool); the returned output keeps only the tail of each stream.
+    pub async fn run_into(
+        &self,
+        ctx: &Ctx,
+        args: Vec<OsString>,
+        stdin: Option<Vec<u8>>,
+        timeout: Option<Duration>,
+        display: String,
+        sink: Option<crate::types::OutputSink>,
+    ) -> Result<ToolOutput> {
         let key = args
             .iter()
             .find(|a| !a.to_string_lossy().starts_with('-'))
@@ -92,6 +107,7 @@ impl ToolRunner {
         cmd.stdin = stdin;
         cmd.display = display;
         cmd.env = self.env.clone();
+        cmd.sink = sink;
         tracing::debug!(tool = %self.program.display(), call = %cmd.display, "running");
         cmd.run(ctx).await
     }

@@ -1,16 +1,17 @@
 //! Guest programs and files: exec under the policy and the chosen channel, file copies.
 
 use super::*;
+use crate::types::OutputSink;
 
 impl Vm {
     pub async fn exec(&self, req: &ExecRequest) -> Result<ExecOutput> {
-        self.exec_as("exec", req, true).await
+        self.exec_as("exec", req, true, None).await
     }
 
     /// Exec for anyvm's own probes (resource checks, mounts): audited under `op`, not subject
     /// to the exec allowlist, which governs what users run.
     pub(crate) async fn exec_internal(&self, op: &str, req: &ExecRequest) -> Result<ExecOutput> {
-        self.exec_as(op, req, false).await
+        self.exec_as(op, req, false, None).await
     }
 
     pub(super) async fn exec_as(
@@ -18,6 +19,7 @@ impl Vm {
         op: &str,
         req: &ExecRequest,
         allowlist: bool,
+        sink: Option<OutputSink>,
     ) -> Result<ExecOutput> {
         let args = json!({
             "argv": std::iter::once(&req.program).chain(&req.args).collect::<Vec<_>>(),
@@ -25,22 +27,20 @@ impl Vm {
             "env_keys": req.env.keys().collect::<Vec<_>>(),
         });
         self.audited(op, args, async move {
-            req.validate()?;
-            if allowlist {
-                self.check_exec_policy(req)?;
-            } else {
-                self.check_argv_secrets(&self.ctx(op), req.credentials.as_ref().or(self.credentials.as_ref()))?;
-            }
+            self.check_exec(op, req, allowlist)?;
             let mut r = req.clone();
             if r.credentials.is_none() {
                 r.credentials = self.credentials.clone();
             }
-            let out = match self.channel {
-                GuestChannel::Tools => self.backend.exec(&self.name, &r).await?,
-                GuestChannel::Ssh { port } => {
+            let out = match (self.channel, sink) {
+                (GuestChannel::Tools, None) => self.backend.exec(&self.name, &r).await?,
+                (GuestChannel::Tools, Some(sink)) => {
+                    self.backend.exec_streaming(&self.name, &r, sink).await?
+                }
+                (GuestChannel::Ssh { port }, sink) => {
                     self.ssh_target_for(port, r.credentials.as_ref())
                         .await?
-                        .exec(&r)
+                        .exec_into(&r, sink)
                         .await?
                 }
             };
@@ -50,6 +50,20 @@ impl Vm {
             Ok(out)
         })
         .await
+    }
+
+    /// The request is well-formed and the policy allows it (the allowlist only for users'
+    /// programs, not anyvm's own probes).
+    pub(super) fn check_exec(&self, op: &str, req: &ExecRequest, allowlist: bool) -> Result<()> {
+        req.validate()?;
+        if allowlist {
+            self.check_exec_policy(req)
+        } else {
+            self.check_argv_secrets(
+                &self.ctx(op),
+                req.credentials.as_ref().or(self.credentials.as_ref()),
+            )
+        }
     }
 
     /// Run and require exit code 0.

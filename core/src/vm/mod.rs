@@ -291,6 +291,9 @@ mod lifecycle;
 mod network;
 mod shares;
 mod snapshots;
+mod stream;
+
+pub use stream::ExecStream;
 
 #[cfg(test)]
 mod tests;

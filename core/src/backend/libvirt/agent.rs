@@ -32,7 +32,32 @@ pub fn exec(req: &ExecRequest) -> String {
             ("/bin/sh".into(), a)
         }
     };
-    let mut args_obj = json!({"path": path, "arg": args, "capture-output": true});
+    guest_exec(req, path, args, true)
+}
+
+/// The fixed `sh` prologue of a streamed exec: output appended to `$1/out` and `$1/err`, then
+/// into directory `$2` when it is not empty, then the program. Everything is a positional
+/// parameter; nothing is interpolated.
+pub const STREAM_PROLOGUE: &str =
+    "d=$1; c=$2; shift 2; exec >>\"$d/out\" 2>>\"$d/err\"; if [ -n \"$c\" ]; then cd -- \"$c\" || exit 127; fi; exec \"$@\"";
+
+/// `guest-exec` of a request whose output goes to two files in the guest directory `dir`
+/// (tailed with `guest-file-read`: qemu-ga itself returns output only at exit).
+pub fn exec_to_files(req: &ExecRequest, dir: &str) -> String {
+    let mut args = vec![
+        "-c".to_string(),
+        STREAM_PROLOGUE.into(),
+        "sh".into(),
+        dir.into(),
+        req.cwd.clone().unwrap_or_default(),
+        req.program.clone(),
+    ];
+    args.extend(req.args.iter().cloned());
+    guest_exec(req, "/bin/sh".into(), args, false)
+}
+
+fn guest_exec(req: &ExecRequest, path: String, args: Vec<String>, capture: bool) -> String {
+    let mut args_obj = json!({"path": path, "arg": args, "capture-output": capture});
     if !req.env.is_empty() {
         let mut env: Vec<String> = req.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
         if !req.env.contains_key("PATH") {
@@ -44,6 +69,11 @@ pub fn exec(req: &ExecRequest) -> String {
         args_obj["input-data"] = json!(B64.encode(input));
     }
     json!({"execute": "guest-exec", "arguments": args_obj}).to_string()
+}
+
+/// A program run for anyvm's own housekeeping, output not captured (`rm -rf -- DIR`).
+pub fn spawn(path: &str, args: &[&str]) -> String {
+    json!({"execute": "guest-exec", "arguments": {"path": path, "arg": args}}).to_string()
 }
 
 pub fn exec_status(pid: i64) -> String {
@@ -63,6 +93,11 @@ pub fn file_read(handle: i64, count: usize) -> String {
 }
 pub fn file_write(handle: i64, data: &[u8]) -> String {
     json!({"execute": "guest-file-write", "arguments": {"handle": handle, "buf-b64": B64.encode(data)}}).to_string()
+}
+/// Move a guest file's position to `offset` from its start; after a read at end of file this
+/// clears the end-of-file state, so data appended since can be read.
+pub fn file_seek(handle: i64, offset: u64) -> String {
+    json!({"execute": "guest-file-seek", "arguments": {"handle": handle, "offset": offset, "whence": 0}}).to_string()
 }
 pub fn file_close(handle: i64) -> String {
     json!({"execute": "guest-file-close", "arguments": {"handle": handle}}).to_string()
@@ -144,6 +179,34 @@ fn data_is_empty(b: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn stream_prologue_appends_both_streams_and_keeps_argv_boundaries() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().to_str().unwrap();
+        let req = ExecRequest::new("/bin/sh")
+            .arg("-c")
+            .arg("pwd; printf '%s|' \"$@\"; echo err >&2; exit 4")
+            .arg("x")
+            .arg("a b")
+            .arg("$HOME;`id`")
+            .cwd("/tmp");
+        let cmd: Value = serde_json::from_str(&exec_to_files(&req, d)).unwrap();
+        let args = &cmd["arguments"];
+        assert_eq!(args["capture-output"], false);
+        let argv: Vec<String> = serde_json::from_value(args["arg"].clone()).unwrap();
+        let st = std::process::Command::new(args["path"].as_str().unwrap())
+            .args(&argv)
+            .status()
+            .unwrap();
+        assert_eq!(st.code(), Some(4));
+        let out = std::fs::read_to_string(dir.path().join("out")).unwrap();
+        assert_eq!(out, "/tmp\na b|$HOME;`id`|");
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("err")).unwrap(),
+            "err\n"
+        );
+    }
+
     use super::*;
 
     #[test]

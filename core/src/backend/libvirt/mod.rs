@@ -33,8 +33,8 @@ use crate::credentials::Credentials;
 use crate::error::{Ctx, Error, Result};
 use crate::name::VmName;
 use crate::types::{
-    DiskFormat, ExecOutput, ExecRequest, ForwardSpec, HostPort, PortForward, SharedFolder,
-    SnapshotInfo, VmInfo, VmSpec, VmState,
+    DiskFormat, ExecOutput, ExecRequest, ForwardSpec, HostPort, OutputChunk, OutputSink,
+    OutputStream, PortForward, SharedFolder, SnapshotInfo, VmInfo, VmSpec, VmState,
 };
 
 const ID: &str = "libvirt";
@@ -339,6 +339,236 @@ impl LibvirtBackend {
         reply
             .as_i64()
             .ok_or_else(|| agent_err(ctx, format!("guest-file-open returned {reply}")))
+    }
+
+    /// A guest program through the agent, its output captured by qemu-ga and returned at exit.
+    async fn exec_captured(&self, vm: &VmName, req: &ExecRequest) -> Result<ExecOutput> {
+        let ctx = Ctx::vm(format!("exec {}", req.program), vm);
+        if req.credentials.is_some() {
+            tracing::debug!(vm = %vm, "libvirt runs guest programs through the agent as its user; credentials are not used");
+        }
+        let started = Instant::now();
+        let deadline = started + req.timeout;
+        let reply = self
+            .agent(&ctx, vm, agent::exec(req), self.opts.agent_timeout)
+            .await?;
+        let pid = agent::int_field(&reply, "pid").map_err(|m| agent_err(&ctx, m))?;
+        // Cancel-safety: if this future is dropped (a cancelled job, a timeout around the call),
+        // the guest program is killed instead of running on unobserved.
+        let mut guard = KillOnDrop {
+            conn: Some(self.conn.clone()),
+            vm: vm.to_string(),
+            pid,
+            handles: Vec::new(),
+            dir: None,
+        };
+        // Short programs finish in a few ms: poll fast at first, then back off.
+        let mut delay = Duration::from_millis(1);
+        loop {
+            let st = self
+                .agent(&ctx, vm, agent::exec_status(pid), self.opts.agent_timeout)
+                .await?;
+            if let Some(s) = agent::parse_exec_status(&st).map_err(|m| agent_err(&ctx, m))? {
+                guard.disarm();
+                return Ok(ExecOutput {
+                    exit_code: s.exit_code,
+                    signal: s.signal,
+                    stdout: s.stdout,
+                    stderr: s.stderr,
+                    duration: started.elapsed(),
+                    stdout_truncated: s.stdout_truncated,
+                    stderr_truncated: s.stderr_truncated,
+                });
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                guard.disarm();
+                return Err(self.kill_timed_out(&ctx, vm, pid, req).await);
+            }
+            tokio::time::sleep(delay.min(deadline - now)).await;
+            delay = (delay * 2).min(Duration::from_millis(50));
+        }
+    }
+
+    /// Kill a guest program that outlived its request's timeout; the error to report.
+    async fn kill_timed_out(&self, ctx: &Ctx, vm: &VmName, pid: i64, req: &ExecRequest) -> Error {
+        if let Err(e) = self
+            .agent(ctx, vm, agent::kill(pid), self.opts.agent_timeout)
+            .await
+        {
+            tracing::warn!(vm = %vm, pid, error = %e, "could not kill timed-out guest program");
+        }
+        Error::Timeout {
+            ctx: ctx.clone(),
+            after: req.timeout,
+            what: format!("'{}' to exit (killed guest pid {pid})", req.display_argv()),
+        }
+    }
+
+    /// A guest program whose output is sent as it is written. qemu-ga returns output only at
+    /// exit, so the program writes to two files in a private guest directory that are tailed
+    /// with `guest-file-read`, polling faster while output flows.
+    async fn exec_streamed(
+        &self,
+        vm: &VmName,
+        req: &ExecRequest,
+        sink: OutputSink,
+    ) -> Result<ExecOutput> {
+        let ctx = Ctx::vm(format!("exec {}", req.program), vm);
+        let started = Instant::now();
+        let deadline = started + req.timeout;
+        let mk = self
+            .exec_captured(
+                vm,
+                &ExecRequest::new("mktemp")
+                    .arg("-d")
+                    .arg("/tmp/anyvm-exec.XXXXXXXX")
+                    .timeout(self.opts.agent_timeout),
+            )
+            .await?;
+        let dir = mk.stdout_str().trim().to_string();
+        if !mk.success() || !dir.starts_with("/tmp/anyvm-exec.") {
+            return Err(agent_err(
+                &ctx,
+                format!(
+                    "could not make a guest directory for the output: {}",
+                    mk.stderr_str().trim()
+                ),
+            ));
+        }
+        // From here on, a dropped or failed call removes what it made in the guest.
+        let mut guard = KillOnDrop {
+            conn: Some(self.conn.clone()),
+            vm: vm.to_string(),
+            pid: 0,
+            handles: Vec::new(),
+            dir: Some(dir.clone()),
+        };
+        // "a+" creates the files before the program does, and reads from their start.
+        for name in ["out", "err"] {
+            let h = self
+                .open_guest_file(&ctx, vm, &format!("{dir}/{name}"), "a+")
+                .await?;
+            guard.handles.push(h);
+        }
+        let reply = self
+            .agent(
+                &ctx,
+                vm,
+                agent::exec_to_files(req, &dir),
+                self.opts.agent_timeout,
+            )
+            .await?;
+        guard.pid = agent::int_field(&reply, "pid").map_err(|m| agent_err(&ctx, m))?;
+        let pid = guard.pid;
+        let mut tails = [
+            (guard.handles[0], OutputStream::Stdout, 0u64),
+            (guard.handles[1], OutputStream::Stderr, 0u64),
+        ];
+        let mut delay = Duration::from_millis(1);
+        loop {
+            let st = self
+                .agent(&ctx, vm, agent::exec_status(pid), self.opts.agent_timeout)
+                .await?;
+            let exited = agent::parse_exec_status(&st).map_err(|m| agent_err(&ctx, m))?;
+            let mut got = false;
+            for t in &mut tails {
+                // After exit, read each file to its end; before, one chunk per poll.
+                while self.read_tail(&ctx, vm, t, &sink).await? {
+                    got = true;
+                    if exited.is_none() {
+                        break;
+                    }
+                }
+            }
+            if let Some(s) = exited {
+                self.clean_up_exec(&ctx, vm, &mut guard).await;
+                return Ok(ExecOutput {
+                    exit_code: s.exit_code,
+                    signal: s.signal,
+                    stdout: Vec::new(),
+                    stderr: Vec::new(),
+                    duration: started.elapsed(),
+                    stdout_truncated: false,
+                    stderr_truncated: false,
+                });
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                let e = self.kill_timed_out(&ctx, vm, pid, req).await;
+                guard.pid = 0;
+                self.clean_up_exec(&ctx, vm, &mut guard).await;
+                return Err(e);
+            }
+            if got {
+                delay = Duration::from_millis(1);
+            } else {
+                tokio::time::sleep(delay.min(deadline - now)).await;
+                delay = (delay * 2).min(Duration::from_millis(100));
+            }
+        }
+    }
+
+    /// Read what was appended to one tailed file since the last read and send it; true when
+    /// there was something.
+    async fn read_tail(
+        &self,
+        ctx: &Ctx,
+        vm: &VmName,
+        (handle, stream, offset): &mut (i64, OutputStream, u64),
+        sink: &OutputSink,
+    ) -> Result<bool> {
+        let r = self
+            .agent(
+                ctx,
+                vm,
+                agent::file_read(*handle, self.opts.read_chunk),
+                self.opts.agent_timeout,
+            )
+            .await?;
+        let (data, eof) = agent::parse_read(&r).map_err(|m| agent_err(ctx, m))?;
+        *offset += data.len() as u64;
+        if eof {
+            // The file may grow again: clear the end-of-file state where we stand.
+            self.agent(
+                ctx,
+                vm,
+                agent::file_seek(*handle, *offset),
+                self.opts.agent_timeout,
+            )
+            .await?;
+        }
+        if data.is_empty() {
+            return Ok(false);
+        }
+        let _ = sink
+            .send(OutputChunk {
+                stream: *stream,
+                data,
+            })
+            .await;
+        Ok(true)
+    }
+
+    /// Close a finished streamed exec's files and remove its guest directory, here rather
+    /// than on the guard's thread.
+    async fn clean_up_exec(&self, ctx: &Ctx, vm: &VmName, guard: &mut KillOnDrop) {
+        for h in std::mem::take(&mut guard.handles) {
+            let _ = self
+                .agent(ctx, vm, agent::file_close(h), self.opts.agent_timeout)
+                .await;
+        }
+        if let Some(dir) = guard.dir.take() {
+            let _ = self
+                .agent(
+                    ctx,
+                    vm,
+                    agent::spawn("rm", &["-rf", "--", &dir]),
+                    self.opts.agent_timeout,
+                )
+                .await;
+        }
+        guard.disarm();
     }
 
     fn console_path(&self, vm: &VmName) -> PathBuf {
@@ -948,59 +1178,16 @@ impl Backend for LibvirtBackend {
     }
 
     async fn exec(&self, vm: &VmName, req: &ExecRequest) -> Result<ExecOutput> {
-        let ctx = Ctx::vm(format!("exec {}", req.program), vm);
-        if req.credentials.is_some() {
-            tracing::debug!(vm = %vm, "libvirt runs guest programs through the agent as its user; credentials are not used");
-        }
-        let started = Instant::now();
-        let deadline = started + req.timeout;
-        let reply = self
-            .agent(&ctx, vm, agent::exec(req), self.opts.agent_timeout)
-            .await?;
-        let pid = agent::int_field(&reply, "pid").map_err(|m| agent_err(&ctx, m))?;
-        // Cancel-safety: if this future is dropped (a cancelled job, a timeout around the call),
-        // the guest program is killed instead of running on unobserved.
-        let mut guard = KillOnDrop {
-            conn: Some(self.conn.clone()),
-            vm: vm.to_string(),
-            pid,
-        };
-        // Short programs finish in a few ms: poll fast at first, then back off.
-        let mut delay = Duration::from_millis(1);
-        loop {
-            let st = self
-                .agent(&ctx, vm, agent::exec_status(pid), self.opts.agent_timeout)
-                .await?;
-            if let Some(s) = agent::parse_exec_status(&st).map_err(|m| agent_err(&ctx, m))? {
-                guard.disarm();
-                return Ok(ExecOutput {
-                    exit_code: s.exit_code,
-                    signal: s.signal,
-                    stdout: s.stdout,
-                    stderr: s.stderr,
-                    duration: started.elapsed(),
-                    stdout_truncated: s.stdout_truncated,
-                    stderr_truncated: s.stderr_truncated,
-                });
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                guard.disarm();
-                if let Err(e) = self
-                    .agent(&ctx, vm, agent::kill(pid), self.opts.agent_timeout)
-                    .await
-                {
-                    tracing::warn!(vm = %vm, pid, error = %e, "could not kill timed-out guest program");
-                }
-                return Err(Error::Timeout {
-                    ctx,
-                    after: req.timeout,
-                    what: format!("'{}' to exit (killed guest pid {pid})", req.display_argv()),
-                });
-            }
-            tokio::time::sleep(delay.min(deadline - now)).await;
-            delay = (delay * 2).min(Duration::from_millis(50));
-        }
+        self.exec_captured(vm, req).await
+    }
+
+    async fn exec_streaming(
+        &self,
+        vm: &VmName,
+        req: &ExecRequest,
+        sink: OutputSink,
+    ) -> Result<ExecOutput> {
+        self.exec_streamed(vm, req, sink).await
     }
 
     async fn copy_to(
@@ -1344,7 +1531,12 @@ fn is_frozen_of(file: &str, base: &str, snapshot: Option<&str>) -> bool {
 struct KillOnDrop {
     conn: Option<Arc<Connect>>,
     vm: String,
+    /// 0 before the program started.
     pid: i64,
+    /// Agent file handles to close.
+    handles: Vec<i64>,
+    /// A guest directory of anyvm's to remove.
+    dir: Option<String>,
 }
 
 impl KillOnDrop {
@@ -1359,15 +1551,25 @@ impl Drop for KillOnDrop {
             return;
         };
         let (vm, pid) = (self.vm.clone(), self.pid);
+        let handles = std::mem::take(&mut self.handles);
+        let dir = self.dir.take();
         let _ = std::thread::Builder::new()
             .name("anyvm-exec-kill".into())
             .spawn(move || {
-                let r = conn
-                    .lookup_domain_by_name(&vm)
-                    .and_then(|d| d.qemu_agent_command(&agent::kill(pid), 5, 0));
-                match r {
-                    Ok(_) => tracing::debug!(vm = %vm, pid, "exec dropped: guest program killed"),
-                    Err(e) => tracing::warn!(vm = %vm, pid, error = %e, "exec dropped: could not kill the guest program"),
+                let Ok(d) = conn.lookup_domain_by_name(&vm) else {
+                    return;
+                };
+                if pid > 0 {
+                    match d.qemu_agent_command(&agent::kill(pid), 5, 0) {
+                        Ok(_) => tracing::debug!(vm = %vm, pid, "exec dropped: guest program killed"),
+                        Err(e) => tracing::warn!(vm = %vm, pid, error = %e, "exec dropped: could not kill the guest program"),
+                    }
+                }
+                for h in handles {
+                    let _ = d.qemu_agent_command(&agent::file_close(h), 5, 0);
+                }
+                if let Some(dir) = dir {
+                    let _ = d.qemu_agent_command(&agent::spawn("rm", &["-rf", "--", &dir]), 5, 0);
                 }
             });
     }

@@ -25,8 +25,8 @@ use crate::error::{Ctx, Error, Result};
 use crate::name::VmName;
 use crate::types::SharedFolder;
 use crate::types::{
-    Boot, CloneLink, DiskFormat, ExecOutput, ExecRequest, HostPort, PortForward, SnapshotInfo,
-    VmInfo, VmSpec, VmState, VmStatus,
+    Boot, CloneLink, DiskFormat, ExecOutput, ExecRequest, HostPort, OutputSink, PortForward,
+    SnapshotInfo, VmInfo, VmSpec, VmState, VmStatus,
 };
 use crate::util::command::ToolOutput;
 use crate::util::tool::{resolve_binary, ToolRunner};
@@ -83,6 +83,8 @@ struct GuestCall {
     timeout: Duration,
     /// The exit code is the guest program's: only VBoxManage's own error lines mean failure.
     raw: bool,
+    /// Forward the guest program's output here as VBoxManage relays it.
+    sink: Option<OutputSink>,
 }
 
 #[derive(Debug)]
@@ -427,12 +429,13 @@ impl VirtualBoxBackend {
             stdin,
             timeout,
             raw,
+            sink,
         } = call;
         if raw {
             // Exit code is the guest program's: classify only VBoxManage's own error lines.
             let out = self
                 .tool
-                .run(ctx, args, stdin, Some(timeout), display)
+                .run_into(ctx, args, stdin, Some(timeout), display, sink)
                 .await?;
             if !errors::error_lines(&out.stderr_str()).is_empty() {
                 return Err(errors::to_error(
@@ -444,6 +447,105 @@ impl VirtualBoxBackend {
         } else {
             self.vbox_with(ctx, args, stdin, Some(timeout)).await
         }
+    }
+
+    /// `guestcontrol run`, its output forwarded to `sink` as VBoxManage relays it.
+    async fn exec_into(
+        &self,
+        vm: &VmName,
+        req: &ExecRequest,
+        sink: Option<OutputSink>,
+    ) -> Result<ExecOutput> {
+        let ctx = Ctx::vm(format!("exec {}", req.program), vm);
+        let creds = Self::need_creds(&ctx, req.credentials.as_ref())?;
+        let (major, _, _) = self.version().await?;
+        let started = Instant::now();
+        let mut rest: Vec<OsString> = Vec::new();
+        let (exe, argv): (String, Vec<String>) = match (&req.cwd, major >= 7) {
+            (Some(d), true) => {
+                rest.push("--cwd".into());
+                rest.push(d.into());
+                (
+                    req.program.clone(),
+                    std::iter::once(req.program.clone())
+                        .chain(req.args.iter().cloned())
+                        .collect(),
+                )
+            }
+            // 6.1 has no --cwd: a fixed prologue takes the directory as a parameter.
+            (Some(d), false) => {
+                let mut a = vec![
+                    "sh".to_string(),
+                    "-c".into(),
+                    "cd -- \"$1\" || exit 127; shift; exec \"$@\"".into(),
+                    "sh".into(),
+                    d.clone(),
+                    req.program.clone(),
+                ];
+                a.extend(req.args.iter().cloned());
+                ("/bin/sh".into(), a)
+            }
+            (None, _) => (
+                req.program.clone(),
+                std::iter::once(req.program.clone())
+                    .chain(req.args.iter().cloned())
+                    .collect(),
+            ),
+        };
+        rest.extend(os(&[
+            "--exe",
+            &exe,
+            "--wait-stdout",
+            "--wait-stderr",
+            "--timeout",
+        ]));
+        // VBoxManage reads the limit as a 32-bit millisecond count (about 49 days); longer
+        // limits are anyvm's own deadline alone.
+        rest.push(
+            req.timeout
+                .as_millis()
+                .min(u128::from(u32::MAX))
+                .to_string()
+                .into(),
+        );
+        for (k, v) in &req.env {
+            rest.push("--putenv".into());
+            rest.push(format!("{k}={v}").into());
+        }
+        rest.push("--".into());
+        rest.extend(argv.into_iter().map(OsString::from));
+        // VBoxManage's own deadline is the guest timeout; ours adds slack so its report arrives.
+        let out = self
+            .guestcontrol(
+                &ctx,
+                vm,
+                "run",
+                &creds,
+                rest,
+                GuestCall {
+                    stdin: req.stdin.clone(),
+                    timeout: req.timeout + Duration::from_secs(15),
+                    raw: true,
+                    sink,
+                },
+            )
+            .await?;
+        if started.elapsed() >= req.timeout {
+            return Err(Error::Timeout {
+                ctx,
+                after: req.timeout,
+                what: format!("'{}' to exit", req.display_argv()),
+            });
+        }
+        Ok(ExecOutput {
+            exit_code: out.code,
+            signal: None,
+            stdout: out.stdout,
+            stderr: out.stderr,
+            duration: started.elapsed(),
+            stdout_truncated: false,
+            stderr_truncated: false,
+        })
     }
 }
 
@@ -936,95 +1038,20 @@ impl Backend for VirtualBoxBackend {
     }
 
     async fn exec(&self, vm: &VmName, req: &ExecRequest) -> Result<ExecOutput> {
-        let ctx = Ctx::vm(format!("exec {}", req.program), vm);
-        let creds = Self::need_creds(&ctx, req.credentials.as_ref())?;
-        let (major, _, _) = self.version().await?;
-        let started = Instant::now();
-        let mut rest: Vec<OsString> = Vec::new();
-        let (exe, argv): (String, Vec<String>) = match (&req.cwd, major >= 7) {
-            (Some(d), true) => {
-                rest.push("--cwd".into());
-                rest.push(d.into());
-                (
-                    req.program.clone(),
-                    std::iter::once(req.program.clone())
-                        .chain(req.args.iter().cloned())
-                        .collect(),
-                )
-            }
-            // 6.1 has no --cwd: a fixed prologue takes the directory as a parameter.
-            (Some(d), false) => {
-                let mut a = vec![
-                    "sh".to_string(),
-                    "-c".into(),
-                    "cd -- \"$1\" || exit 127; shift; exec \"$@\"".into(),
-                    "sh".into(),
-                    d.clone(),
-                    req.program.clone(),
-                ];
-                a.extend(req.args.iter().cloned());
-                ("/bin/sh".into(), a)
-            }
-            (None, _) => (
-                req.program.clone(),
-                std::iter::once(req.program.clone())
-                    .chain(req.args.iter().cloned())
-                    .collect(),
-            ),
-        };
-        rest.extend(os(&[
-            "--exe",
-            &exe,
-            "--wait-stdout",
-            "--wait-stderr",
-            "--timeout",
-        ]));
-        // VBoxManage reads the limit as a 32-bit millisecond count (about 49 days); longer
-        // limits are anyvm's own deadline alone.
-        rest.push(
-            req.timeout
-                .as_millis()
-                .min(u128::from(u32::MAX))
-                .to_string()
-                .into(),
-        );
-        for (k, v) in &req.env {
-            rest.push("--putenv".into());
-            rest.push(format!("{k}={v}").into());
-        }
-        rest.push("--".into());
-        rest.extend(argv.into_iter().map(OsString::from));
-        // VBoxManage's own deadline is the guest timeout; ours adds slack so its report arrives.
-        let out = self
-            .guestcontrol(
-                &ctx,
-                vm,
-                "run",
-                &creds,
-                rest,
-                GuestCall {
-                    stdin: req.stdin.clone(),
-                    timeout: req.timeout + Duration::from_secs(15),
-                    raw: true,
-                },
-            )
-            .await?;
-        if started.elapsed() >= req.timeout {
-            return Err(Error::Timeout {
-                ctx,
-                after: req.timeout,
-                what: format!("'{}' to exit", req.display_argv()),
-            });
-        }
-        Ok(ExecOutput {
-            exit_code: out.code,
-            signal: None,
-            stdout: out.stdout,
-            stderr: out.stderr,
-            duration: started.elapsed(),
-            stdout_truncated: false,
-            stderr_truncated: false,
-        })
+        self.exec_into(vm, req, None).await
+    }
+
+    async fn exec_streaming(
+        &self,
+        vm: &VmName,
+        req: &ExecRequest,
+        sink: OutputSink,
+    ) -> Result<ExecOutput> {
+        let mut out = self.exec_into(vm, req, Some(sink)).await?;
+        // The output went to the sink; what the call kept is only its tail.
+        out.stdout.clear();
+        out.stderr.clear();
+        Ok(out)
     }
 
     async fn copy_to(
@@ -1057,6 +1084,7 @@ impl Backend for VirtualBoxBackend {
                 stdin: None,
                 timeout: self.opts.long_timeout,
                 raw: false,
+                sink: None,
             },
         )
         .await?;
@@ -1088,6 +1116,7 @@ impl Backend for VirtualBoxBackend {
                 stdin: None,
                 timeout: self.opts.long_timeout,
                 raw: false,
+                sink: None,
             },
         )
         .await?;
