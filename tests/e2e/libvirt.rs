@@ -643,3 +643,144 @@ async fn save_state_keeps_guest_memory() {
     assert_eq!(again, pid);
     vm.destroy().await.unwrap();
 }
+
+/// A guest program's pids whose command line contains `needle` (none of ps itself).
+async fn guest_pids(vm: &anyvm::Vm, needle: &str) -> Vec<String> {
+    let ps = vm
+        .exec(&ExecRequest::new("ps").arg("-o").arg("pid,args"))
+        .await
+        .unwrap()
+        .stdout_str();
+    ps.lines()
+        .filter(|l| l.contains(needle) && !l.contains("ps -o"))
+        .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_stream_copy_progress_and_events_on_the_agent() {
+    use anyvm::OutputStream;
+    let env = env().await;
+    let name = "e2e-stream";
+    env.fresh(name).await;
+    let _c = Cleanup::new(&env.client, name);
+    let vm = env.client.define(env.spec(name, "")).await.unwrap();
+    vm.start().await.unwrap();
+    vm.wait_ready(&ready()).await.unwrap();
+
+    // Output is read while the program runs: the first line long before it exits.
+    let t = Instant::now();
+    let mut s = vm
+        .exec_stream(
+            &ExecRequest::new("sh")
+                .args(["-c", "echo one; sleep 3; echo two; echo oops >&2; exit 6"]),
+        )
+        .await
+        .unwrap();
+    let first = s.next().await.unwrap();
+    let first_at = t.elapsed();
+    assert_eq!(
+        (first.stream, first.data.as_slice()),
+        (OutputStream::Stdout, &b"one\n"[..])
+    );
+    let out = s.wait().await.unwrap();
+    assert!(
+        t.elapsed() >= first_at + Duration::from_secs(2),
+        "first chunk at {first_at:?}, end at {:?}",
+        t.elapsed()
+    );
+    assert_eq!(out.exit_code, Some(6));
+    assert_eq!(
+        (out.stdout_str().as_str(), out.stderr_str().as_str()),
+        ("two\n", "oops\n")
+    );
+
+    // stdin, env and cwd as in a buffered exec; a metacharacter cwd is only a directory name.
+    let out = vm
+        .exec_stream(
+            &ExecRequest::new("sh")
+                .args(["-c", "cat; echo \"$G\"; pwd"])
+                .stdin(b"in\n".to_vec())
+                .env("G", "hi there")
+                .cwd("/tmp"),
+        )
+        .await
+        .unwrap()
+        .wait()
+        .await
+        .unwrap();
+    assert_eq!(out.stdout_str(), "in\nhi there\n/tmp\n");
+    let out = vm
+        .exec_stream(&ExecRequest::new("true").cwd("/nonexistent;touch /tmp/pwned2"))
+        .await
+        .unwrap()
+        .wait()
+        .await
+        .unwrap();
+    assert_eq!(out.exit_code, Some(127));
+
+    // 1 MiB through the tailed files, byte for byte, chunk by chunk.
+    let mut s = vm
+        .exec_stream(&ExecRequest::new("sh").args([
+            "-c",
+            "head -c 1048576 /dev/urandom | tee /tmp/big-s; sha256sum /tmp/big-s >&2",
+        ]))
+        .await
+        .unwrap();
+    let mut data = Vec::new();
+    let mut err = Vec::new();
+    while let Some(c) = s.next().await {
+        match c.stream {
+            OutputStream::Stdout => data.extend_from_slice(&c.data),
+            OutputStream::Stderr => err.extend_from_slice(&c.data),
+        }
+    }
+    assert_eq!(s.wait().await.unwrap().exit_code, Some(0));
+    assert_eq!(data.len(), 1 << 20);
+    let guest_sum = String::from_utf8_lossy(&err)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string();
+    assert_eq!(sha256(&data), guest_sum);
+
+    // A streamed exec past its timeout is killed and reported.
+    let t = Instant::now();
+    let e = vm
+        .exec_stream(
+            &ExecRequest::new("sleep")
+                .arg("602")
+                .timeout(Duration::from_secs(1)),
+        )
+        .await
+        .unwrap()
+        .wait()
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::Timeout { .. }), "{e}");
+    assert!(t.elapsed() < Duration::from_secs(15));
+
+    // Dropping the stream kills the program and removes its output files in the guest.
+    let mut s = vm
+        .exec_stream(&ExecRequest::new("sh").args(["-c", "echo up; exec sleep 603"]))
+        .await
+        .unwrap();
+    assert_eq!(s.next().await.unwrap().data, b"up\n");
+    assert_eq!(guest_pids(&vm, "sleep 603").await.len(), 1);
+    drop(s);
+    let (mut left, mut dirs) = (Vec::new(), String::new());
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        left = guest_pids(&vm, "sleep 60").await;
+        dirs = vm
+            .exec(&ExecRequest::new("sh").args(["-c", "ls -d /tmp/anyvm-exec.* 2>/dev/null"]))
+            .await
+            .unwrap()
+            .stdout_str();
+        if left.is_empty() && dirs.trim().is_empty() {
+            break;
+        }
+    }
+    assert!(left.is_empty(), "guest programs left: {left:?}");
+    assert!(dirs.trim().is_empty(), "output dirs left: {dirs}");
+}
