@@ -7,6 +7,7 @@ use std::sync::Arc;
 use crate::backend::{Backend, BackendUri};
 use crate::config::Config;
 use crate::error::{Ctx, Error, Result};
+use crate::events::{EventBus, EventStream};
 use crate::name::VmName;
 use crate::ports::{PortAllocator, DEFAULT_PORT_RANGE};
 use crate::readiness::ReadySpec;
@@ -62,6 +63,7 @@ pub struct Client {
     ports: PortAllocator,
     opts: ClientOptions,
     config: Option<Arc<Config>>,
+    events: EventBus,
 }
 
 impl Client {
@@ -162,11 +164,13 @@ impl Client {
     /// Wrap an already-open backend (custom backends, tests).
     pub fn with_backend(backend: Arc<dyn Backend>, opts: ClientOptions) -> Client {
         let ports = PortAllocator::new(opts.state_dir.clone(), opts.port_range.clone());
+        let events = EventBus::new(backend.subscribe().is_some());
         Client {
             backend,
             ports,
             opts,
             config: None,
+            events,
         }
     }
 
@@ -180,6 +184,26 @@ impl Client {
         &self.opts
     }
 
+    /// Everything that happens from now on to this client's VMs, jobs and copies: the
+    /// backend's own VM events where it has them (libvirt), else the changes anyvm's operations
+    /// make; job phases as they begin; copy progress.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: anyvm::Client) {
+    /// let mut events = client.events();
+    /// while let Some(e) = events.next().await {
+    ///     println!("{e:?}");
+    /// }
+    /// # }
+    /// ```
+    pub fn events(&self) -> EventStream {
+        self.events.subscribe(|| self.backend.subscribe())
+    }
+
+    pub(crate) fn event_bus(&self) -> &EventBus {
+        &self.events
+    }
+
     pub async fn list(&self) -> Result<Vec<VmInfo>> {
         self.backend.list().await
     }
@@ -191,6 +215,7 @@ impl Client {
             self.backend.clone(),
             self.ports.clone(),
             self.opts.state_dir.clone(),
+            self.events.clone(),
         )
         .configured(self.config.as_deref())
     }
@@ -241,6 +266,8 @@ impl Client {
             });
         }
         define_with_ports(&self.backend, &self.ports, spec).await?;
+        self.events
+            .vm_changed(name.as_str(), crate::events::VmEventKind::Defined);
         Ok(self.handle(name))
     }
 

@@ -25,6 +25,7 @@ pub mod config;
 pub mod credentials;
 pub mod doctor;
 pub mod error;
+pub mod events;
 pub mod job;
 pub mod labels;
 pub mod name;
@@ -44,6 +45,9 @@ pub use config::{Config, MachineConfig};
 pub use credentials::{Credentials, Secret, SecretSource};
 pub use doctor::{Check, CheckStatus, DoctorReport};
 pub use error::{Ctx, Error, ErrorKind, Result};
+pub use events::{
+    CopyDirection, CopyEvent, CopyProgress, Event, EventStream, JobEvent, ProgressFn,
+};
 pub use job::{run_job, Cancel, JobReport, JobSpec};
 pub use name::VmName;
 pub use policy::Policy;

@@ -790,8 +790,9 @@ async fn pid_gone_soon(pid: i32) -> bool {
 
 #[tokio::test]
 async fn exec_streams_output_and_a_dropped_stream_kills_the_program() {
-    use anyvm::OutputStream;
+    use anyvm::{CopyDirection, Event, OutputStream, VmEventKind};
     let f = new_fake();
+    let mut events = f.client.events();
     let vm = f
         .client
         .define(f.spec("mcs"))
@@ -869,5 +870,42 @@ async fn exec_streams_output_and_a_dropped_stream_kills_the_program() {
         pid_gone_soon(pid).await,
         "guest program {pid} survived cancel"
     );
+
+    // Copies report their progress to the caller and to the event stream.
+    let src = f.dir.path().join("blob");
+    std::fs::write(&src, vec![7u8; 300_000]).unwrap();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let s2 = seen.clone();
+    let gpath = f.dir.path().join("blob-in-guest").display().to_string();
+    let n = vm
+        .copy_to_with(&src, &gpath, move |d, t| s2.lock().unwrap().push((d, t)))
+        .await
+        .unwrap();
+    assert_eq!(n, 300_000);
+    assert_eq!(seen.lock().unwrap().last(), Some(&(300_000, Some(300_000))));
     vm.destroy().await.unwrap();
+
+    // What anyvm did is on the event stream, in order (VirtualBox has no events of its own).
+    let mut kinds = Vec::new();
+    let mut copies = Vec::new();
+    while let Some(e) = events.try_next() {
+        match e {
+            Event::Vm(v) if v.vm == "mcs" => kinds.push(v.kind),
+            Event::Copy(c) => copies.push((c.direction, c.done, c.finished)),
+            _ => {}
+        }
+    }
+    assert_eq!(
+        kinds,
+        vec![
+            VmEventKind::Defined,
+            VmEventKind::Started,
+            VmEventKind::Stopped,
+            VmEventKind::Undefined
+        ]
+    );
+    assert_eq!(
+        copies.last(),
+        Some(&(CopyDirection::ToGuest, 300_000, true))
+    );
 }

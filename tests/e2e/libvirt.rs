@@ -664,6 +664,7 @@ async fn exec_stream_copy_progress_and_events_on_the_agent() {
     let name = "e2e-stream";
     env.fresh(name).await;
     let _c = Cleanup::new(&env.client, name);
+    let mut events = env.client.events();
     let vm = env.client.define(env.spec(name, "")).await.unwrap();
     vm.start().await.unwrap();
     vm.wait_ready(&ready()).await.unwrap();
@@ -783,4 +784,49 @@ async fn exec_stream_copy_progress_and_events_on_the_agent() {
     }
     assert!(left.is_empty(), "guest programs left: {left:?}");
     assert!(dirs.trim().is_empty(), "output dirs left: {dirs}");
+
+    // Copies through the agent report every chunk, in order, to the caller.
+    let src = env.dir.path().join("progress.bin");
+    std::fs::write(&src, vec![3u8; 1 << 20]).unwrap();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let s2 = seen.clone();
+    vm.copy_to_with(&src, "/tmp/progress.bin", move |d, t| {
+        s2.lock().unwrap().push((d, t))
+    })
+    .await
+    .unwrap();
+    let seen = seen.lock().unwrap().clone();
+    assert!(seen.len() > 3, "{} reports", seen.len());
+    assert!(seen.windows(2).all(|w| w[0].0 <= w[1].0), "{seen:?}");
+    assert_eq!(seen.last(), Some(&(1 << 20, Some(1 << 20))));
+    let back = env.dir.path().join("progress.back");
+    let n = vm
+        .copy_from_with("/tmp/progress.bin", &back, |_, _| {})
+        .await
+        .unwrap();
+    assert_eq!(n, 1 << 20);
+
+    // libvirt's own events reach the client's stream: defined, started, the agent, stopped,
+    // undefined.
+    vm.destroy().await.unwrap();
+    let mut kinds = Vec::new();
+    let mut copy_ends = 0;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !kinds.contains(&anyvm::VmEventKind::Undefined) && Instant::now() < deadline {
+        match tokio::time::timeout(Duration::from_secs(1), events.next()).await {
+            Ok(Some(anyvm::Event::Vm(v))) if v.vm == name => kinds.push(v.kind),
+            Ok(Some(anyvm::Event::Copy(c))) if c.finished && c.vm == name => copy_ends += 1,
+            _ => {}
+        }
+    }
+    use anyvm::VmEventKind::*;
+    for k in [Defined, Started, AgentConnected, Stopped, Undefined] {
+        assert!(kinds.contains(&k), "{k:?} missing from {kinds:?}");
+    }
+    let pos = |k| kinds.iter().position(|x| *x == k).unwrap();
+    assert!(
+        pos(Defined) < pos(Started) && pos(Started) < pos(Stopped) && pos(Stopped) < pos(Undefined),
+        "{kinds:?}"
+    );
+    assert_eq!(copy_ends, 2);
 }

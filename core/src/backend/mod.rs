@@ -13,6 +13,7 @@ use tokio::sync::broadcast;
 use crate::credentials::Credentials;
 use crate::doctor::Check;
 use crate::error::{Error, Result};
+use crate::events::CopyProgress;
 use crate::name::VmName;
 use crate::types::{
     CloneLink, ExecOutput, ExecRequest, OutputSink, PortForward, SharedFolder, SnapshotInfo,
@@ -24,23 +25,7 @@ pub mod libvirt;
 pub mod virtualbox;
 pub mod vmware;
 
-/// Something that happened to a VM, pushed by backends that have events.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VmEvent {
-    pub vm: String,
-    pub kind: VmEventKind,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum VmEventKind {
-    Started,
-    Stopped,
-    Crashed,
-    Paused,
-    Resumed,
-    AgentConnected,
-    AgentDisconnected,
-}
+pub use crate::events::{VmEvent, VmEventKind};
 
 /// How a backend's port forwards reach the guest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -181,13 +166,17 @@ pub trait Backend: Send + Sync + fmt::Debug {
         host: &Path,
         guest: &str,
         creds: Option<Credentials>,
+        progress: CopyProgress,
     ) -> Result<u64>;
+    /// Copy a guest file to the host; `progress` hears the bytes done where the channel
+    /// copies in chunks (libvirt's agent).
     async fn copy_from(
         &self,
         vm: &VmName,
         guest: &str,
         host: &Path,
         creds: Option<Credentials>,
+        progress: CopyProgress,
     ) -> Result<u64>;
     /// Read a small guest file into memory (at most `limit` bytes). The default copies it to a
     /// private temp file; backends with a direct channel override it.
@@ -200,7 +189,8 @@ pub trait Backend: Send + Sync + fmt::Debug {
     ) -> Result<Vec<u8>> {
         let ctx = crate::error::Ctx::vm(format!("read {guest}"), vm);
         read_by_copy(&ctx, limit, |p| async move {
-            self.copy_from(vm, guest, &p, creds).await
+            self.copy_from(vm, guest, &p, creds, CopyProgress::none())
+                .await
         })
         .await
     }
@@ -342,6 +332,7 @@ pub(crate) fn mock() -> MockBackend {
         .return_const(ForwardTransport::Hypervisor);
     b.expect_guest_address().returning(|_| Ok(None));
     b.expect_forward_host().return_const(None);
+    b.expect_subscribe().returning(|| None);
     b
 }
 

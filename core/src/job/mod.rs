@@ -183,27 +183,7 @@ impl JobSpec {
     }
 }
 
-/// The steps of a job, in order.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Phase {
-    Queue,
-    Clone,
-    Boot,
-    Ready,
-    Check,
-    StageIn,
-    Run,
-    StageOut,
-    Teardown,
-}
-
-impl std::fmt::Display for Phase {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let s = serde_json::to_value(self).ok();
-        f.write_str(s.as_ref().and_then(|v| v.as_str()).unwrap_or("?"))
-    }
-}
+pub use crate::types::Phase;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct PhaseTiming {
@@ -414,12 +394,22 @@ pub(crate) fn new_job_id() -> String {
 struct Progress {
     phases: Vec<PhaseTiming>,
     current: Option<(Phase, Instant)>,
+    /// Each phase is announced on the client's event stream as it begins.
+    bus: crate::events::EventBus,
+    job: String,
+    vm: Option<String>,
 }
 
 impl Progress {
     fn begin(&mut self, phase: Phase) {
         self.end(true);
         self.current = Some((phase, Instant::now()));
+        self.bus
+            .publish(crate::events::Event::Job(crate::events::JobEvent {
+                job: self.job.clone(),
+                vm: self.vm.clone(),
+                phase,
+            }));
     }
     fn end(&mut self, ok: bool) {
         if let Some((phase, t)) = self.current.take() {
@@ -507,11 +497,16 @@ pub(crate) async fn run_job_queued(
     let mut progress = Progress {
         phases: std::mem::take(&mut report.phases),
         current: None,
+        bus: client.event_bus().clone(),
+        job: job_id.clone(),
+        vm: None,
     };
     // Clone and boot are short and not interrupted: a half-made clone is harder to remove
     // than a whole one.
+    let name = clone_name(&spec.template, &job_id);
+    progress.vm = name.as_ref().ok().map(|n| n.to_string());
     progress.begin(Phase::Clone);
-    let name = match clone_name(&spec.template, &job_id) {
+    let name = match name {
         Ok(n) => n,
         Err(e) => {
             progress.end(false);

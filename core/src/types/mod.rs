@@ -4,12 +4,14 @@ use std::time::Duration;
 
 mod exec;
 mod forward;
+mod job;
 mod lifecycle;
 mod snapshot;
 mod spec;
 
 pub use exec::*;
 pub use forward::*;
+pub use job::*;
 pub use lifecycle::*;
 pub use snapshot::*;
 pub use spec::*;

@@ -1,6 +1,9 @@
 //! Guest programs and files: exec under the policy and the chosen channel, file copies.
 
 use super::*;
+use std::sync::Mutex;
+
+use crate::events::{CopyDirection, CopyProgress, CopyReporter, ProgressFn};
 use crate::types::OutputSink;
 
 impl Vm {
@@ -81,21 +84,91 @@ impl Vm {
         ))
     }
 
+    /// Copy a host file into the guest; returns the bytes copied.
     pub async fn copy_to(&self, host: impl AsRef<Path>, guest: &str) -> Result<u64> {
-        let args = json!({"host": host.as_ref().display().to_string(), "guest": guest});
+        self.copy_to_inner(host.as_ref(), guest, None).await
+    }
+
+    /// [`Vm::copy_to`], calling `progress(done, total)` as the copy moves (per chunk on the
+    /// libvirt agent, at the end on channels that copy a file whole) and reporting to the
+    /// client's event stream.
+    pub async fn copy_to_with(
+        &self,
+        host: impl AsRef<Path>,
+        guest: &str,
+        progress: impl Fn(u64, Option<u64>) + Send + Sync + 'static,
+    ) -> Result<u64> {
+        self.copy_to_inner(host.as_ref(), guest, Some(Arc::new(progress)))
+            .await
+    }
+
+    /// Copy a guest file to the host; returns the bytes copied. The host file appears whole
+    /// or not at all.
+    pub async fn copy_from(&self, guest: &str, host: impl AsRef<Path>) -> Result<u64> {
+        self.copy_from_inner(guest, host.as_ref(), None).await
+    }
+
+    /// [`Vm::copy_from`] with progress, as [`Vm::copy_to_with`].
+    pub async fn copy_from_with(
+        &self,
+        guest: &str,
+        host: impl AsRef<Path>,
+        progress: impl Fn(u64, Option<u64>) + Send + Sync + 'static,
+    ) -> Result<u64> {
+        self.copy_from_inner(guest, host.as_ref(), Some(Arc::new(progress)))
+            .await
+    }
+
+    /// A reporter for one copy, and the backend's side of it.
+    fn copy_reporter(
+        &self,
+        direction: CopyDirection,
+        guest: &str,
+        host: &Path,
+        total: Option<u64>,
+        callback: Option<ProgressFn>,
+    ) -> (Arc<Mutex<CopyReporter>>, CopyProgress) {
+        let r = Arc::new(Mutex::new(CopyReporter::new(
+            self.events.clone(),
+            self.name.as_str(),
+            direction,
+            guest,
+            host.to_path_buf(),
+            total,
+            callback,
+        )));
+        let r2 = r.clone();
+        let p = CopyProgress::new(move |done| r2.lock().expect("reporter").progress(done));
+        (r, p)
+    }
+
+    async fn copy_to_inner(
+        &self,
+        host: &Path,
+        guest: &str,
+        callback: Option<ProgressFn>,
+    ) -> Result<u64> {
+        let args = json!({"host": host.display().to_string(), "guest": guest});
         self.audited("copy_to", args, async move {
-            let host = host.as_ref();
-            if !host.is_file() {
+            let meta = std::fs::metadata(host).ok().filter(|m| m.is_file());
+            let Some(meta) = meta else {
                 return Err(Error::NotFound {
                     ctx: self.ctx("copy_to"),
                     what: format!("host file {}", host.display()),
                 });
-            }
+            };
             check_guest_path(guest)?;
-            match self.channel {
+            let (rep, progress) = self.copy_reporter(
+                CopyDirection::ToGuest,
+                guest,
+                host,
+                Some(meta.len()),
+                callback,
+            );
+            let r = match self.channel {
                 GuestChannel::Tools => {
                     self.backend
-                        .copy_to(&self.name, host, guest, self.credentials.clone())
+                        .copy_to(&self.name, host, guest, self.credentials.clone(), progress)
                         .await
                 }
                 GuestChannel::Ssh { port } => {
@@ -104,28 +177,43 @@ impl Vm {
                         .upload(host, guest, COPY_TIMEOUT)
                         .await
                 }
+            };
+            if let Ok(n) = &r {
+                rep.lock().expect("reporter").finish(*n);
             }
+            r
         })
         .await
     }
 
-    pub async fn copy_from(&self, guest: &str, host: impl AsRef<Path>) -> Result<u64> {
-        let args = json!({"guest": guest, "host": host.as_ref().display().to_string()});
+    async fn copy_from_inner(
+        &self,
+        guest: &str,
+        host: &Path,
+        callback: Option<ProgressFn>,
+    ) -> Result<u64> {
+        let args = json!({"guest": guest, "host": host.display().to_string()});
         self.audited("copy_from", args, async move {
             check_guest_path(guest)?;
-            match self.channel {
+            let (rep, progress) =
+                self.copy_reporter(CopyDirection::FromGuest, guest, host, None, callback);
+            let r = match self.channel {
                 GuestChannel::Tools => {
                     self.backend
-                        .copy_from(&self.name, guest, host.as_ref(), self.credentials.clone())
+                        .copy_from(&self.name, guest, host, self.credentials.clone(), progress)
                         .await
                 }
                 GuestChannel::Ssh { port } => {
                     self.ssh_target(port)
                         .await?
-                        .download(guest, host.as_ref(), COPY_TIMEOUT)
+                        .download(guest, host, COPY_TIMEOUT)
                         .await
                 }
+            };
+            if let Ok(n) = &r {
+                rep.lock().expect("reporter").finish(*n);
             }
+            r
         })
         .await
     }

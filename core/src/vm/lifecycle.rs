@@ -204,8 +204,12 @@ impl Vm {
         self.close_tunnels().await;
         if !matches!(self.state().await?, VmState::ShutOff | VmState::Saved) {
             self.backend.power_off(&self.name).await?;
+            self.events
+                .vm_changed(self.name.as_str(), VmEventKind::Stopped);
         }
         self.backend.undefine(&self.name).await?;
+        self.events
+            .vm_changed(self.name.as_str(), VmEventKind::Undefined);
         self.ports
             .release(&self.backend.uri(), self.name.as_str(), None)?;
         let kh = self

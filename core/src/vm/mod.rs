@@ -8,6 +8,7 @@ use crate::backend::ForwardTransport;
 use crate::backend::{Backend, VmEventKind};
 use crate::credentials::Credentials;
 use crate::error::{Ctx, Error, Result};
+use crate::events::EventBus;
 use crate::name::VmName;
 use crate::policy::Policy;
 use crate::ports::PortAllocator;
@@ -32,6 +33,7 @@ pub struct Vm {
     credentials: Option<Credentials>,
     channel: GuestChannel,
     policy: Option<Arc<Policy>>,
+    events: EventBus,
 }
 
 impl Vm {
@@ -40,12 +42,14 @@ impl Vm {
         backend: Arc<dyn Backend>,
         ports: PortAllocator,
         state_dir: PathBuf,
+        events: EventBus,
     ) -> Self {
         Vm {
             name,
             backend,
             ports,
             state_dir,
+            events,
             credentials: None,
             channel: GuestChannel::Tools,
             policy: None,
@@ -72,6 +76,18 @@ impl Vm {
         f: impl std::future::Future<Output = Result<T>>,
     ) -> Result<T> {
         let r = f.await;
+        if r.is_ok() {
+            let kind = match op {
+                "start" => Some(VmEventKind::Started),
+                "stop" | "power_off" | "save_state" => Some(VmEventKind::Stopped),
+                "pause" => Some(VmEventKind::Paused),
+                "resume" => Some(VmEventKind::Resumed),
+                _ => None,
+            };
+            if let Some(k) = kind {
+                self.events.vm_changed(self.name.as_str(), k);
+            }
+        }
         if let Some(log) = self.policy.as_ref().and_then(|p| p.audit_log.as_ref()) {
             crate::policy::audit(log, self.name.as_str(), op, &args, r.as_ref().map(|_| ()));
         }
@@ -193,6 +209,7 @@ impl Vm {
             self.backend.clone(),
             self.ports.clone(),
             self.state_dir.clone(),
+            self.events.clone(),
         )
         .with_credentials_opt(self.credentials.clone())
         .with_guest_channel(self.channel)
@@ -276,14 +293,35 @@ where
         }
         Ok(())
     };
+    // Dropped before it finished (a cancelled define or clone): the leases go back too.
+    let mut leases = LeaseGuard {
+        ports,
+        uri: &uri,
+        vm: &vm,
+        armed: true,
+    };
     let res = match resolve(&mut spec) {
         Ok(()) => create(spec).await,
         Err(e) => Err(e),
     };
-    if res.is_err() {
-        let _ = ports.release(&uri, &vm, None);
-    }
+    leases.armed = res.is_err();
     res
+}
+
+/// Gives a VM's port leases back when dropped armed.
+struct LeaseGuard<'a> {
+    ports: &'a PortAllocator,
+    uri: &'a str,
+    vm: &'a str,
+    armed: bool,
+}
+
+impl Drop for LeaseGuard<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            let _ = self.ports.release(self.uri, self.vm, None);
+        }
+    }
 }
 
 mod guest;

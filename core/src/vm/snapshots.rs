@@ -122,6 +122,8 @@ impl Vm {
                 backend.clone_linked(&base, snapshot, &spec).await
             })
             .await?;
+            self.events
+                .vm_changed(new_name.as_str(), VmEventKind::Defined);
             Ok(self.sibling_named(new_name.clone()))
         })
         .await

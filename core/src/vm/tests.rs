@@ -12,6 +12,7 @@ fn vm_with(b: MockBackend, dir: &Path) -> Vm {
         Arc::new(b),
         ports,
         dir.to_path_buf(),
+        crate::events::EventBus::new(false),
     )
 }
 

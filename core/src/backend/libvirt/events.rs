@@ -59,6 +59,11 @@ unsafe extern "C" fn on_lifecycle(
         }
         sys::VIR_DOMAIN_EVENT_STOPPED => VmEventKind::Stopped,
         sys::VIR_DOMAIN_EVENT_CRASHED => VmEventKind::Crashed,
+        // Redefinitions (snapshots, config updates) are not new VMs.
+        sys::VIR_DOMAIN_EVENT_DEFINED if detail as u32 == sys::VIR_DOMAIN_EVENT_DEFINED_ADDED => {
+            VmEventKind::Defined
+        }
+        sys::VIR_DOMAIN_EVENT_UNDEFINED => VmEventKind::Undefined,
         _ => return,
     };
     if let Some(vm) = dom_name(dom) {

@@ -1196,6 +1196,7 @@ impl Backend for LibvirtBackend {
         host: &Path,
         guest: &str,
         _creds: Option<Credentials>,
+        progress: crate::events::CopyProgress,
     ) -> Result<u64> {
         let ctx = Ctx::vm(format!("copy {} to {guest}", host.display()), vm);
         let mut f = tokio::fs::File::open(host)
@@ -1229,6 +1230,7 @@ impl Backend for LibvirtBackend {
                     ));
                 }
                 total += n as u64;
+                progress.report(total);
             }
         }
         .await;
@@ -1246,6 +1248,7 @@ impl Backend for LibvirtBackend {
         guest: &str,
         host: &Path,
         _creds: Option<Credentials>,
+        progress: crate::events::CopyProgress,
     ) -> Result<u64> {
         let ctx = Ctx::vm(format!("copy {guest} to {}", host.display()), vm);
         let handle = self.open_guest_file(&ctx, vm, guest, "rb").await?;
@@ -1274,6 +1277,7 @@ impl Backend for LibvirtBackend {
                     .await
                     .map_err(|e| Error::io(ctx.clone(), &tmp, e))?;
                 total += data.len() as u64;
+                progress.report(total);
                 if eof || data.is_empty() {
                     break;
                 }

@@ -1060,6 +1060,7 @@ impl Backend for VirtualBoxBackend {
         host: &Path,
         guest: &str,
         creds: Option<Credentials>,
+        _progress: crate::events::CopyProgress,
     ) -> Result<u64> {
         let ctx = Ctx::vm(format!("copy {} to {guest}", host.display()), vm);
         let creds = Self::need_creds(&ctx, creds.as_ref())?;
@@ -1097,6 +1098,7 @@ impl Backend for VirtualBoxBackend {
         guest: &str,
         host: &Path,
         creds: Option<Credentials>,
+        _progress: crate::events::CopyProgress,
     ) -> Result<u64> {
         let ctx = Ctx::vm(format!("copy {guest} to {}", host.display()), vm);
         let creds = Self::need_creds(&ctx, creds.as_ref())?;

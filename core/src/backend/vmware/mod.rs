@@ -749,8 +749,14 @@ impl Backend for VmwareBackend {
                     .map_err(|err| Error::io(ctx.clone(), std::env::temp_dir(), err))?;
                 std::fs::write(host.path(), data)
                     .map_err(|err| Error::io(ctx.clone(), host.path(), err))?;
-                self.copy_to(vm, host.path(), &f, Some(creds.clone()))
-                    .await?;
+                self.copy_to(
+                    vm,
+                    host.path(),
+                    &f,
+                    Some(creds.clone()),
+                    crate::events::CopyProgress::none(),
+                )
+                .await?;
                 Some(f)
             }
             None => None,
@@ -801,8 +807,10 @@ impl Backend for VmwareBackend {
             tempfile::tempdir().map_err(|err| Error::io(ctx.clone(), std::env::temp_dir(), err))?;
         let (so, se) = (stage.path().join("out"), stage.path().join("err"));
         let fetched = async {
-            self.copy_from(vm, &out_f, &so, Some(creds.clone())).await?;
-            self.copy_from(vm, &err_f, &se, Some(creds.clone())).await
+            self.copy_from(vm, &out_f, &so, Some(creds.clone()), Default::default())
+                .await?;
+            self.copy_from(vm, &err_f, &se, Some(creds.clone()), Default::default())
+                .await
         }
         .await;
         for f in [Some(out_f), Some(err_f), in_f].into_iter().flatten() {
@@ -835,6 +843,7 @@ impl Backend for VmwareBackend {
         host: &Path,
         guest: &str,
         creds: Option<Credentials>,
+        _progress: crate::events::CopyProgress,
     ) -> Result<u64> {
         let ctx = Ctx::vm(format!("copy {} to {guest}", host.display()), vm);
         let creds = Self::need_creds(&ctx, creds.as_ref())?;
@@ -861,6 +870,7 @@ impl Backend for VmwareBackend {
         guest: &str,
         host: &Path,
         creds: Option<Credentials>,
+        _progress: crate::events::CopyProgress,
     ) -> Result<u64> {
         let ctx = Ctx::vm(format!("copy {guest} to {}", host.display()), vm);
         let creds = Self::need_creds(&ctx, creds.as_ref())?;
