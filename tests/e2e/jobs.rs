@@ -52,8 +52,23 @@ async fn job_phases_outcomes_and_teardown() {
     .input(d.join("tree"), "/work/tree")
     .output("/work/out", d.join("results/out"))
     .output("/work/seed", d.join("results/seed.txt"));
+    let mut events = env.client.events();
     let r = run_job(&env.client, &t, &spec, &Cancel::new()).await;
     assert_eq!(r.outcome, Outcome::Succeeded, "{r:#?}");
+    // Each phase was announced on the event stream as it began, with the job and its clone.
+    let mut announced = Vec::new();
+    while let Some(e) = events.try_next() {
+        if let anyvm::Event::Job(j) = e {
+            if j.job == r.job_id {
+                assert_eq!(j.vm.as_deref(), Some(r.vm.as_str()), "{j:?}");
+                announced.push(j.phase);
+            }
+        }
+    }
+    assert_eq!(
+        announced,
+        r.phases.iter().map(|p| p.phase).collect::<Vec<_>>()
+    );
     assert_eq!(r.exit_status(), 0);
     assert_eq!(
         r.stdout_str(),
