@@ -163,6 +163,14 @@ impl Client {
             .collect()
     }
 
+    /// Everything that happens from now on to this client's VMs, jobs and copies, as an
+    /// EventStream of dicts (iterate, `async for`, or `next_event(timeout)`).
+    fn events(&self) -> crate::stream::EventStream {
+        // The backend's own events are relayed on the shared runtime.
+        let _rt = crate::runtime().enter();
+        crate::stream::EventStream::new(self.inner.events())
+    }
+
     /// VMs as dicts: name, state, managed.
     fn list<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyDict>>> {
         let c = self.inner.clone();

@@ -11,6 +11,7 @@ mod job;
 mod logging;
 mod running;
 mod runtime;
+mod stream;
 mod vm;
 
 use pyo3::prelude::*;
@@ -25,6 +26,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<vm::Vm>()?;
     m.add_class::<exec::ExecResult>()?;
     m.add_class::<running::Running>()?;
+    m.add_class::<stream::ExecStream>()?;
+    m.add_class::<stream::EventStream>()?;
     m.add_class::<job::JobReport>()?;
     m.add_class::<job::JobPool>()?;
     m.add_function(wrap_pyfunction!(client::connect, m)?)?;

@@ -12,6 +12,10 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
+use std::sync::{Arc, Mutex};
+
+use pyo3::types::PyBytes;
+
 use crate::block;
 use crate::convert::exec_request;
 use crate::convert::forward_dict;
@@ -21,6 +25,7 @@ use crate::exec::ExecResult;
 use crate::running::Running;
 use crate::runtime::awaitable;
 use crate::seconds;
+use crate::stream::ExecStream;
 
 /// One VM. Methods block (with the GIL released); `vm.aio` has awaitable versions.
 #[pyclass(module = "anyvm._native", frozen)]
@@ -156,8 +161,12 @@ impl Vm {
         Ok(d)
     }
 
-    /// Run a program in the guest: argv is a list of strings (no shell).
-    #[pyo3(signature = (argv, *, env=None, cwd=None, stdin=None, timeout=300.0))]
+    /// Run a program in the guest: argv is a list of strings (no shell). With `on_output`,
+    /// `on_output(stream, data)` is called with each chunk as it arrives ("stdout"/"stderr",
+    /// bytes) and the result holds no output; an exception it raises kills the program and
+    /// propagates.
+    #[pyo3(signature = (argv, *, env=None, cwd=None, stdin=None, timeout=300.0, on_output=None))]
+    #[allow(clippy::too_many_arguments)]
     fn exec(
         &self,
         py: Python<'_>,
@@ -166,32 +175,97 @@ impl Vm {
         cwd: Option<String>,
         stdin: Option<Vec<u8>>,
         timeout: f64,
+        on_output: Option<Py<PyAny>>,
     ) -> PyResult<ExecResult> {
         let req = exec_request(argv, env, cwd, stdin, timeout)?;
         let shown = req.display_argv();
         let vm = self.inner.clone();
-        let out = block(py, true, async move { vm.exec(&req).await })?;
-        Ok(ExecResult::from_core(
-            py,
-            self.inner.name().as_str(),
-            shown,
-            out,
-        ))
+        let Some(cb) = on_output else {
+            let out = block(py, true, async move { vm.exec(&req).await })?;
+            return Ok(ExecResult::from_core(py, vm_name(&self.inner), shown, out));
+        };
+        let raised: Arc<Mutex<Option<PyErr>>> = Arc::new(Mutex::new(None));
+        let r2 = raised.clone();
+        let out = block(py, true, async move {
+            let mut s = vm.exec_stream(&req).await?;
+            while let Some(c) = s.next().await {
+                let r = Python::attach(|py| {
+                    cb.call1(py, (c.stream.as_str(), PyBytes::new(py, &c.data)))
+                        .map(|_| ())
+                });
+                if let Err(e) = r {
+                    *r2.lock().expect("callback error") = Some(e);
+                    s.cancel();
+                }
+            }
+            s.wait().await
+        });
+        if let Some(e) = raised.lock().expect("callback error").take() {
+            return Err(e);
+        }
+        Ok(ExecResult::from_core(py, vm_name(&self.inner), shown, out?))
     }
 
-    /// Copy a host file into the guest; returns the number of bytes.
-    fn copy_to(&self, py: Python<'_>, host_path: PathBuf, guest_path: String) -> PyResult<u64> {
+    /// Start a program and read its output while it runs: returns an ExecStream to iterate
+    /// (or `async for`) over `(stream, data)` pairs, then `wait()`. Bad requests raise here.
+    #[pyo3(signature = (argv, *, env=None, cwd=None, stdin=None, timeout=300.0))]
+    fn exec_stream(
+        &self,
+        py: Python<'_>,
+        argv: Vec<String>,
+        env: Option<BTreeMap<String, String>>,
+        cwd: Option<String>,
+        stdin: Option<Vec<u8>>,
+        timeout: f64,
+    ) -> PyResult<ExecStream> {
+        let req = exec_request(argv, env, cwd, stdin, timeout)?;
+        let shown = req.display_argv();
+        let vm = self.inner.clone();
+        let s = block(py, false, async move { vm.exec_stream(&req).await })?;
+        Ok(ExecStream::new(s, vm_name(&self.inner).to_string(), shown))
+    }
+
+    /// Copy a host file into the guest; returns the number of bytes. `progress(done, total)`
+    /// is called as the copy moves.
+    #[pyo3(signature = (host_path, guest_path, *, progress=None))]
+    fn copy_to(
+        &self,
+        py: Python<'_>,
+        host_path: PathBuf,
+        guest_path: String,
+        progress: Option<Py<PyAny>>,
+    ) -> PyResult<u64> {
         let vm = self.inner.clone();
         block(py, true, async move {
-            vm.copy_to(&host_path, &guest_path).await
+            match progress {
+                None => vm.copy_to(&host_path, &guest_path).await,
+                Some(cb) => {
+                    vm.copy_to_with(&host_path, &guest_path, progress_fn(cb))
+                        .await
+                }
+            }
         })
     }
 
-    /// Copy a guest file to the host; returns the number of bytes.
-    fn copy_from(&self, py: Python<'_>, guest_path: String, host_path: PathBuf) -> PyResult<u64> {
+    /// Copy a guest file to the host; returns the number of bytes. `progress(done, total)`
+    /// is called as the copy moves.
+    #[pyo3(signature = (guest_path, host_path, *, progress=None))]
+    fn copy_from(
+        &self,
+        py: Python<'_>,
+        guest_path: String,
+        host_path: PathBuf,
+        progress: Option<Py<PyAny>>,
+    ) -> PyResult<u64> {
         let vm = self.inner.clone();
         block(py, true, async move {
-            vm.copy_from(&guest_path, &host_path).await
+            match progress {
+                None => vm.copy_from(&guest_path, &host_path).await,
+                Some(cb) => {
+                    vm.copy_from_with(&guest_path, &host_path, progress_fn(cb))
+                        .await
+                }
+            }
         })
     }
 
@@ -462,5 +536,20 @@ impl Vm {
 
     fn __repr__(&self) -> String {
         format!("Vm({:?})", self.inner.name().as_str())
+    }
+}
+
+fn vm_name(vm: &CoreVm) -> &str {
+    vm.name().as_str()
+}
+
+/// A Python progress callback for the core; what it raises is logged, not fatal to the copy.
+fn progress_fn(cb: Py<PyAny>) -> impl Fn(u64, Option<u64>) + Send + Sync + 'static {
+    move |done, total| {
+        Python::attach(|py| {
+            if let Err(e) = cb.call1(py, (done, total)) {
+                tracing::warn!(error = %e, "copy progress callback raised");
+            }
+        })
     }
 }

@@ -3,6 +3,7 @@
 import os
 import pathlib
 import shutil
+import signal
 import subprocess
 import uuid
 
@@ -11,6 +12,16 @@ import pytest
 import anyvm
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def ctrl_c_is_keyboard_interrupt():
+    """Python leaves SIGINT ignored when its parent ignored it (a suite started in the background
+    by a non-interactive shell); the Ctrl-C tests need it to mean KeyboardInterrupt, as at a
+    terminal."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
 
 
 @pytest.fixture(scope="session")

@@ -191,3 +191,80 @@ def test_destroy_refuses_while_clones_depend_then_removes_them(client, make_vm):
     base.destroy(with_clones=True)
     names = [v["name"] for v in client.list()]
     assert base.name not in names and clone.name not in names
+
+
+def test_output_streams_sync_async_and_by_callback_and_events_arrive(client, make_vm, tmp_path):
+    events = client.events()
+    vm = make_vm(forwards=False)
+    script = ["sh", "-c", "echo one; sleep 2; echo two; echo oops >&2; exit 4"]
+    with vm.running():
+        # Iteration: the first chunk comes while the program still runs.
+        t = time.monotonic()
+        s = vm.exec_stream(script)
+        first = next(s)
+        first_at = time.monotonic() - t
+        assert first == ("stdout", b"one\n")
+        r = s.wait()
+        assert time.monotonic() - t >= first_at + 1.5
+        assert (r.exit_code, r.stdout, r.stderr) == (4, b"two\n", b"oops\n")
+        with pytest.raises(anyvm.GuestCommandError):
+            r.check()
+
+        # The callback sees the same chunks; the result then holds no output.
+        seen = []
+        r = vm.exec(script, on_output=lambda stream, data: seen.append((stream, data)))
+        assert r.exit_code == 4 and r.stdout == b"" and r.stderr == b""
+        assert b"".join(d for k, d in seen if k == "stdout") == b"one\ntwo\n"
+        assert b"".join(d for k, d in seen if k == "stderr") == b"oops\n"
+
+        # An exception in the callback kills the program and propagates.
+        def stop(stream, data):
+            raise RuntimeError("enough")
+        t = time.monotonic()
+        with pytest.raises(RuntimeError, match="enough"):
+            vm.exec(["sh", "-c", "echo up; sleep 604"], on_output=stop)
+        assert time.monotonic() - t < 10
+
+        # asyncio: async for, then wait_async.
+        async def main():
+            s = vm.aio.exec_stream(script)
+            chunks = [c async for c in s]
+            return chunks, await s.wait_async()
+        chunks, r = asyncio.run(main())
+        assert b"".join(d for k, d in chunks if k == "stdout") == b"one\ntwo\n"
+        assert r.exit_code == 4 and r.stdout == b""
+
+        # Leaving a with-block kills the program; cancel() makes wait() raise CancelledError.
+        with vm.exec_stream(["sh", "-c", "echo up; exec sleep 605"]) as s:
+            assert next(s) == ("stdout", b"up\n")
+        s = vm.exec_stream(["sh", "-c", "echo up; exec sleep 606"])
+        assert next(s) == ("stdout", b"up\n")
+        s.cancel()
+        with pytest.raises(anyvm.CancelledError):
+            s.wait()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            ps = vm.exec(["ps", "-o", "args"]).stdout
+            if b"sleep 60" not in ps:
+                break
+            time.sleep(0.3)
+        assert b"sleep 60" not in ps, ps
+
+        # Copy progress: monotonic, ending at the size.
+        src = tmp_path / "p.bin"
+        src.write_bytes(b"\x05" * (1 << 20))
+        prog = []
+        assert vm.copy_to(src, "/tmp/p.bin", progress=lambda d, t: prog.append((d, t))) == 1 << 20
+        assert len(prog) > 3 and prog == sorted(prog) and prog[-1] == (1 << 20, 1 << 20)
+        assert vm.copy_from("/tmp/p.bin", tmp_path / "p.back", progress=lambda d, t: None) == 1 << 20
+
+    seen = []
+    while True:
+        e = events.next_event(timeout=2)
+        if e is None:
+            break
+        if e.get("vm") == vm.name:
+            seen.append((e["type"], e.get("kind")))
+    kinds = [k for t, k in seen if t == "vm"]
+    assert "defined" in kinds and "started" in kinds and "stopped" in kinds, seen
+    assert ("copy", None) in seen

@@ -55,4 +55,4 @@ pub use profile::{CheckReport, Profile, Resource, ResourceReport};
 pub use readiness::{Mode as ReadyMode, Probe, ReadyReport, ReadySpec};
 pub use ssh::{SshConfig, SshOptions};
 pub use types::*;
-pub use vm::{ExecStream, Vm};
+pub use vm::{ExecCanceller, ExecStream, Vm};

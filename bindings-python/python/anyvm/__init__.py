@@ -32,10 +32,11 @@ from ._errors import (
     PortInUseError,
     TimeoutError,
 )
-from ._native import Client, ExecResult, JobPool, JobReport, Running, Vm, connect
+from ._native import Client, EventStream, ExecResult, ExecStream, JobPool, JobReport, Running, Vm, connect
 
 __all__ = [
-    "connect", "Client", "Vm", "ExecResult", "Running", "AsyncVm", "aio", "set_log_level",
+    "connect", "Client", "Vm", "ExecResult", "ExecStream", "EventStream", "Running", "AsyncVm", "aio",
+    "set_log_level",
     "JobReport", "JobPool",
     "Error", "NotFoundError", "InvalidStateError", "TimeoutError", "NotReadyError", "AuthError",
     "PortInUseError", "BackendUnavailableError", "GuestCommandError", "ConfigError",
@@ -85,6 +86,14 @@ class AsyncVm:
         r: ExecResult = await self._vm.exec_async(
             list(argv), env=dict(env) if env is not None else None, cwd=cwd, stdin=stdin, timeout=timeout)
         return r
+
+    def exec_stream(self, argv: Sequence[str], *, env: Optional[Mapping[str, str]] = None,
+                    cwd: Optional[str] = None, stdin: Optional[bytes] = None,
+                    timeout: float = 300.0) -> ExecStream:
+        """The program's output as it is written: ``async for stream, data in vm.aio.exec_stream(...)``,
+        then ``await s.wait_async()``."""
+        return self._vm.exec_stream(list(argv), env=dict(env) if env is not None else None, cwd=cwd,
+                                    stdin=stdin, timeout=timeout)
 
     async def copy_to(self, host_path: str, guest_path: str) -> int:
         return int(await self._vm.copy_to_async(host_path, guest_path))

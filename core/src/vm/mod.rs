@@ -331,7 +331,7 @@ mod shares;
 mod snapshots;
 mod stream;
 
-pub use stream::ExecStream;
+pub use stream::{ExecCanceller, ExecStream};
 
 #[cfg(test)]
 mod tests;

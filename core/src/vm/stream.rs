@@ -6,6 +6,8 @@
 //! group killed) and removes the files it used.
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use tokio::sync::mpsc;
@@ -44,8 +46,9 @@ impl Vm {
         Ok(ExecStream {
             ctx: self.ctx(&format!("exec {}", req.program)),
             rx,
+            abort: task.abort_handle(),
             task: Some(task),
-            cancelled: false,
+            cancelled: Arc::new(AtomicBool::new(false)),
         })
     }
 }
@@ -57,7 +60,24 @@ pub struct ExecStream {
     ctx: Ctx,
     rx: mpsc::Receiver<OutputChunk>,
     task: Option<JoinHandle<Result<ExecOutput>>>,
-    cancelled: bool,
+    abort: tokio::task::AbortHandle,
+    cancelled: Arc<AtomicBool>,
+}
+
+/// Cancels one [`ExecStream`] from anywhere (another thread, a signal handler's task) without
+/// access to the stream itself.
+#[derive(Debug, Clone)]
+pub struct ExecCanceller {
+    abort: tokio::task::AbortHandle,
+    cancelled: Arc<AtomicBool>,
+}
+
+impl ExecCanceller {
+    /// As [`ExecStream::cancel`].
+    pub fn cancel(&self) {
+        self.cancelled.store(true, Ordering::SeqCst);
+        self.abort.abort();
+    }
 }
 
 impl ExecStream {
@@ -92,9 +112,14 @@ impl ExecStream {
     /// Stop the program now (it is killed in the guest). Chunks already received can still be
     /// read; [`ExecStream::wait`] then reports [`Error::Cancelled`].
     pub fn cancel(&mut self) {
-        self.cancelled = true;
-        if let Some(t) = &self.task {
-            t.abort();
+        self.canceller().cancel();
+    }
+
+    /// A handle that cancels this stream and can be sent elsewhere.
+    pub fn canceller(&self) -> ExecCanceller {
+        ExecCanceller {
+            abort: self.abort.clone(),
+            cancelled: self.cancelled.clone(),
         }
     }
 
@@ -106,7 +131,7 @@ impl ExecStream {
     fn cancelled_error(&self) -> Error {
         Error::Cancelled {
             ctx: self.ctx.clone(),
-            what: if self.cancelled {
+            what: if self.cancelled.load(Ordering::SeqCst) {
                 "the stream was cancelled; the guest program was killed".into()
             } else {
                 "the exec task ended without a result".into()
