@@ -221,7 +221,7 @@ impl EventStream {
     #[pyo3(signature = (timeout=None))]
     fn next_event(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Option<Py<PyDict>>> {
         let limit = match timeout {
-            Some(t) if t == 0.0 => Some(Duration::ZERO),
+            Some(0.0) => Some(Duration::ZERO),
             Some(t) => Some(crate::seconds("timeout", t)?),
             None => None,
         };
