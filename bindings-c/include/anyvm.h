@@ -61,26 +61,12 @@ typedef enum anyvm_error_kind_t {
 } anyvm_error_kind_t;
 
 /**
- * A VM's power state.
+ * Which output a chunk of anyvm_vm_exec_stream() came from.
  */
-typedef enum anyvm_vm_state_t {
-  ANYVM_STATE_RUNNING = 1,
-  ANYVM_STATE_PAUSED = 2,
-  ANYVM_STATE_SAVED = 3,
-  ANYVM_STATE_SHUT_OFF = 4,
-  ANYVM_STATE_BUSY = 5,
-  ANYVM_STATE_CRASHED = 6,
-  ANYVM_STATE_UNKNOWN = 7,
-} anyvm_vm_state_t;
-
-/**
- * How anyvm_vm_stop() ended.
- */
-typedef enum anyvm_stop_outcome_t {
-  ANYVM_STOP_ALREADY_OFF = 1,
-  ANYVM_STOP_GRACEFUL = 2,
-  ANYVM_STOP_FORCED = 3,
-} anyvm_stop_outcome_t;
+typedef enum anyvm_output_stream_t {
+  ANYVM_STDOUT = 1,
+  ANYVM_STDERR = 2,
+} anyvm_output_stream_t;
 
 /**
  * How a job ended.
@@ -101,6 +87,28 @@ typedef enum anyvm_job_outcome_t {
    */
   ANYVM_JOB_ERROR = 5,
 } anyvm_job_outcome_t;
+
+/**
+ * A VM's power state.
+ */
+typedef enum anyvm_vm_state_t {
+  ANYVM_STATE_RUNNING = 1,
+  ANYVM_STATE_PAUSED = 2,
+  ANYVM_STATE_SAVED = 3,
+  ANYVM_STATE_SHUT_OFF = 4,
+  ANYVM_STATE_BUSY = 5,
+  ANYVM_STATE_CRASHED = 6,
+  ANYVM_STATE_UNKNOWN = 7,
+} anyvm_vm_state_t;
+
+/**
+ * How anyvm_vm_stop() ended.
+ */
+typedef enum anyvm_stop_outcome_t {
+  ANYVM_STOP_ALREADY_OFF = 1,
+  ANYVM_STOP_GRACEFUL = 2,
+  ANYVM_STOP_FORCED = 3,
+} anyvm_stop_outcome_t;
 
 /**
  * Cancels a running job from another thread (not from a signal handler: use a thread that
@@ -143,29 +151,19 @@ typedef struct anyvm_job_t anyvm_job_t;
  */
 typedef struct anyvm_vm_t anyvm_vm_t;
 
+/**
+ * Called with each chunk of a guest program's output as it arrives, on the thread that
+ * called anyvm_vm_exec_stream(). `data` is valid during the call only. Return 0 to go on;
+ * anything else kills the program and makes the call fail with ANYVM_ERROR_CANCELLED.
+ */
+typedef int32_t (*anyvm_output_cb)(void *user_data,
+                                   enum anyvm_output_stream_t stream,
+                                   const uint8_t *data,
+                                   size_t len);
+
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
-
-/**
- * The error's message (UTF-8). Valid until anyvm_error_delete(); NULL if `err` is not a live error.
- */
-const char *anyvm_error_message(const struct anyvm_error_t *err);
-
-/**
- * The error's kind; ANYVM_ERROR_INVALID_ARGUMENT if `err` is not a live error.
- */
-enum anyvm_error_kind_t anyvm_error_kind(const struct anyvm_error_t *err);
-
-/**
- * Free an error. NULL is ignored.
- */
-void anyvm_error_delete(struct anyvm_error_t *err);
-
-/**
- * Free a string returned by anyvm. NULL is ignored.
- */
-void anyvm_string_delete(char *s);
 
 /**
  * Open a backend: "libvirt:qemu:///system", "virtualbox", "vmware:ws".
@@ -210,6 +208,262 @@ struct anyvm_error_t *anyvm_client_up(const struct anyvm_client_t *client,
                                       const char *name,
                                       double timeout_s,
                                       struct anyvm_vm_t **out);
+
+/**
+ * Health checks of the client's backend and of the host. \p out receives a JSON report
+ * (`{"status": "ok"|"warn"|"fail", "checks": [{backend, name, status, detail, hint}]}`, free
+ * with anyvm_string_delete()); \p failed (may be NULL) is set when any check failed.
+ */
+struct anyvm_error_t *anyvm_client_doctor(const struct anyvm_client_t *client,
+                                          char **out,
+                                          bool *failed);
+
+/**
+ * The error's message (UTF-8). Valid until anyvm_error_delete(); NULL if `err` is not a live error.
+ */
+const char *anyvm_error_message(const struct anyvm_error_t *err);
+
+/**
+ * The error's kind; ANYVM_ERROR_INVALID_ARGUMENT if `err` is not a live error.
+ */
+enum anyvm_error_kind_t anyvm_error_kind(const struct anyvm_error_t *err);
+
+/**
+ * A failed guest program's exit code (errors of kind ANYVM_ERROR_GUEST_COMMAND that exited):
+ * true and `*code` set, else false (killed by a signal, another kind, or not a live error).
+ */
+bool anyvm_error_exit_code(const struct anyvm_error_t *err,
+                           int32_t *code);
+
+/**
+ * Free an error. NULL is ignored.
+ */
+void anyvm_error_delete(struct anyvm_error_t *err);
+
+/**
+ * Free a string returned by anyvm. NULL is ignored.
+ */
+void anyvm_string_delete(char *s);
+
+/**
+ * A new exec request for `program` (looked up on the guest's PATH). Free with anyvm_exec_delete().
+ */
+struct anyvm_error_t *anyvm_exec_new(const char *program,
+                                     struct anyvm_exec_t **out);
+
+/**
+ * Append one argument.
+ */
+struct anyvm_error_t *anyvm_exec_arg(struct anyvm_exec_t *exec,
+                                     const char *arg);
+
+/**
+ * Set an environment variable for the program.
+ */
+struct anyvm_error_t *anyvm_exec_env(struct anyvm_exec_t *exec,
+                                     const char *key,
+                                     const char *value);
+
+/**
+ * Run in this guest directory.
+ */
+struct anyvm_error_t *anyvm_exec_cwd(struct anyvm_exec_t *exec,
+                                     const char *dir);
+
+/**
+ * Bytes fed to the program's standard input (copied). `data` may be NULL when `len` is 0.
+ */
+struct anyvm_error_t *anyvm_exec_stdin(struct anyvm_exec_t *exec,
+                                       const uint8_t *data,
+                                       size_t len);
+
+/**
+ * Seconds before the program is killed (default 300).
+ */
+struct anyvm_error_t *anyvm_exec_timeout(struct anyvm_exec_t *exec,
+                                         double timeout_s);
+
+/**
+ * Free an exec request. NULL is ignored.
+ */
+void anyvm_exec_delete(struct anyvm_exec_t *exec);
+
+/**
+ * Run the request in the guest. A non-zero exit is a result, not an error.
+ * \param out free with anyvm_exec_result_delete()
+ */
+struct anyvm_error_t *anyvm_vm_exec(const struct anyvm_vm_t *vm,
+                                    const struct anyvm_exec_t *exec,
+                                    struct anyvm_exec_result_t **out);
+
+/**
+ * Run the request, handing its output to `cb` as it is written (the ssh and VirtualBox
+ * channels as the tool relays it, the libvirt agent polled). The result holds the exit status
+ * and no output. A non-zero exit is a result, not an error.
+ * \param cb called per chunk; returning non-zero stops the program (ANYVM_ERROR_CANCELLED)
+ * \param user_data passed to `cb` unchanged
+ * \param out free with anyvm_exec_result_delete()
+ */
+struct anyvm_error_t *anyvm_vm_exec_stream(const struct anyvm_vm_t *vm,
+                                           const struct anyvm_exec_t *exec,
+                                           anyvm_output_cb cb,
+                                           void *user_data,
+                                           struct anyvm_exec_result_t **out);
+
+/**
+ * NULL if the program exited 0; else an ANYVM_ERROR_GUEST_COMMAND error naming the VM, the
+ * program, its exit code (anyvm_error_exit_code()) or signal and its stderr, as the core
+ * raises it. Free with anyvm_error_delete().
+ */
+struct anyvm_error_t *anyvm_exec_result_check(const struct anyvm_exec_result_t *r);
+
+/**
+ * True if the program exited (false: killed by a signal).
+ */
+bool anyvm_exec_result_exited(const struct anyvm_exec_result_t *r);
+
+/**
+ * The exit code (or -1 when it was killed by a signal or `r` is not live).
+ */
+int32_t anyvm_exec_result_exit_code(const struct anyvm_exec_result_t *r);
+
+/**
+ * Standard output bytes, valid until anyvm_exec_result_delete(); `*len` receives the length.
+ */
+const uint8_t *anyvm_exec_result_stdout(const struct anyvm_exec_result_t *r,
+                                        size_t *len);
+
+/**
+ * Standard error bytes, valid until anyvm_exec_result_delete(); `*len` receives the length.
+ */
+const uint8_t *anyvm_exec_result_stderr(const struct anyvm_exec_result_t *r,
+                                        size_t *len);
+
+/**
+ * Wall-clock seconds the program took.
+ */
+double anyvm_exec_result_duration(const struct anyvm_exec_result_t *r);
+
+/**
+ * Free a result. NULL is ignored.
+ */
+void anyvm_exec_result_delete(struct anyvm_exec_result_t *r);
+
+/**
+ * A job running `program` in a fresh linked clone of `template` (NULL: the profile's machine).
+ * \param profile a profile of the client's config whose resources are checked first, or NULL
+ * \param out free with anyvm_job_delete()
+ */
+struct anyvm_error_t *anyvm_job_new(const struct anyvm_client_t *client,
+                                    const char *template_name,
+                                    const char *profile,
+                                    const char *program,
+                                    struct anyvm_job_t **out);
+
+/**
+ * Append one argument to the command.
+ */
+struct anyvm_error_t *anyvm_job_arg(struct anyvm_job_t *job,
+                                    const char *arg);
+
+/**
+ * Set an environment variable for the command.
+ */
+struct anyvm_error_t *anyvm_job_env(struct anyvm_job_t *job,
+                                    const char *key,
+                                    const char *value);
+
+/**
+ * Copy a host file or directory into the guest before the command.
+ */
+struct anyvm_error_t *anyvm_job_input(struct anyvm_job_t *job,
+                                      const char *host_path,
+                                      const char *guest_path);
+
+/**
+ * Copy a guest file or directory out after the command (also when it failed).
+ */
+struct anyvm_error_t *anyvm_job_output(struct anyvm_job_t *job,
+                                       const char *guest_path,
+                                       const char *host_path);
+
+/**
+ * Wall-clock limit of the command in seconds (default: none).
+ */
+struct anyvm_error_t *anyvm_job_timeout(struct anyvm_job_t *job,
+                                        double timeout_s);
+
+/**
+ * Free a job. NULL is ignored.
+ */
+void anyvm_job_delete(struct anyvm_job_t *job);
+
+/**
+ * A cancellation token. Free with anyvm_cancel_delete().
+ */
+struct anyvm_error_t *anyvm_cancel_new(struct anyvm_cancel_t **out);
+
+/**
+ * Cancel every job run with this token: they stop, remove their clones, and report
+ * ANYVM_JOB_CANCELLED. Safe from any thread.
+ */
+struct anyvm_error_t *anyvm_cancel_trigger(const struct anyvm_cancel_t *c);
+
+/**
+ * Free a token. NULL is ignored.
+ */
+void anyvm_cancel_delete(struct anyvm_cancel_t *c);
+
+/**
+ * Run the job to the end: clone, boot, ready, stage in, run, stage out, remove the clone.
+ * Blocks. \param cancel a token, or NULL \param out free with anyvm_job_report_delete()
+ */
+struct anyvm_error_t *anyvm_job_run(const struct anyvm_job_t *job,
+                                    const struct anyvm_cancel_t *cancel,
+                                    struct anyvm_job_report_t **out);
+
+/**
+ * How the job ended; ANYVM_JOB_ERROR if `r` is not live.
+ */
+enum anyvm_job_outcome_t anyvm_job_report_outcome(const struct anyvm_job_report_t *r);
+
+/**
+ * The status a shell would see: the command's exit code, 128+N for signal N, 124 on timeout,
+ * 125 when anyvm failed, 130 when cancelled (-1 if `r` is not live).
+ */
+int32_t anyvm_job_report_exit_status(const struct anyvm_job_report_t *r);
+
+/**
+ * The command's standard output, valid until anyvm_job_report_delete().
+ */
+const uint8_t *anyvm_job_report_stdout(const struct anyvm_job_report_t *r,
+                                       size_t *len);
+
+/**
+ * The command's standard error, valid until anyvm_job_report_delete().
+ */
+const uint8_t *anyvm_job_report_stderr(const struct anyvm_job_report_t *r,
+                                       size_t *len);
+
+/**
+ * The whole report as JSON (phases and timings, error, outputs, console log).
+ * \param out free with anyvm_string_delete()
+ */
+struct anyvm_error_t *anyvm_job_report_json(const struct anyvm_job_report_t *r,
+                                            char **out);
+
+/**
+ * Free a report. NULL is ignored.
+ */
+void anyvm_job_report_delete(struct anyvm_job_report_t *r);
+
+/**
+ * Remove job clones whose owner process is gone, stale port leases and share mounts of VMs
+ * that are gone; `*out` receives a JSON report (free with anyvm_string_delete()).
+ */
+struct anyvm_error_t *anyvm_client_gc(const struct anyvm_client_t *client,
+                                      bool dry_run,
+                                      char **out);
 
 /**
  * Free a VM handle (the VM itself is untouched). NULL is ignored.
@@ -338,89 +592,6 @@ struct anyvm_error_t *anyvm_vm_ssh_config(const struct anyvm_vm_t *vm,
                                           char **out);
 
 /**
- * A new exec request for `program` (looked up on the guest's PATH). Free with anyvm_exec_delete().
- */
-struct anyvm_error_t *anyvm_exec_new(const char *program,
-                                     struct anyvm_exec_t **out);
-
-/**
- * Append one argument.
- */
-struct anyvm_error_t *anyvm_exec_arg(struct anyvm_exec_t *exec,
-                                     const char *arg);
-
-/**
- * Set an environment variable for the program.
- */
-struct anyvm_error_t *anyvm_exec_env(struct anyvm_exec_t *exec,
-                                     const char *key,
-                                     const char *value);
-
-/**
- * Run in this guest directory.
- */
-struct anyvm_error_t *anyvm_exec_cwd(struct anyvm_exec_t *exec,
-                                     const char *dir);
-
-/**
- * Bytes fed to the program's standard input (copied). `data` may be NULL when `len` is 0.
- */
-struct anyvm_error_t *anyvm_exec_stdin(struct anyvm_exec_t *exec,
-                                       const uint8_t *data,
-                                       size_t len);
-
-/**
- * Seconds before the program is killed (default 300).
- */
-struct anyvm_error_t *anyvm_exec_timeout(struct anyvm_exec_t *exec,
-                                         double timeout_s);
-
-/**
- * Free an exec request. NULL is ignored.
- */
-void anyvm_exec_delete(struct anyvm_exec_t *exec);
-
-/**
- * Run the request in the guest. A non-zero exit is a result, not an error.
- * \param out free with anyvm_exec_result_delete()
- */
-struct anyvm_error_t *anyvm_vm_exec(const struct anyvm_vm_t *vm,
-                                    const struct anyvm_exec_t *exec,
-                                    struct anyvm_exec_result_t **out);
-
-/**
- * True if the program exited (false: killed by a signal).
- */
-bool anyvm_exec_result_exited(const struct anyvm_exec_result_t *r);
-
-/**
- * The exit code (or -1 when it was killed by a signal or `r` is not live).
- */
-int32_t anyvm_exec_result_exit_code(const struct anyvm_exec_result_t *r);
-
-/**
- * Standard output bytes, valid until anyvm_exec_result_delete(); `*len` receives the length.
- */
-const uint8_t *anyvm_exec_result_stdout(const struct anyvm_exec_result_t *r,
-                                        size_t *len);
-
-/**
- * Standard error bytes, valid until anyvm_exec_result_delete(); `*len` receives the length.
- */
-const uint8_t *anyvm_exec_result_stderr(const struct anyvm_exec_result_t *r,
-                                        size_t *len);
-
-/**
- * Wall-clock seconds the program took.
- */
-double anyvm_exec_result_duration(const struct anyvm_exec_result_t *r);
-
-/**
- * Free a result. NULL is ignored.
- */
-void anyvm_exec_result_delete(struct anyvm_exec_result_t *r);
-
-/**
  * For benchmarks only: time `n` calls of `op` ("exec_true" or "state") made inside Rust,
  * writing seconds per call into `out` (n elements), to compare with the same calls through C.
  */
@@ -428,131 +599,6 @@ struct anyvm_error_t *anyvm_bench_rust_timings(const struct anyvm_vm_t *vm,
                                                const char *op,
                                                size_t n,
                                                double *out);
-
-/**
- * Health checks of the client's backend and of the host. \p out receives a JSON report
- * (`{"status": "ok"|"warn"|"fail", "checks": [{backend, name, status, detail, hint}]}`, free
- * with anyvm_string_delete()); \p failed (may be NULL) is set when any check failed.
- */
-struct anyvm_error_t *anyvm_client_doctor(const struct anyvm_client_t *client,
-                                          char **out,
-                                          bool *failed);
-
-/**
- * A job running `program` in a fresh linked clone of `template` (NULL: the profile's machine).
- * \param profile a profile of the client's config whose resources are checked first, or NULL
- * \param out free with anyvm_job_delete()
- */
-struct anyvm_error_t *anyvm_job_new(const struct anyvm_client_t *client,
-                                    const char *template_name,
-                                    const char *profile,
-                                    const char *program,
-                                    struct anyvm_job_t **out);
-
-/**
- * Append one argument to the command.
- */
-struct anyvm_error_t *anyvm_job_arg(struct anyvm_job_t *job,
-                                    const char *arg);
-
-/**
- * Set an environment variable for the command.
- */
-struct anyvm_error_t *anyvm_job_env(struct anyvm_job_t *job,
-                                    const char *key,
-                                    const char *value);
-
-/**
- * Copy a host file or directory into the guest before the command.
- */
-struct anyvm_error_t *anyvm_job_input(struct anyvm_job_t *job,
-                                      const char *host_path,
-                                      const char *guest_path);
-
-/**
- * Copy a guest file or directory out after the command (also when it failed).
- */
-struct anyvm_error_t *anyvm_job_output(struct anyvm_job_t *job,
-                                       const char *guest_path,
-                                       const char *host_path);
-
-/**
- * Wall-clock limit of the command in seconds (default: none).
- */
-struct anyvm_error_t *anyvm_job_timeout(struct anyvm_job_t *job,
-                                        double timeout_s);
-
-/**
- * Free a job. NULL is ignored.
- */
-void anyvm_job_delete(struct anyvm_job_t *job);
-
-/**
- * A cancellation token. Free with anyvm_cancel_delete().
- */
-struct anyvm_error_t *anyvm_cancel_new(struct anyvm_cancel_t **out);
-
-/**
- * Cancel every job run with this token: they stop, remove their clones, and report
- * ANYVM_JOB_CANCELLED. Safe from any thread.
- */
-struct anyvm_error_t *anyvm_cancel_trigger(const struct anyvm_cancel_t *c);
-
-/**
- * Free a token. NULL is ignored.
- */
-void anyvm_cancel_delete(struct anyvm_cancel_t *c);
-
-/**
- * Run the job to the end: clone, boot, ready, stage in, run, stage out, remove the clone.
- * Blocks. \param cancel a token, or NULL \param out free with anyvm_job_report_delete()
- */
-struct anyvm_error_t *anyvm_job_run(const struct anyvm_job_t *job,
-                                    const struct anyvm_cancel_t *cancel,
-                                    struct anyvm_job_report_t **out);
-
-/**
- * How the job ended; ANYVM_JOB_ERROR if `r` is not live.
- */
-enum anyvm_job_outcome_t anyvm_job_report_outcome(const struct anyvm_job_report_t *r);
-
-/**
- * The status a shell would see: the command's exit code, 128+N for signal N, 124 on timeout,
- * 125 when anyvm failed, 130 when cancelled (-1 if `r` is not live).
- */
-int32_t anyvm_job_report_exit_status(const struct anyvm_job_report_t *r);
-
-/**
- * The command's standard output, valid until anyvm_job_report_delete().
- */
-const uint8_t *anyvm_job_report_stdout(const struct anyvm_job_report_t *r,
-                                       size_t *len);
-
-/**
- * The command's standard error, valid until anyvm_job_report_delete().
- */
-const uint8_t *anyvm_job_report_stderr(const struct anyvm_job_report_t *r,
-                                       size_t *len);
-
-/**
- * The whole report as JSON (phases and timings, error, outputs, console log).
- * \param out free with anyvm_string_delete()
- */
-struct anyvm_error_t *anyvm_job_report_json(const struct anyvm_job_report_t *r,
-                                            char **out);
-
-/**
- * Free a report. NULL is ignored.
- */
-void anyvm_job_report_delete(struct anyvm_job_report_t *r);
-
-/**
- * Remove job clones whose owner process is gone, stale port leases and share mounts of VMs
- * that are gone; `*out` receives a JSON report (free with anyvm_string_delete()).
- */
-struct anyvm_error_t *anyvm_client_gc(const struct anyvm_client_t *client,
-                                      bool dry_run,
-                                      char **out);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -19,6 +19,8 @@
 #include "anyvm.h"
 
 #include <cstdint>
+#include <exception>
+#include <functional>
 #include <map>
 #include <memory>
 #include <optional>
@@ -32,11 +34,17 @@ namespace anyvm {
 /** An anyvm failure: kind() mirrors anyvm_error_kind_t, what() is the message. */
 class Error : public std::runtime_error {
 public:
-  Error(anyvm_error_kind_t kind, const std::string &message) : std::runtime_error(message), kind_(kind) {}
+  Error(anyvm_error_kind_t kind, const std::string &message, std::optional<int> exit_code = std::nullopt)
+      : std::runtime_error(message), kind_(kind), exit_code_(exit_code) {}
   anyvm_error_kind_t kind() const noexcept { return kind_; }
+  /** For ANYVM_ERROR_GUEST_COMMAND: whether the program exited (rather than being killed). */
+  bool has_exit_code() const noexcept { return exit_code_.has_value(); }
+  /** The guest program's exit code; -1 when has_exit_code() is false. */
+  int exit_code() const noexcept { return exit_code_.value_or(-1); }
 
 private:
   anyvm_error_kind_t kind_;
+  std::optional<int> exit_code_;
 };
 
 namespace detail {
@@ -46,8 +54,11 @@ inline void check(anyvm_error_t *err) {
   const char *msg = anyvm_error_message(err);
   std::string text = msg ? msg : "unknown anyvm error";
   anyvm_error_kind_t kind = anyvm_error_kind(err);
+  int code = 0;
+  std::optional<int> exit_code;
+  if (anyvm_error_exit_code(err, &code)) exit_code = code;
   anyvm_error_delete(err);
-  throw Error(kind, text);
+  throw Error(kind, text, exit_code);
 }
 
 inline std::string take_string(char *s) {
@@ -71,6 +82,13 @@ struct ExecResult {
   double duration = 0.0;
   std::string stdout_text() const { return std::string(stdout_bytes.begin(), stdout_bytes.end()); }
   std::string stderr_text() const { return std::string(stderr_bytes.begin(), stderr_bytes.end()); }
+  /** Throw Error(ANYVM_ERROR_GUEST_COMMAND), as the core words it, unless the program exited 0. */
+  const ExecResult &check() const {
+    if (!failure.empty()) throw Error(ANYVM_ERROR_GUEST_COMMAND, failure, exited ? std::optional<int>(exit_code) : std::nullopt);
+    return *this;
+  }
+  /** The core's message for a program that did not exit 0; empty when it did. */
+  std::string failure;
 };
 
 /** Options for Vm::exec(), chainable. */
@@ -138,28 +156,42 @@ public:
 
   /** Run argv[0] with the rest as arguments (no shell). A non-zero exit is a result, not an exception. */
   ExecResult exec(const std::vector<std::string> &argv, const ExecOptions &opts = {}) const {
-    if (argv.empty()) throw Error(ANYVM_ERROR_INVALID_ARGUMENT, "invalid argument: argv: must name a program");
-    anyvm_exec_t *e = nullptr;
-    detail::check(anyvm_exec_new(argv[0].c_str(), &e));
-    std::unique_ptr<anyvm_exec_t, detail::Deleter<anyvm_exec_t, anyvm_exec_delete>> req(e);
-    for (std::size_t i = 1; i < argv.size(); ++i) detail::check(anyvm_exec_arg(e, argv[i].c_str()));
-    for (const auto &kv : opts.env_) detail::check(anyvm_exec_env(e, kv.first.c_str(), kv.second.c_str()));
-    if (opts.cwd_) detail::check(anyvm_exec_cwd(e, opts.cwd_->c_str()));
-    if (opts.stdin_) detail::check(anyvm_exec_stdin(e, opts.stdin_->data(), opts.stdin_->size()));
-    if (opts.timeout_) detail::check(anyvm_exec_timeout(e, *opts.timeout_));
+    Request req = request(argv, opts);
     anyvm_exec_result_t *r = nullptr;
-    detail::check(anyvm_vm_exec(raw_.get(), e, &r));
-    std::unique_ptr<anyvm_exec_result_t, detail::Deleter<anyvm_exec_result_t, anyvm_exec_result_delete>> res(r);
-    ExecResult out;
-    out.exited = anyvm_exec_result_exited(r);
-    out.exit_code = anyvm_exec_result_exit_code(r);
-    out.duration = anyvm_exec_result_duration(r);
-    std::size_t n = 0;
-    const std::uint8_t *p = anyvm_exec_result_stdout(r, &n);
-    out.stdout_bytes.assign(p, p + n);
-    p = anyvm_exec_result_stderr(r, &n);
-    out.stderr_bytes.assign(p, p + n);
-    return out;
+    detail::check(anyvm_vm_exec(raw_.get(), req.get(), &r));
+    return result(r);
+  }
+
+  /** Called with each output chunk as it arrives; return false to stop the program. */
+  using OutputFn = std::function<bool(anyvm_output_stream_t stream, const std::uint8_t *data, std::size_t len)>;
+
+  /** exec() that hands output to `on_output` as it is written; the result then holds no output.
+   *  If `on_output` returns false the program is killed and Error(ANYVM_ERROR_CANCELLED) is
+   *  thrown; an exception it throws is rethrown after the program is killed. */
+  ExecResult exec_stream(const std::vector<std::string> &argv, const OutputFn &on_output,
+                         const ExecOptions &opts = {}) const {
+    Request req = request(argv, opts);
+    struct Ctx {
+      const OutputFn *fn;
+      std::exception_ptr error;
+    } ctx{&on_output, nullptr};
+    auto tramp = [](void *ud, anyvm_output_stream_t st, const std::uint8_t *d, std::size_t n) -> int {
+      auto *c = static_cast<Ctx *>(ud);
+      try {
+        return (*c->fn)(st, d, n) ? 0 : 1;
+      } catch (...) {
+        c->error = std::current_exception();
+        return 1;
+      }
+    };
+    anyvm_exec_result_t *r = nullptr;
+    anyvm_error_t *err = anyvm_vm_exec_stream(raw_.get(), req.get(), tramp, &ctx, &r);
+    if (ctx.error) {
+      anyvm_error_delete(err);
+      std::rethrow_exception(ctx.error);
+    }
+    detail::check(err);
+    return result(r);
   }
 
   std::uint64_t copy_to(const std::string &host_path, const std::string &guest_path) const {
@@ -204,6 +236,39 @@ public:
   anyvm_vm_t *raw() const noexcept { return raw_.get(); }
 
 private:
+  using Request = std::unique_ptr<anyvm_exec_t, detail::Deleter<anyvm_exec_t, anyvm_exec_delete>>;
+
+  static Request request(const std::vector<std::string> &argv, const ExecOptions &opts) {
+    if (argv.empty()) throw Error(ANYVM_ERROR_INVALID_ARGUMENT, "invalid argument: argv: must name a program");
+    anyvm_exec_t *e = nullptr;
+    detail::check(anyvm_exec_new(argv[0].c_str(), &e));
+    Request req(e);
+    for (std::size_t i = 1; i < argv.size(); ++i) detail::check(anyvm_exec_arg(e, argv[i].c_str()));
+    for (const auto &kv : opts.env_) detail::check(anyvm_exec_env(e, kv.first.c_str(), kv.second.c_str()));
+    if (opts.cwd_) detail::check(anyvm_exec_cwd(e, opts.cwd_->c_str()));
+    if (opts.stdin_) detail::check(anyvm_exec_stdin(e, opts.stdin_->data(), opts.stdin_->size()));
+    if (opts.timeout_) detail::check(anyvm_exec_timeout(e, *opts.timeout_));
+    return req;
+  }
+
+  static ExecResult result(anyvm_exec_result_t *r) {
+    std::unique_ptr<anyvm_exec_result_t, detail::Deleter<anyvm_exec_result_t, anyvm_exec_result_delete>> res(r);
+    ExecResult out;
+    out.exited = anyvm_exec_result_exited(r);
+    out.exit_code = anyvm_exec_result_exit_code(r);
+    out.duration = anyvm_exec_result_duration(r);
+    std::size_t n = 0;
+    const std::uint8_t *p = anyvm_exec_result_stdout(r, &n);
+    out.stdout_bytes.assign(p, p + n);
+    p = anyvm_exec_result_stderr(r, &n);
+    out.stderr_bytes.assign(p, p + n);
+    if (anyvm_error_t *f = anyvm_exec_result_check(r)) {
+      const char *m = anyvm_error_message(f);
+      out.failure = m ? m : "guest command failed";
+      anyvm_error_delete(f);
+    }
+    return out;
+  }
   std::unique_ptr<anyvm_vm_t, detail::Deleter<anyvm_vm_t, anyvm_vm_delete>> raw_;
 };
 

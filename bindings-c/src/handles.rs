@@ -32,7 +32,7 @@ impl<T> Registry<T> {
         p
     }
 
-    fn check(&self, p: *const T) -> Result<(), (crate::anyvm_error_kind_t, String)> {
+    fn check(&self, p: *const T) -> crate::Res<()> {
         if p.is_null() {
             return Err(crate::invalid(self.name, "must not be NULL"));
         }
@@ -51,21 +51,13 @@ impl<T> Registry<T> {
 
     /// Run `f` on a live handle. The handle stays registered while `f` runs; deleting it from
     /// another thread at the same time is the caller's bug, as with any C API.
-    pub fn with<R>(
-        &self,
-        p: *const T,
-        f: impl FnOnce(&T) -> R,
-    ) -> Result<R, (crate::anyvm_error_kind_t, String)> {
+    pub fn with<R>(&self, p: *const T, f: impl FnOnce(&T) -> R) -> crate::Res<R> {
         self.check(p)?;
         // SAFETY: `p` came from `insert` and has not been removed.
         Ok(f(unsafe { &*p }))
     }
 
-    pub fn with_mut<R>(
-        &self,
-        p: *mut T,
-        f: impl FnOnce(&mut T) -> R,
-    ) -> Result<R, (crate::anyvm_error_kind_t, String)> {
+    pub fn with_mut<R>(&self, p: *mut T, f: impl FnOnce(&mut T) -> R) -> crate::Res<R> {
         self.check(p)?;
         // SAFETY: as in `with`; C callers do not share a request object across threads.
         Ok(f(unsafe { &mut *p }))

@@ -36,6 +36,22 @@ int main(int argc, char **argv) {
       std::cout << r.stdout_text();
       rc = (r.exit_code == 0 && r.stdout_text() == "main.c\nx86_64\n") ? 0 : 1;
       std::cout << (rc == 0 ? "build step OK" : "build step FAILED") << " in " << vm.name() << "\n";
+      // A long build step's log, line by line as the guest writes it.
+      std::string log;
+      vm.exec_stream({"sh", "-c", "echo step1; sleep 1; echo step2"},
+                     [&](anyvm_output_stream_t, const std::uint8_t *d, std::size_t n) {
+                       log.append(reinterpret_cast<const char *>(d), n);
+                       std::cout << "  | " << std::string(reinterpret_cast<const char *>(d), n) << std::flush;
+                       return true;
+                     });
+      if (log != "step1\nstep2\n") rc = 1;
+      try {
+        vm.exec({"sh", "-c", "exit 3"}).check();
+        rc = 1;
+      } catch (const anyvm::Error &e) {
+        std::cout << "check(): " << e.what() << "\n";
+        if (e.kind() != ANYVM_ERROR_GUEST_COMMAND || !e.has_exit_code() || e.exit_code() != 3) rc = 1;
+      }
       try {
         vm.exec({"false"});
         vm.snapshot_restore("does-not-exist");

@@ -36,6 +36,24 @@ static void expect_error(anyvm_error_t *err, anyvm_error_kind_t kind, const char
   anyvm_error_delete(err);
 }
 
+/* Output collected by on_chunk(); stop_after > 0 stops the program after that many chunks. */
+struct chunks {
+  char out[256], err[256];
+  int calls, stop_after;
+};
+
+static int on_chunk(void *ud, anyvm_output_stream_t stream, const uint8_t *data, size_t len) {
+  struct chunks *c = ud;
+  char *dst = stream == ANYVM_STDOUT ? c->out : c->err;
+  size_t have = strlen(dst);
+  if (have + len < sizeof c->out) {
+    memcpy(dst + have, data, len);
+    dst[have + len] = 0;
+  }
+  c->calls++;
+  return c->stop_after > 0 && c->calls >= c->stop_after;
+}
+
 /* Abort the session on an unexpected error. */
 static void ok(anyvm_error_t *err, const char *what) {
   if (!err) {
@@ -116,7 +134,39 @@ static void session(anyvm_client_t *client, const char *guest, const char *work)
   CHECK(n == sizeof in && memcmp(out, in, n) == 0, "stdout has %zu bytes", n);
   const uint8_t *err = anyvm_exec_result_stderr(r, &n);
   CHECK(n == 6 && memcmp(err, "hello\n", 6) == 0, "stderr %.*s", (int)n, (const char *)err);
+  /* check(): the core's guest-command error, with the exit code to read back. */
+  anyvm_error_t *ce = anyvm_exec_result_check(r);
+  int code = 0;
+  CHECK(ce && anyvm_error_kind(ce) == ANYVM_ERROR_GUEST_COMMAND, "check kind");
+  CHECK(ce && anyvm_error_exit_code(ce, &code) && code == 7, "check exit code %d", code);
+  CHECK(ce && strstr(anyvm_error_message(ce), "vm '"), "check message %s", ce ? anyvm_error_message(ce) : "");
+  anyvm_error_delete(ce);
   anyvm_exec_result_delete(r);
+  anyvm_exec_delete(e);
+
+  /* Streaming: chunks reach the callback as they are written; non-zero from it stops the program. */
+  struct chunks got = {0};
+  ok(anyvm_exec_new("sh", &e), "exec_new");
+  ok(anyvm_exec_arg(e, "-c"), "arg");
+  ok(anyvm_exec_arg(e, "echo 1:one; sleep 1; echo 2:two; echo warn >&2"), "arg");
+  ok(anyvm_vm_exec_stream(vm, e, on_chunk, &got, &r), "exec_stream");
+  CHECK(strcmp(got.out, "1:one\n2:two\n") == 0, "streamed stdout '%s'", got.out);
+  CHECK(strcmp(got.err, "warn\n") == 0, "streamed stderr '%s'", got.err);
+  CHECK(got.calls >= 2, "%d chunks", got.calls);
+  CHECK(anyvm_exec_result_exit_code(r) == 0 && anyvm_exec_result_check(r) == NULL, "stream exit");
+  anyvm_exec_result_stdout(r, &n);
+  CHECK(n == 0, "streamed result keeps no output (%zu bytes)", n);
+  anyvm_exec_result_delete(r);
+  anyvm_exec_delete(e);
+  struct chunks stop = {0};
+  stop.stop_after = 1;
+  ok(anyvm_exec_new("sh", &e), "exec_new");
+  ok(anyvm_exec_arg(e, "-c"), "arg");
+  ok(anyvm_exec_arg(e, "echo up; exec sleep 607"), "arg");
+  r = NULL;
+  expect_error(anyvm_vm_exec_stream(vm, e, on_chunk, &stop, &r), ANYVM_ERROR_CANCELLED, "cancelled", "callback stop");
+  CHECK(r == NULL, "no result after a stop");
+  expect_error(anyvm_vm_exec_stream(vm, e, NULL, NULL, &r), ANYVM_ERROR_INVALID_ARGUMENT, "cb", "NULL callback");
   anyvm_exec_delete(e);
 
   char host[1024], back[1024];

@@ -22,14 +22,18 @@ pub fn guest_command_error(
         program: program.to_string(),
         exit_code,
         reason: match (exit_code, signal) {
-            (Some(c), _) => format!(
-                "exit code {c}: {}",
-                String::from_utf8_lossy(stderr)
+            (Some(c), _) => {
+                let tail: String = String::from_utf8_lossy(stderr)
                     .trim()
                     .chars()
                     .take(500)
-                    .collect::<String>()
-            ),
+                    .collect();
+                if tail.is_empty() {
+                    format!("exit code {c} (no stderr)")
+                } else {
+                    format!("exit code {c}: {tail}")
+                }
+            }
             (None, Some(s)) => format!("killed by signal {s}"),
             _ => "no exit status".into(),
         },
