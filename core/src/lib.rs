@@ -55,4 +55,5 @@ pub use profile::{CheckReport, Profile, Resource, ResourceReport};
 pub use readiness::{Mode as ReadyMode, Probe, ReadyReport, ReadySpec};
 pub use ssh::{SshConfig, SshOptions};
 pub use types::*;
+pub use util::cleanup::wait_for_cleanups;
 pub use vm::{ExecCanceller, ExecStream, Vm};

@@ -89,6 +89,50 @@ fn cli_end_to_end() {
     let o = child.wait_with_output().unwrap();
     assert_eq!(text(&o.stdout), "piped\n1\n/tmp\n");
 
+    // Output is shown as the guest writes it: the first line is here while the program runs.
+    let spawn = |script: &str| {
+        Command::new(env!("CARGO_BIN_EXE_anyvm"))
+            .arg("-c")
+            .arg(&cfg)
+            .args(["exec", "e2e-cli", "--", "sh", "-c", script])
+            .env("ANYVM_STATE_DIR", &state)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    use std::io::BufRead;
+    let mut child = spawn("echo first; sleep 3; echo second");
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    lines.read_line(&mut line).unwrap();
+    assert_eq!(line, "first\n");
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "anyvm exec ended before showing output"
+    );
+    line.clear();
+    lines.read_line(&mut line).unwrap();
+    assert_eq!(line, "second\n");
+    assert!(child.wait().unwrap().success());
+
+    // Ctrl-C kills the guest program before anyvm exits 130.
+    let mut child = spawn("echo up; exec sleep 608");
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap());
+    line.clear();
+    lines.read_line(&mut line).unwrap();
+    assert_eq!(line, "up\n");
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let st = child.wait_with_output().unwrap();
+    assert_eq!(st.status.code(), Some(130), "{}", text(&st.stderr));
+    assert!(text(&st.stderr).contains("guest program was killed"));
+    let o = anyvm(&cfg, &state, &["exec", "e2e-cli", "--", "ps", "-o", "args"]);
+    assert!(
+        !text(&o.stdout).contains("sleep 608"),
+        "{}",
+        text(&o.stdout)
+    );
+
     // JSON queries parse
     let o = anyvm(&cfg, &state, &["--json", "list"]);
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();

@@ -2,6 +2,7 @@
 //! JSON stores written by rename, bind mounts, file tails, XML escaping. Internal to the crate.
 
 pub(crate) mod bindmount;
+pub(crate) mod cleanup;
 pub(crate) mod command;
 pub(crate) mod json_store;
 pub(crate) mod tail;

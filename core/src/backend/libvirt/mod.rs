@@ -1557,25 +1557,25 @@ impl Drop for KillOnDrop {
         let (vm, pid) = (self.vm.clone(), self.pid);
         let handles = std::mem::take(&mut self.handles);
         let dir = self.dir.take();
-        let _ = std::thread::Builder::new()
-            .name("anyvm-exec-kill".into())
-            .spawn(move || {
-                let Ok(d) = conn.lookup_domain_by_name(&vm) else {
-                    return;
-                };
-                if pid > 0 {
-                    match d.qemu_agent_command(&agent::kill(pid), 5, 0) {
-                        Ok(_) => tracing::debug!(vm = %vm, pid, "exec dropped: guest program killed"),
-                        Err(e) => tracing::warn!(vm = %vm, pid, error = %e, "exec dropped: could not kill the guest program"),
+        crate::util::cleanup::spawn("anyvm-exec-kill", move || {
+            let Ok(d) = conn.lookup_domain_by_name(&vm) else {
+                return;
+            };
+            if pid > 0 {
+                match d.qemu_agent_command(&agent::kill(pid), 5, 0) {
+                    Ok(_) => tracing::debug!(vm = %vm, pid, "exec dropped: guest program killed"),
+                    Err(e) => {
+                        tracing::warn!(vm = %vm, pid, error = %e, "exec dropped: could not kill the guest program")
                     }
                 }
-                for h in handles {
-                    let _ = d.qemu_agent_command(&agent::file_close(h), 5, 0);
-                }
-                if let Some(dir) = dir {
-                    let _ = d.qemu_agent_command(&agent::spawn("rm", &["-rf", "--", &dir]), 5, 0);
-                }
-            });
+            }
+            for h in handles {
+                let _ = d.qemu_agent_command(&agent::file_close(h), 5, 0);
+            }
+            if let Some(dir) = dir {
+                let _ = d.qemu_agent_command(&agent::spawn("rm", &["-rf", "--", &dir]), 5, 0);
+            }
+        });
     }
 }
 

@@ -7,7 +7,7 @@ use anyvm::Error;
 use clap::{Args, Subcommand};
 use serde_json::json;
 
-use super::{secs, App};
+use crate::app::{secs, App};
 
 #[derive(Subcommand, Debug)]
 pub enum JobCmd {
@@ -371,4 +371,12 @@ mod tests {
         assert!(parse_out("work/out:res").is_err());
         assert!(parse_out("/work/out:").is_err());
     }
+}
+
+/// Arguments of `anyvm gc`.
+#[derive(Args, Debug)]
+pub struct GcArgs {
+    /// Only report what would be removed.
+    #[arg(long)]
+    pub dry_run: bool,
 }
