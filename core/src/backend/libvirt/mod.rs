@@ -9,7 +9,11 @@ mod agent;
 mod doctor;
 mod domain_xml;
 mod events;
+mod guest;
 pub mod host;
+mod lifecycle;
+mod network;
+mod snapshots;
 
 /// Make `target` a read-only bind mount of `source` (what read-only shares are served from).
 pub use crate::util::bindmount::ensure_readonly as ensure_readonly_mount;
@@ -18,10 +22,9 @@ use host::HypervisorHost;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_trait::async_trait;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::broadcast;
 use virt::connect::Connect;
 use virt::domain::Domain;
@@ -33,8 +36,8 @@ use crate::credentials::Credentials;
 use crate::error::{Ctx, Error, Result};
 use crate::name::VmName;
 use crate::types::{
-    DiskFormat, ExecOutput, ExecRequest, ForwardSpec, HostPort, OutputChunk, OutputSink,
-    OutputStream, PortForward, SharedFolder, SnapshotInfo, VmInfo, VmSpec, VmState,
+    ExecOutput, ExecRequest, OutputSink, PortForward, SharedFolder, SnapshotInfo, VmInfo, VmSpec,
+    VmState,
 };
 
 const ID: &str = "libvirt";
@@ -326,251 +329,6 @@ impl LibvirtBackend {
         agent::ret(&reply).map_err(|m| agent_err(ctx, m))
     }
 
-    /// `guest-file-open`, returning the agent's handle.
-    async fn open_guest_file(&self, ctx: &Ctx, vm: &VmName, path: &str, mode: &str) -> Result<i64> {
-        let reply = self
-            .agent(
-                ctx,
-                vm,
-                agent::file_open(path, mode),
-                self.opts.agent_timeout,
-            )
-            .await?;
-        reply
-            .as_i64()
-            .ok_or_else(|| agent_err(ctx, format!("guest-file-open returned {reply}")))
-    }
-
-    /// A guest program through the agent, its output captured by qemu-ga and returned at exit.
-    async fn exec_captured(&self, vm: &VmName, req: &ExecRequest) -> Result<ExecOutput> {
-        let ctx = Ctx::vm(format!("exec {}", req.program), vm);
-        if req.credentials.is_some() {
-            tracing::debug!(vm = %vm, "libvirt runs guest programs through the agent as its user; credentials are not used");
-        }
-        let started = Instant::now();
-        let deadline = started + req.timeout;
-        let reply = self
-            .agent(&ctx, vm, agent::exec(req), self.opts.agent_timeout)
-            .await?;
-        let pid = agent::int_field(&reply, "pid").map_err(|m| agent_err(&ctx, m))?;
-        // Cancel-safety: if this future is dropped (a cancelled job, a timeout around the call),
-        // the guest program is killed instead of running on unobserved.
-        let mut guard = KillOnDrop {
-            conn: Some(self.conn.clone()),
-            vm: vm.to_string(),
-            pid,
-            handles: Vec::new(),
-            dir: None,
-        };
-        // Short programs finish in a few ms: poll fast at first, then back off.
-        let mut delay = Duration::from_millis(1);
-        loop {
-            let st = self
-                .agent(&ctx, vm, agent::exec_status(pid), self.opts.agent_timeout)
-                .await?;
-            if let Some(s) = agent::parse_exec_status(&st).map_err(|m| agent_err(&ctx, m))? {
-                guard.disarm();
-                return Ok(ExecOutput {
-                    exit_code: s.exit_code,
-                    signal: s.signal,
-                    stdout: s.stdout,
-                    stderr: s.stderr,
-                    duration: started.elapsed(),
-                    stdout_truncated: s.stdout_truncated,
-                    stderr_truncated: s.stderr_truncated,
-                });
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                guard.disarm();
-                return Err(self.kill_timed_out(&ctx, vm, pid, req).await);
-            }
-            tokio::time::sleep(delay.min(deadline - now)).await;
-            delay = (delay * 2).min(Duration::from_millis(50));
-        }
-    }
-
-    /// Kill a guest program that outlived its request's timeout; the error to report.
-    async fn kill_timed_out(&self, ctx: &Ctx, vm: &VmName, pid: i64, req: &ExecRequest) -> Error {
-        if let Err(e) = self
-            .agent(ctx, vm, agent::kill(pid), self.opts.agent_timeout)
-            .await
-        {
-            tracing::warn!(vm = %vm, pid, error = %e, "could not kill timed-out guest program");
-        }
-        Error::Timeout {
-            ctx: ctx.clone(),
-            after: req.timeout,
-            what: format!("'{}' to exit (killed guest pid {pid})", req.display_argv()),
-        }
-    }
-
-    /// A guest program whose output is sent as it is written. qemu-ga returns output only at
-    /// exit, so the program writes to two files in a private guest directory that are tailed
-    /// with `guest-file-read`, polling faster while output flows.
-    async fn exec_streamed(
-        &self,
-        vm: &VmName,
-        req: &ExecRequest,
-        sink: OutputSink,
-    ) -> Result<ExecOutput> {
-        let ctx = Ctx::vm(format!("exec {}", req.program), vm);
-        let started = Instant::now();
-        let deadline = started + req.timeout;
-        let mk = self
-            .exec_captured(
-                vm,
-                &ExecRequest::new("mktemp")
-                    .arg("-d")
-                    .arg("/tmp/anyvm-exec.XXXXXXXX")
-                    .timeout(self.opts.agent_timeout),
-            )
-            .await?;
-        let dir = mk.stdout_str().trim().to_string();
-        if !mk.success() || !dir.starts_with("/tmp/anyvm-exec.") {
-            return Err(agent_err(
-                &ctx,
-                format!(
-                    "could not make a guest directory for the output: {}",
-                    mk.stderr_str().trim()
-                ),
-            ));
-        }
-        // From here on, a dropped or failed call removes what it made in the guest.
-        let mut guard = KillOnDrop {
-            conn: Some(self.conn.clone()),
-            vm: vm.to_string(),
-            pid: 0,
-            handles: Vec::new(),
-            dir: Some(dir.clone()),
-        };
-        // "a+" creates the files before the program does, and reads from their start.
-        for name in ["out", "err"] {
-            let h = self
-                .open_guest_file(&ctx, vm, &format!("{dir}/{name}"), "a+")
-                .await?;
-            guard.handles.push(h);
-        }
-        let reply = self
-            .agent(
-                &ctx,
-                vm,
-                agent::exec_to_files(req, &dir),
-                self.opts.agent_timeout,
-            )
-            .await?;
-        guard.pid = agent::int_field(&reply, "pid").map_err(|m| agent_err(&ctx, m))?;
-        let pid = guard.pid;
-        let mut tails = [
-            (guard.handles[0], OutputStream::Stdout, 0u64),
-            (guard.handles[1], OutputStream::Stderr, 0u64),
-        ];
-        let mut delay = Duration::from_millis(1);
-        loop {
-            let st = self
-                .agent(&ctx, vm, agent::exec_status(pid), self.opts.agent_timeout)
-                .await?;
-            let exited = agent::parse_exec_status(&st).map_err(|m| agent_err(&ctx, m))?;
-            let mut got = false;
-            for t in &mut tails {
-                // After exit, read each file to its end; before, one chunk per poll.
-                while self.read_tail(&ctx, vm, t, &sink).await? {
-                    got = true;
-                    if exited.is_none() {
-                        break;
-                    }
-                }
-            }
-            if let Some(s) = exited {
-                self.clean_up_exec(&ctx, vm, &mut guard).await;
-                return Ok(ExecOutput {
-                    exit_code: s.exit_code,
-                    signal: s.signal,
-                    stdout: Vec::new(),
-                    stderr: Vec::new(),
-                    duration: started.elapsed(),
-                    stdout_truncated: false,
-                    stderr_truncated: false,
-                });
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                let e = self.kill_timed_out(&ctx, vm, pid, req).await;
-                guard.pid = 0;
-                self.clean_up_exec(&ctx, vm, &mut guard).await;
-                return Err(e);
-            }
-            if got {
-                delay = Duration::from_millis(1);
-            } else {
-                tokio::time::sleep(delay.min(deadline - now)).await;
-                delay = (delay * 2).min(Duration::from_millis(100));
-            }
-        }
-    }
-
-    /// Read what was appended to one tailed file since the last read and send it; true when
-    /// there was something.
-    async fn read_tail(
-        &self,
-        ctx: &Ctx,
-        vm: &VmName,
-        (handle, stream, offset): &mut (i64, OutputStream, u64),
-        sink: &OutputSink,
-    ) -> Result<bool> {
-        let r = self
-            .agent(
-                ctx,
-                vm,
-                agent::file_read(*handle, self.opts.read_chunk),
-                self.opts.agent_timeout,
-            )
-            .await?;
-        let (data, eof) = agent::parse_read(&r).map_err(|m| agent_err(ctx, m))?;
-        *offset += data.len() as u64;
-        if eof {
-            // The file may grow again: clear the end-of-file state where we stand.
-            self.agent(
-                ctx,
-                vm,
-                agent::file_seek(*handle, *offset),
-                self.opts.agent_timeout,
-            )
-            .await?;
-        }
-        if data.is_empty() {
-            return Ok(false);
-        }
-        let _ = sink
-            .send(OutputChunk {
-                stream: *stream,
-                data,
-            })
-            .await;
-        Ok(true)
-    }
-
-    /// Close a finished streamed exec's files and remove its guest directory, here rather
-    /// than on the guard's thread.
-    async fn clean_up_exec(&self, ctx: &Ctx, vm: &VmName, guard: &mut KillOnDrop) {
-        for h in std::mem::take(&mut guard.handles) {
-            let _ = self
-                .agent(ctx, vm, agent::file_close(h), self.opts.agent_timeout)
-                .await;
-        }
-        if let Some(dir) = guard.dir.take() {
-            let _ = self
-                .agent(
-                    ctx,
-                    vm,
-                    agent::spawn("rm", &["-rf", "--", &dir]),
-                    self.opts.agent_timeout,
-                )
-                .await;
-        }
-        guard.disarm();
-    }
-
     fn console_path(&self, vm: &VmName) -> PathBuf {
         self.opts.console_dir.join(format!("{vm}.log"))
     }
@@ -806,34 +564,11 @@ impl Backend for LibvirtBackend {
     }
 
     async fn list(&self) -> Result<Vec<VmInfo>> {
-        let ctx = Ctx::new("list");
-        self.call(&ctx, self.opts.call_timeout, {
-            let c = ctx.clone();
-            move |conn| {
-                let doms = conn.list_all_domains(0).map_err(|e| map_err(&c, e))?;
-                let mut out = Vec::new();
-                for d in doms {
-                    let name = d.name().map_err(|e| map_err(&c, e))?;
-                    let state = map_state(&d, &c).unwrap_or(VmState::Unknown);
-                    out.push(VmInfo {
-                        name,
-                        state,
-                        managed: Some(read_spec(&d).is_some()),
-                    });
-                }
-                out.sort_by(|a, b| a.name.cmp(&b.name));
-                Ok(out)
-            }
-        })
-        .await
+        lifecycle::list(self).await
     }
 
     async fn exists(&self, vm: &VmName) -> Result<bool> {
-        match self.dom(&Ctx::vm("lookup", vm), vm, |_, _| Ok(())).await {
-            Ok(()) => Ok(true),
-            Err(Error::NotFound { .. }) => Ok(false),
-            Err(e) => Err(e),
-        }
+        lifecycle::exists(self, vm).await
     }
 
     async fn spec(&self, vm: &VmName) -> Result<Option<VmSpec>> {
@@ -842,66 +577,11 @@ impl Backend for LibvirtBackend {
     }
 
     async fn define(&self, spec: &VmSpec) -> Result<()> {
-        let ctx = Ctx::vm("define", &spec.name);
-        spec.validate()?;
-        if spec.forwards.iter().any(|f| f.host_port == HostPort::Auto) {
-            return Err(Error::invalid_arg(
-                "forwards",
-                "host ports must be resolved before define (use Client::define)",
-            ));
-        }
-        if let crate::types::Boot::Appliance { path } | crate::types::Boot::Existing { path } =
-            &spec.boot
-        {
-            return Err(Error::InvalidState {
-                ctx,
-                state: format!("appliance {}", path.display()),
-                hint: Some("libvirt does not import OVA/OVF appliances; convert the disk (qemu-img convert) and boot from it".into()),
-            });
-        }
-        self.check_host_paths(&ctx, spec).await?;
-        self.host
-            .create_dir_all(&ctx, &self.opts.console_dir)
-            .await?;
-        let xml = domain_xml::domain_xml(
-            spec,
-            None,
-            &self.host_side(&self.console_path(&spec.name), &self.ro_mounts(&spec.name)),
-        );
-        self.call(&ctx, self.opts.call_timeout, {
-            let c = ctx.clone();
-            move |conn| {
-                conn.define_domain_xml(&xml)
-                    .map(|_| ())
-                    .map_err(|e| map_err(&c, e))
-            }
-        })
-        .await
+        lifecycle::define(self, spec).await
     }
 
     async fn undefine(&self, vm: &VmName) -> Result<()> {
-        let ctx = Ctx::vm("undefine", vm);
-        let spec = self.spec(vm).await?;
-        self.dom(&ctx, vm, |d, c| {
-            let flags = sys::VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
-                | sys::VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
-                | sys::VIR_DOMAIN_UNDEFINE_NVRAM;
-            d.undefine_flags(flags).map_err(|e| map_err(c, e))
-        })
-        .await?;
-        if let Some(spec) = spec {
-            for d in spec.disks.iter().filter(|d| d.owned) {
-                if let Err(e) = self.host.remove_file(&ctx, &d.path).await {
-                    tracing::warn!(vm = %vm, path = %d.path.display(), error = %e, "could not remove clone disk");
-                }
-            }
-            self.release_shares(vm, spec.shares.into_iter().map(|s| s.name));
-        }
-        let _ = self.host.remove_file(&ctx, &self.console_path(vm)).await;
-        // Its frozen bases serve only clones of it; the facade refuses a destroy while those
-        // exist, so nothing uses them any more.
-        self.remove_frozen(&ctx, vm, None).await;
-        Ok(())
+        lifecycle::undefine(self, vm).await
     }
 
     async fn state(&self, vm: &VmName) -> Result<VmState> {
@@ -909,145 +589,47 @@ impl Backend for LibvirtBackend {
     }
 
     async fn start(&self, vm: &VmName) -> Result<()> {
-        let ctx = Ctx::vm("start", vm);
-        if let Ok(spec) = self.stored_spec(&ctx, vm).await {
-            self.prepare_shares(&ctx, &spec)?;
-        }
-        self.dom(&ctx, vm, |d, c| {
-            d.create().map(|_| ()).map_err(|e| map_err(c, e))
-        })
-        .await
+        lifecycle::start(self, vm).await
     }
 
     async fn request_shutdown(&self, vm: &VmName) -> Result<()> {
-        let ctx = Ctx::vm("shutdown", vm);
-        // The agent is the most reliable path for minimal guests (ACPI needs acpid in the guest).
-        // qemu-ga never answers a successful guest-shutdown, so libvirt blocks until the agent
-        // disconnects, which never happens when the guest ignores the request. Run it on its own
-        // thread: an error within a second means "no agent, try ACPI"; silence means "delivered".
-        // The thread ends when the guest goes down or the facade powers it off.
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let conn = self.conn.clone();
-        let name = vm.to_string();
-        tokio::task::spawn_blocking(move || {
-            let r = conn.lookup_domain_by_name(&name).and_then(|d| {
-                d.shutdown_flags(sys::VIR_DOMAIN_SHUTDOWN_GUEST_AGENT)
-                    .map(|_| ())
-            });
-            let _ = tx.send(r);
-        });
-        match tokio::time::timeout(Duration::from_secs(1), rx).await {
-            Ok(Ok(Ok(()))) | Err(_) => return Ok(()),
-            Ok(Ok(Err(e))) => {
-                tracing::debug!(vm = %vm, error = %e, "agent shutdown failed; trying ACPI")
-            }
-            Ok(Err(_)) => {}
-        }
-        self.dom(&ctx, vm, |d, c| {
-            d.shutdown_flags(sys::VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN)
-                .map(|_| ())
-                .map_err(|e| map_err(c, e))
-        })
-        .await
+        lifecycle::request_shutdown(self, vm).await
     }
 
     async fn power_off(&self, vm: &VmName) -> Result<()> {
-        self.dom(&Ctx::vm("power off", vm), vm, |d, c| match d.destroy() {
-            Ok(()) => Ok(()),
-            Err(_) if !d.is_active().unwrap_or(true) => Ok(()),
-            Err(e) => Err(map_err(c, e)),
-        })
-        .await
+        lifecycle::power_off(self, vm).await
     }
 
     async fn reset(&self, vm: &VmName) -> Result<()> {
-        self.dom(&Ctx::vm("reset", vm), vm, |d, c| {
-            d.reset().map_err(|e| map_err(c, e))
-        })
-        .await
+        lifecycle::reset(self, vm).await
     }
 
     async fn pause(&self, vm: &VmName) -> Result<()> {
-        self.dom(&Ctx::vm("pause", vm), vm, |d, c| {
-            d.suspend().map_err(|e| map_err(c, e))
-        })
-        .await
+        lifecycle::pause(self, vm).await
     }
 
     async fn resume(&self, vm: &VmName) -> Result<()> {
-        self.dom(&Ctx::vm("resume", vm), vm, |d, c| {
-            d.resume().map_err(|e| map_err(c, e))
-        })
-        .await
+        lifecycle::resume(self, vm).await
     }
 
     async fn save_state(&self, vm: &VmName) -> Result<()> {
-        self.dom(&Ctx::vm("save state", vm), vm, |d, c| {
-            d.managed_save(0).map_err(|e| map_err(c, e))
-        })
-        .await
+        lifecycle::save_state(self, vm).await
     }
 
     async fn snapshot_take(&self, vm: &VmName, name: &str, description: &str) -> Result<()> {
-        let xml = format!(
-            "<domainsnapshot><name>{}</name><description>{}</description></domainsnapshot>",
-            crate::util::xml::escape(name),
-            crate::util::xml::escape(description)
-        );
-        self.dom(
-            &Ctx::vm(format!("snapshot take {name}"), vm),
-            vm,
-            move |d, c| {
-                d.create_snapshot_xml(&xml, 0)
-                    .map(|_| ())
-                    .map_err(|e| map_err(c, e))
-            },
-        )
-        .await
+        snapshots::snapshot_take(self, vm, name, description).await
     }
 
     async fn snapshot_restore(&self, vm: &VmName, name: &str) -> Result<()> {
-        let n = name.to_string();
-        self.dom(
-            &Ctx::vm(format!("snapshot restore {name}"), vm),
-            vm,
-            move |d, c| {
-                let s = Domain::lookup_snapshot_by_name(d, &n, 0).map_err(|e| map_err(c, e))?;
-                s.revert(0).map_err(|e| map_err(c, e))
-            },
-        )
-        .await
+        snapshots::snapshot_restore(self, vm, name).await
     }
 
     async fn snapshot_delete(&self, vm: &VmName, name: &str) -> Result<()> {
-        let n = name.to_string();
-        let ctx = Ctx::vm(format!("snapshot delete {name}"), vm);
-        self.dom(&ctx, vm, move |d, c| {
-            let s = Domain::lookup_snapshot_by_name(d, &n, 0).map_err(|e| map_err(c, e))?;
-            s.delete(0).map_err(|e| map_err(c, e))
-        })
-        .await?;
-        self.remove_frozen(&ctx, vm, Some(name)).await;
-        Ok(())
+        snapshots::snapshot_delete(self, vm, name).await
     }
 
     async fn snapshot_list(&self, vm: &VmName) -> Result<Vec<SnapshotInfo>> {
-        self.dom(&Ctx::vm("snapshot list", vm), vm, |d, c| {
-            let mut out = Vec::new();
-            for s in d.list_all_snapshots(0).map_err(|e| map_err(c, e))? {
-                let xml = s.xml_desc(0).map_err(|e| map_err(c, e))?;
-                out.push(SnapshotInfo {
-                    name: s.name().map_err(|e| map_err(c, e))?,
-                    created: xml_text(&xml, "creationTime").and_then(|t| t.trim().parse().ok()),
-                    state: xml_text(&xml, "state"),
-                    current: s.is_current(0).unwrap_or(false),
-                    parent: s.parent(0).ok().and_then(|p| p.name().ok()),
-                });
-            }
-            out.sort_by_key(|s| s.created);
-            Ok(out)
-        })
-        .await
+        snapshots::snapshot_list(self, vm).await
     }
 
     async fn clone_linked(
@@ -1056,121 +638,7 @@ impl Backend for LibvirtBackend {
         snapshot: Option<String>,
         clone_spec: &VmSpec,
     ) -> Result<()> {
-        let snapshot = snapshot.as_deref();
-        let new = &clone_spec.name;
-        let ctx = Ctx::vm(format!("clone to {new}"), base);
-        let spec = self.stored_spec(&ctx, base).await?;
-        let tag = match snapshot {
-            Some(s) => {
-                let snaps = self.snapshot_list(base).await?;
-                let info = snaps
-                    .iter()
-                    .find(|i| i.name == s)
-                    .ok_or_else(|| Error::NotFound {
-                        ctx: ctx.clone(),
-                        what: format!("snapshot '{s}'"),
-                    })?;
-                format!("{s}+{}", info.created.unwrap_or(0))
-            }
-            None => {
-                let st = self.state(base).await?;
-                if st != VmState::ShutOff {
-                    return Err(Error::InvalidState {
-                        ctx,
-                        state: st.to_string(),
-                        hint: Some("stop the base VM or name a snapshot to clone from".into()),
-                    });
-                }
-                let t = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .unwrap_or_default();
-                // No snapshot name: an empty one (snapshot names are VM-name shaped).
-                format!("+{}", t.as_nanos())
-            }
-        };
-        self.host
-            .create_dir_all(&ctx, &self.opts.images_dir)
-            .await?;
-        let mut clone = clone_spec.clone();
-        clone.disks = spec.disks.clone();
-        let mut created: Vec<PathBuf> = Vec::new();
-        let result: Result<()> = async {
-            for (i, disk) in clone.disks.iter_mut().enumerate() {
-                // Internal snapshots live in qcow2 files only; the current disks of a stopped
-                // VM can be frozen from any format QEMU reads.
-                if snapshot.is_some() && disk.format != DiskFormat::Qcow2 {
-                    return Err(Error::InvalidState {
-                        ctx: ctx.clone(),
-                        state: format!("disk {} is {}", disk.path.display(), disk.format),
-                        hint: Some("clones from a snapshot need qcow2 disks; clone the stopped VM's current disks instead (no snapshot)".into()),
-                    });
-                }
-                // Freeze the base disk at the snapshot once; every clone then layers on that file,
-                // so the base VM keeps running and changing without touching its clones.
-                let frozen = self
-                    .opts
-                    .images_dir
-                    .join(frozen_name(base.as_str(), &tag, i));
-                if !self.host.exists(&ctx, &frozen).await? {
-                    let tmp = frozen.with_extension("tmp");
-                    let mut args = vec![
-                        "convert".to_string(),
-                        "-U".into(),
-                        "-f".into(),
-                        disk.format.qemu_name().into(),
-                        "-O".into(),
-                        "qcow2".into(),
-                    ];
-                    if let Some(s) = snapshot {
-                        args.push("-l".into());
-                        args.push(format!("snapshot.name={s}"));
-                    }
-                    args.push(disk.path.display().to_string());
-                    args.push(tmp.display().to_string());
-                    self.qemu_img(&ctx, args).await?;
-                    self.host.rename(&ctx, &tmp, &frozen).await?;
-                }
-                let overlay = self.opts.images_dir.join(format!("{new}-{i}.qcow2"));
-                if self.host.exists(&ctx, &overlay).await? {
-                    return Err(Error::InvalidState {
-                        ctx: ctx.clone(),
-                        state: format!("{} exists", overlay.display()),
-                        hint: Some("remove the stale clone disk or pick another name".into()),
-                    });
-                }
-                self.qemu_img(
-                    &ctx,
-                    vec![
-                        "create".into(),
-                        "-q".into(),
-                        "-f".into(),
-                        "qcow2".into(),
-                        "-F".into(),
-                        "qcow2".into(),
-                        "-b".into(),
-                        frozen.display().to_string(),
-                        overlay.display().to_string(),
-                    ],
-                )
-                .await?;
-                created.push(overlay.clone());
-                disk.path = overlay;
-                disk.format = DiskFormat::Qcow2;
-                disk.owned = true;
-            }
-            Ok(())
-        }
-        .await;
-        let result = match result {
-            Ok(()) => self.define(&clone).await,
-            Err(e) => Err(e),
-        };
-        if result.is_err() {
-            for p in created {
-                let _ = self.host.remove_file(&ctx, &p).await;
-            }
-        }
-        result
+        snapshots::clone_linked(self, base, snapshot, clone_spec).await
     }
 
     async fn doctor(&self) -> Vec<crate::doctor::Check> {
@@ -1198,48 +666,7 @@ impl Backend for LibvirtBackend {
         _creds: Option<Credentials>,
         progress: crate::events::CopyProgress,
     ) -> Result<u64> {
-        let ctx = Ctx::vm(format!("copy {} to {guest}", host.display()), vm);
-        let mut f = tokio::fs::File::open(host)
-            .await
-            .map_err(|e| Error::io(ctx.clone(), host, e))?;
-        let handle = self.open_guest_file(&ctx, vm, guest, "wb").await?;
-        let mut total = 0u64;
-        let mut buf = vec![0u8; self.opts.write_chunk];
-        let res: Result<()> = async {
-            loop {
-                let n = f
-                    .read(&mut buf)
-                    .await
-                    .map_err(|e| Error::io(ctx.clone(), host, e))?;
-                if n == 0 {
-                    return Ok(());
-                }
-                let r = self
-                    .agent(
-                        &ctx,
-                        vm,
-                        agent::file_write(handle, &buf[..n]),
-                        self.opts.agent_timeout,
-                    )
-                    .await?;
-                let written = agent::int_field(&r, "count").map_err(|m| agent_err(&ctx, m))?;
-                if written as usize != n {
-                    return Err(agent_err(
-                        &ctx,
-                        format!("short write in guest: {written} of {n} bytes"),
-                    ));
-                }
-                total += n as u64;
-                progress.report(total);
-            }
-        }
-        .await;
-        let closed = self
-            .agent(&ctx, vm, agent::file_close(handle), self.opts.agent_timeout)
-            .await;
-        res?;
-        closed?;
-        Ok(total)
+        guest::copy_to(self, vm, host, guest, _creds, progress).await
     }
 
     async fn copy_from(
@@ -1250,60 +677,7 @@ impl Backend for LibvirtBackend {
         _creds: Option<Credentials>,
         progress: crate::events::CopyProgress,
     ) -> Result<u64> {
-        let ctx = Ctx::vm(format!("copy {guest} to {}", host.display()), vm);
-        let handle = self.open_guest_file(&ctx, vm, guest, "rb").await?;
-        let tmp = host.with_file_name(format!(
-            ".{}.anyvm-part",
-            host.file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_else(|| "copy".into())
-        ));
-        let res: Result<u64> = async {
-            let mut f = tokio::fs::File::create(&tmp)
-                .await
-                .map_err(|e| Error::io(ctx.clone(), &tmp, e))?;
-            let mut total = 0u64;
-            loop {
-                let r = self
-                    .agent(
-                        &ctx,
-                        vm,
-                        agent::file_read(handle, self.opts.read_chunk),
-                        self.opts.agent_timeout,
-                    )
-                    .await?;
-                let (data, eof) = agent::parse_read(&r).map_err(|m| agent_err(&ctx, m))?;
-                f.write_all(&data)
-                    .await
-                    .map_err(|e| Error::io(ctx.clone(), &tmp, e))?;
-                total += data.len() as u64;
-                progress.report(total);
-                if eof || data.is_empty() {
-                    break;
-                }
-            }
-            f.flush()
-                .await
-                .map_err(|e| Error::io(ctx.clone(), &tmp, e))?;
-            Ok(total)
-        }
-        .await;
-        let closed = self
-            .agent(&ctx, vm, agent::file_close(handle), self.opts.agent_timeout)
-            .await;
-        match res {
-            Ok(n) => {
-                closed?;
-                tokio::fs::rename(&tmp, host)
-                    .await
-                    .map_err(|e| Error::io(ctx.clone(), host, e))?;
-                Ok(n)
-            }
-            Err(e) => {
-                let _ = tokio::fs::remove_file(&tmp).await;
-                Err(e)
-            }
-        }
+        guest::copy_from(self, vm, guest, host, _creds, progress).await
     }
 
     async fn read_file(
@@ -1313,32 +687,7 @@ impl Backend for LibvirtBackend {
         limit: usize,
         _creds: Option<Credentials>,
     ) -> Result<Vec<u8>> {
-        let ctx = Ctx::vm(format!("read {guest}"), vm);
-        let handle = self.open_guest_file(&ctx, vm, guest, "r").await?;
-        let mut out = Vec::new();
-        let res: Result<()> = async {
-            while out.len() < limit {
-                let r = self
-                    .agent(
-                        &ctx,
-                        vm,
-                        agent::file_read(handle, limit - out.len()),
-                        self.opts.agent_timeout,
-                    )
-                    .await?;
-                let (data, eof) = agent::parse_read(&r).map_err(|m| agent_err(&ctx, m))?;
-                out.extend_from_slice(&data);
-                if eof || data.is_empty() {
-                    break;
-                }
-            }
-            Ok(())
-        }
-        .await;
-        let _ = self
-            .agent(&ctx, vm, agent::file_close(handle), self.opts.agent_timeout)
-            .await;
-        res.map(|_| out)
+        guest::read_file(self, vm, guest, limit, _creds).await
     }
 
     async fn forwards(&self, vm: &VmName) -> Result<Vec<PortForward>> {
@@ -1346,51 +695,12 @@ impl Backend for LibvirtBackend {
         Ok(self.stored_spec(&ctx, vm).await?.resolved_forwards())
     }
 
-    /// virtiofs shares are part of the definition (libvirt 9 cannot hot-plug them): the VM
-    /// must be off. Read-only ones are served through a read-only bind mount.
     async fn shared_folder_add(&self, vm: &VmName, folder: &SharedFolder) -> Result<()> {
-        let ctx = Ctx::vm(format!("shared folder add {}", folder.name), vm);
-        let mut spec = self.stored_spec(&ctx, vm).await?;
-        if spec.shares.iter().any(|s| s.name == folder.name) {
-            return Err(Error::invalid_arg(
-                format!("shared folder {:?}", folder.name),
-                format!("vm '{vm}' already has a share with that name; remove it first"),
-            ));
-        }
-        let state = self.state(vm).await?;
-        if state != VmState::ShutOff {
-            return Err(Error::InvalidState {
-                ctx,
-                state: state.to_string(),
-                hint: Some("virtiofs shares are added while the VM is off; stop it first".into()),
-            });
-        }
-        spec.shares.push(folder.clone());
-        self.check_host_paths(&ctx, &spec).await?;
-        self.redefine(&ctx, spec).await
+        guest::shared_folder_add(self, vm, folder).await
     }
 
     async fn shared_folder_remove(&self, vm: &VmName, name: &str) -> Result<()> {
-        let ctx = Ctx::vm(format!("shared folder remove {name}"), vm);
-        let mut spec = self.stored_spec(&ctx, vm).await?;
-        if !spec.shares.iter().any(|s| s.name == name) {
-            return Err(Error::NotFound {
-                ctx,
-                what: format!("shared folder {name:?}"),
-            });
-        }
-        let state = self.state(vm).await?;
-        if state != VmState::ShutOff {
-            return Err(Error::InvalidState {
-                ctx,
-                state: state.to_string(),
-                hint: Some("virtiofs shares are removed while the VM is off; stop it first".into()),
-            });
-        }
-        spec.shares.retain(|s| s.name != name);
-        self.redefine(&ctx, spec).await?;
-        self.release_shares(vm, [name.to_string()]);
-        Ok(())
+        guest::shared_folder_remove(self, vm, name).await
     }
 
     async fn shared_folders(&self, vm: &VmName) -> Result<Vec<SharedFolder>> {
@@ -1399,52 +709,11 @@ impl Backend for LibvirtBackend {
     }
 
     async fn forward_add(&self, vm: &VmName, fwd: &PortForward) -> Result<()> {
-        let ctx = Ctx::vm(format!("forward add {}", fwd.name), vm);
-        let mut spec = self.stored_spec(&ctx, vm).await?;
-        let running = self.state(vm).await? != VmState::ShutOff;
-        if running {
-            let rule =
-                domain_xml::hostfwd_rule(fwd.proto, &fwd.host_addr, fwd.host_port, fwd.guest_port);
-            let out = self
-                .monitor(
-                    &ctx,
-                    vm,
-                    format!("hostfwd_add {} {rule}", domain_xml::NETDEV_ID),
-                )
-                .await?;
-            if !out.trim().is_empty() {
-                return Err(Error::PortInUse {
-                    ctx,
-                    port: fwd.host_port,
-                    reason: format!("QEMU refused the rule: {}", out.trim()),
-                });
-            }
-        }
-        spec.forwards.push(ForwardSpec::from(fwd));
-        if let Err(e) = self.redefine(&ctx, spec).await {
-            if running {
-                let _ = self
-                    .monitor(&ctx, vm, domain_xml::hostfwd_remove(fwd))
-                    .await;
-            }
-            return Err(e);
-        }
-        Ok(())
+        network::forward_add(self, vm, fwd).await
     }
 
     async fn forward_remove(&self, vm: &VmName, fwd: &PortForward) -> Result<()> {
-        let ctx = Ctx::vm(format!("forward remove {}", fwd.name), vm);
-        let mut spec = self.stored_spec(&ctx, vm).await?;
-        if self.state(vm).await? != VmState::ShutOff {
-            let out = self
-                .monitor(&ctx, vm, domain_xml::hostfwd_remove(fwd))
-                .await?;
-            if !out.contains("removed") {
-                tracing::warn!(vm = %vm, reply = %out.trim(), "QEMU did not confirm the forward removal");
-            }
-        }
-        spec.forwards.retain(|f| f.name != fwd.name);
-        self.redefine(&ctx, spec).await
+        network::forward_remove(self, vm, fwd).await
     }
 
     async fn agent_ping(&self, vm: &VmName, timeout: Duration) -> Result<()> {
@@ -1462,10 +731,7 @@ impl Backend for LibvirtBackend {
     }
 
     async fn console_tail(&self, vm: &VmName, limit: usize) -> Result<Vec<u8>> {
-        let ctx = Ctx::vm("read console log", vm);
-        self.host
-            .read_tail(&ctx, &self.console_path(vm), limit)
-            .await
+        lifecycle::console_tail(self, vm, limit).await
     }
 
     fn forward_host(&self) -> Option<String> {
@@ -1477,40 +743,7 @@ impl Backend for LibvirtBackend {
         live: &[String],
         dry_run: bool,
     ) -> Result<Vec<String>> {
-        if !self.is_local() {
-            return Ok(Vec::new()); // read-only shares are only ever mounted for a local libvirt
-        }
-        let ctx = Ctx::new("release stale share mounts");
-        let dir = &self.opts.shares_dir;
-        let entries = match std::fs::read_dir(dir) {
-            Ok(e) => e,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(Error::io(ctx, dir, e)),
-        };
-        let mut released = Vec::new();
-        for entry in entries.flatten() {
-            let Ok(vm) = VmName::new(entry.file_name().to_string_lossy()) else {
-                continue; // not a folder anyvm made
-            };
-            // A VM defined since `live` was listed keeps its mounts.
-            if live.iter().any(|n| n == vm.as_str()) || self.exists(&vm).await? {
-                continue;
-            }
-            let shares: Vec<String> = std::fs::read_dir(entry.path())
-                .map(|d| {
-                    d.flatten()
-                        .map(|e| e.file_name().to_string_lossy().into_owned())
-                        .collect()
-                })
-                .unwrap_or_default();
-            let dir = self.ro_mounts(&vm);
-            released.extend(shares.iter().map(|n| dir.join(n).display().to_string()));
-            if !dry_run {
-                self.release_shares(&vm, shares);
-                tracing::info!(vm = %vm, "released share mounts of a VM that is gone");
-            }
-        }
-        Ok(released)
+        lifecycle::release_stale_host_state(self, live, dry_run).await
     }
 }
 
@@ -1528,55 +761,6 @@ fn is_frozen_of(file: &str, base: &str, snapshot: Option<&str>) -> bool {
     };
     let parts: Vec<&str> = stem.split('+').collect();
     parts.len() == 4 && parts[0] == base && snapshot.is_none_or(|s| parts[1] == s)
-}
-
-/// Kills a guest program started through the agent when the exec that watches it is dropped
-/// before the program ended. Runs on its own thread: Drop cannot await, and libvirt blocks.
-struct KillOnDrop {
-    conn: Option<Arc<Connect>>,
-    vm: String,
-    /// 0 before the program started.
-    pid: i64,
-    /// Agent file handles to close.
-    handles: Vec<i64>,
-    /// A guest directory of anyvm's to remove.
-    dir: Option<String>,
-}
-
-impl KillOnDrop {
-    fn disarm(&mut self) {
-        self.conn = None;
-    }
-}
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let Some(conn) = self.conn.take() else {
-            return;
-        };
-        let (vm, pid) = (self.vm.clone(), self.pid);
-        let handles = std::mem::take(&mut self.handles);
-        let dir = self.dir.take();
-        crate::util::cleanup::spawn("anyvm-exec-kill", move || {
-            let Ok(d) = conn.lookup_domain_by_name(&vm) else {
-                return;
-            };
-            if pid > 0 {
-                match d.qemu_agent_command(&agent::kill(pid), 5, 0) {
-                    Ok(_) => tracing::debug!(vm = %vm, pid, "exec dropped: guest program killed"),
-                    Err(e) => {
-                        tracing::warn!(vm = %vm, pid, error = %e, "exec dropped: could not kill the guest program")
-                    }
-                }
-            }
-            for h in handles {
-                let _ = d.qemu_agent_command(&agent::file_close(h), 5, 0);
-            }
-            if let Some(dir) = dir {
-                let _ = d.qemu_agent_command(&agent::spawn("rm", &["-rf", "--", &dir]), 5, 0);
-            }
-        });
-    }
 }
 
 #[cfg(test)]

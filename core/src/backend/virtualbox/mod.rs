@@ -8,8 +8,12 @@
 
 mod doctor;
 mod errors;
+mod guest;
+mod lifecycle;
 mod media;
+mod network;
 mod parse;
+mod snapshots;
 
 use std::ffi::OsString;
 use std::io::Write;
@@ -25,7 +29,7 @@ use crate::error::{Ctx, Error, Result};
 use crate::name::VmName;
 use crate::types::SharedFolder;
 use crate::types::{
-    Boot, CloneLink, DiskFormat, ExecOutput, ExecRequest, HostPort, OutputSink, PortForward,
+    CloneLink, DiskFormat, ExecOutput, ExecRequest, HostPort, OutputSink, PortForward,
     SnapshotInfo, VmInfo, VmSpec, VmState, VmStatus,
 };
 use crate::util::command::ToolOutput;
@@ -75,16 +79,6 @@ impl Default for VirtualBoxOptions {
             env: Vec::new(),
         }
     }
-}
-
-/// How one `guestcontrol` call runs.
-struct GuestCall {
-    stdin: Option<Vec<u8>>,
-    timeout: Duration,
-    /// The exit code is the guest program's: only VBoxManage's own error lines mean failure.
-    raw: bool,
-    /// Forward the guest program's output here as VBoxManage relays it.
-    sink: Option<OutputSink>,
 }
 
 #[derive(Debug)]
@@ -365,188 +359,6 @@ impl VirtualBoxBackend {
         }
         Ok(())
     }
-
-    /// Change NAT rules of NIC 1: live (`controlvm natpf1`) when the VM runs, in its settings
-    /// (`modifyvm --natpf1`) otherwise.
-    async fn natpf1(&self, ctx: &Ctx, vm: &VmName, rule_args: &[&str]) -> Result<()> {
-        let live = !matches!(
-            self.state(vm).await?,
-            VmState::ShutOff | VmState::Saved | VmState::Crashed
-        );
-        let mut a = if live {
-            os(&["controlvm", vm.as_str(), "natpf1"])
-        } else {
-            os(&["modifyvm", vm.as_str(), "--natpf1"])
-        };
-        a.extend(os(rule_args));
-        self.vbox(ctx, a).await.map(|_| ())
-    }
-
-    /// Write the password to a private file that lives for one call.
-    fn password_file(
-        &self,
-        ctx: &Ctx,
-        creds: &Credentials,
-    ) -> Result<Option<tempfile::NamedTempFile>> {
-        let Some(src) = &creds.password else {
-            return Ok(None);
-        };
-        let secret = src.resolve(ctx)?;
-        let mut f = tempfile::Builder::new()
-            .prefix(".anyvm-pw-")
-            .tempfile()
-            .map_err(|e| Error::io(ctx.clone(), std::env::temp_dir(), e))?;
-        // NamedTempFile is created 0600.
-        f.write_all(secret.expose().as_bytes())
-            .and_then(|_| f.flush())
-            .map_err(|e| Error::io(ctx.clone(), f.path(), e))?;
-        Ok(Some(f))
-    }
-
-    fn need_creds(ctx: &Ctx, creds: Option<&Credentials>) -> Result<Credentials> {
-        super::require_credentials(ctx, creds, "VirtualBox guest control")
-    }
-
-    /// `guestcontrol VM SUBCMD --username U [--passwordfile F] ...rest`
-    async fn guestcontrol(
-        &self,
-        ctx: &Ctx,
-        vm: &VmName,
-        sub: &str,
-        creds: &Credentials,
-        rest: Vec<OsString>,
-        call: GuestCall,
-    ) -> Result<ToolOutput> {
-        let pw = self.password_file(ctx, creds)?;
-        let mut args = os(&["guestcontrol", vm.as_str(), sub, "--username", &creds.user]);
-        if let Some(f) = &pw {
-            args.push("--passwordfile".into());
-            args.push(f.path().as_os_str().to_owned());
-        }
-        args.extend(rest);
-        let display = format!("VBoxManage guestcontrol {vm} {sub}");
-        let GuestCall {
-            stdin,
-            timeout,
-            raw,
-            sink,
-        } = call;
-        if raw {
-            // Exit code is the guest program's: classify only VBoxManage's own error lines.
-            let out = self
-                .tool
-                .run_into(ctx, args, stdin, Some(timeout), display, sink)
-                .await?;
-            if !errors::error_lines(&out.stderr_str()).is_empty() {
-                return Err(errors::to_error(
-                    ctx,
-                    errors::classify(&out).expect("has error lines"),
-                ));
-            }
-            Ok(out)
-        } else {
-            self.vbox_with(ctx, args, stdin, Some(timeout)).await
-        }
-    }
-
-    /// `guestcontrol run`, its output forwarded to `sink` as VBoxManage relays it.
-    async fn exec_into(
-        &self,
-        vm: &VmName,
-        req: &ExecRequest,
-        sink: Option<OutputSink>,
-    ) -> Result<ExecOutput> {
-        let ctx = Ctx::vm(format!("exec {}", req.program), vm);
-        let creds = Self::need_creds(&ctx, req.credentials.as_ref())?;
-        let (major, _, _) = self.version().await?;
-        let started = Instant::now();
-        let mut rest: Vec<OsString> = Vec::new();
-        let (exe, argv): (String, Vec<String>) = match (&req.cwd, major >= 7) {
-            (Some(d), true) => {
-                rest.push("--cwd".into());
-                rest.push(d.into());
-                (
-                    req.program.clone(),
-                    std::iter::once(req.program.clone())
-                        .chain(req.args.iter().cloned())
-                        .collect(),
-                )
-            }
-            // 6.1 has no --cwd: a fixed prologue takes the directory as a parameter.
-            (Some(d), false) => {
-                let mut a = vec![
-                    "sh".to_string(),
-                    "-c".into(),
-                    "cd -- \"$1\" || exit 127; shift; exec \"$@\"".into(),
-                    "sh".into(),
-                    d.clone(),
-                    req.program.clone(),
-                ];
-                a.extend(req.args.iter().cloned());
-                ("/bin/sh".into(), a)
-            }
-            (None, _) => (
-                req.program.clone(),
-                std::iter::once(req.program.clone())
-                    .chain(req.args.iter().cloned())
-                    .collect(),
-            ),
-        };
-        rest.extend(os(&[
-            "--exe",
-            &exe,
-            "--wait-stdout",
-            "--wait-stderr",
-            "--timeout",
-        ]));
-        // VBoxManage reads the limit as a 32-bit millisecond count (about 49 days); longer
-        // limits are anyvm's own deadline alone.
-        rest.push(
-            req.timeout
-                .as_millis()
-                .min(u128::from(u32::MAX))
-                .to_string()
-                .into(),
-        );
-        for (k, v) in &req.env {
-            rest.push("--putenv".into());
-            rest.push(format!("{k}={v}").into());
-        }
-        rest.push("--".into());
-        rest.extend(argv.into_iter().map(OsString::from));
-        // VBoxManage's own deadline is the guest timeout; ours adds slack so its report arrives.
-        let out = self
-            .guestcontrol(
-                &ctx,
-                vm,
-                "run",
-                &creds,
-                rest,
-                GuestCall {
-                    stdin: req.stdin.clone(),
-                    timeout: req.timeout + Duration::from_secs(15),
-                    raw: true,
-                    sink,
-                },
-            )
-            .await?;
-        if started.elapsed() >= req.timeout {
-            return Err(Error::Timeout {
-                ctx,
-                after: req.timeout,
-                what: format!("'{}' to exit", req.display_argv()),
-            });
-        }
-        Ok(ExecOutput {
-            exit_code: out.code,
-            signal: None,
-            stdout: out.stdout,
-            stderr: out.stderr,
-            duration: started.elapsed(),
-            stdout_truncated: false,
-            stderr_truncated: false,
-        })
-    }
 }
 
 #[async_trait]
@@ -559,293 +371,23 @@ impl Backend for VirtualBoxBackend {
     }
 
     async fn list(&self) -> Result<Vec<VmInfo>> {
-        let ctx = Ctx::new("list");
-        self.version().await?;
-        let all = parse::list(&self.vbox(&ctx, os(&["list", "vms"])).await?.stdout_str())
-            .map_err(|m| Error::backend(ctx.clone(), "VBoxManage", m))?;
-        let running = parse::list(
-            &self
-                .vbox(&ctx, os(&["list", "runningvms"]))
-                .await?
-                .stdout_str(),
-        )
-        .map_err(|m| Error::backend(ctx.clone(), "VBoxManage", m))?;
-        Ok(all
-            .into_iter()
-            .map(|(name, uuid)| VmInfo {
-                state: if running.iter().any(|(_, u)| *u == uuid) {
-                    VmState::Running
-                } else {
-                    VmState::ShutOff
-                },
-                name,
-                // Knowing would cost one getextradata per VM.
-                managed: None,
-            })
-            .collect())
+        lifecycle::list(self).await
     }
 
     async fn exists(&self, vm: &VmName) -> Result<bool> {
-        match self.info(&Ctx::vm("lookup", vm), vm).await {
-            Ok(_) => Ok(true),
-            Err(Error::NotFound { .. }) => Ok(false),
-            Err(e) => Err(e),
-        }
+        lifecycle::exists(self, vm).await
     }
 
     async fn spec(&self, vm: &VmName) -> Result<Option<VmSpec>> {
-        let ctx = Ctx::vm("read spec", vm);
-        let out = self
-            .vbox(&ctx, os(&["getextradata", vm.as_str(), SPEC_KEY]))
-            .await?;
-        match parse::guest_property(&out.stdout_str()) {
-            None => Ok(None),
-            Some(json) => serde_json::from_str(&json).map(Some).map_err(|e| {
-                Error::backend(
-                    ctx,
-                    "VBoxManage",
-                    format!("anyvm spec in extradata is unreadable: {e}"),
-                )
-            }),
-        }
+        lifecycle::spec(self, vm).await
     }
 
     async fn define(&self, spec: &VmSpec) -> Result<()> {
-        let ctx = Ctx::vm("define", &spec.name);
-        spec.validate()?;
-        super::require_nat_network(&ctx, self.id(), spec)?;
-        self.version().await?;
-        if let Boot::Kernel { .. } | Boot::Existing { .. } = spec.boot {
-            return Err(Error::InvalidState {
-                ctx,
-                state: "direct kernel boot requested".into(),
-                hint: Some(
-                    "VirtualBox boots from disks or appliances; use a disk image or an OVA".into(),
-                ),
-            });
-        }
-        for d in &spec.disks {
-            if !ATTACHABLE.contains(&d.format) {
-                return Err(Error::InvalidArgument {
-                    what: format!("disk {}", d.path.display()),
-                    reason: format!(
-                        "VirtualBox cannot attach {} images (it takes vdi, vmdk and vhd); convert it first: qemu-img convert -O vdi {} {}",
-                        d.format,
-                        d.path.display(),
-                        d.path.with_extension("vdi").display()
-                    ),
-                });
-            }
-            if !d.path.exists() {
-                return Err(Error::NotFound {
-                    ctx,
-                    what: format!("host file {}", d.path.display()),
-                });
-            }
-        }
-        std::fs::create_dir_all(&self.opts.console_dir)
-            .map_err(|e| Error::io(ctx.clone(), &self.opts.console_dir, e))?;
-        let name = spec.name.as_str();
-        match &spec.boot {
-            Boot::Appliance { path } => {
-                if !path.exists() {
-                    return Err(Error::NotFound {
-                        ctx,
-                        what: format!("appliance {}", path.display()),
-                    });
-                }
-                let mut a = os(&["import"]);
-                a.push(path.as_os_str().to_owned());
-                a.extend(os(&["--vsys", "0", "--vmname", name]));
-                self.vbox_with(&ctx, a, None, Some(self.opts.long_timeout))
-                    .await?;
-            }
-            _ => {
-                self.vbox(
-                    &ctx,
-                    os(&[
-                        "createvm",
-                        "--name",
-                        name,
-                        "--ostype",
-                        "Linux_64",
-                        "--register",
-                    ]),
-                )
-                .await?;
-            }
-        }
-        // From here on a failure unregisters the half-made VM: a failed define changes nothing.
-        let rest: Result<()> = async {
-            let modify = match spec.boot {
-                Boot::Appliance { .. } => self.modify_replacing_forwards(&ctx, spec).await?,
-                _ => self.modify_args(spec),
-            };
-            self.vbox(&ctx, modify).await?;
-            if !spec.disks.is_empty() {
-                let n = spec.disks.len().max(1).to_string();
-                self.vbox(
-                    &ctx,
-                    os(&[
-                        "storagectl",
-                        name,
-                        "--name",
-                        CONTROLLER,
-                        "--add",
-                        "sata",
-                        "--portcount",
-                        &n,
-                    ]),
-                )
-                .await?;
-                for (i, d) in spec.disks.iter().enumerate() {
-                    let mut a = os(&[
-                        "storageattach",
-                        name,
-                        "--storagectl",
-                        CONTROLLER,
-                        "--port",
-                        &i.to_string(),
-                        "--device",
-                        "0",
-                        "--type",
-                        "hdd",
-                        "--medium",
-                    ]);
-                    a.push(d.path.as_os_str().to_owned());
-                    if d.readonly {
-                        a.extend(os(&["--mtype", "readonly"]));
-                    }
-                    self.vbox(&ctx, a).await?;
-                }
-            }
-            for s in &spec.shares {
-                self.shared_folder_add(&spec.name, s).await?;
-            }
-            self.store_spec(&ctx, spec).await
-        }
-        .await;
-        if let Err(e) = rest {
-            let _ = self.undefine(&spec.name).await;
-            return Err(e);
-        }
-        Ok(())
+        lifecycle::define(self, spec).await
     }
 
-    /// Remove the VM, its snapshots and every medium only it used, without ever deleting the
-    /// user's own disks. `unregistervm --delete` cannot do that: it deletes every disk it can,
-    /// and a user disk still referenced by a snapshot makes it fail after unregistering, leaving
-    /// the differencing media registered. So: refuse up front when linked clones depend on the
-    /// VM; otherwise unregister, then close the VM's media leaves first, deleting differencing
-    /// images and images VirtualBox made in the machine folder, keeping (only unregistering)
-    /// the rest; then remove the machine's own files.
     async fn undefine(&self, vm: &VmName) -> Result<()> {
-        let ctx = Ctx::vm("undefine", vm);
-        let kv = self.info(&ctx, vm).await?;
-        let uuid = parse::get(&kv, "UUID").unwrap_or_default().to_string();
-        let cfg = parse::get(&kv, "CfgFile").map(PathBuf::from);
-        let folder = cfg.as_ref().and_then(|c| c.parent()).map(Path::to_path_buf);
-        let spec = self.spec(vm).await.ok().flatten();
-        let before = self.media(&ctx).await?;
-        let names = self.vm_names(&ctx).await?;
-        let deps: std::collections::BTreeSet<String> = media::clone_links(&before, &names)
-            .into_iter()
-            .filter(|l| l.base == vm.as_str())
-            .map(|l| l.clone)
-            .collect();
-        if !deps.is_empty() {
-            return Err(Error::InvalidState {
-                ctx,
-                state: format!(
-                    "has linked clones: {}",
-                    deps.into_iter().collect::<Vec<_>>().join(", ")
-                ),
-                hint: Some("destroy the clones first, or destroy with --with-clones".into()),
-            });
-        }
-        let keep: Vec<PathBuf> = spec
-            .as_ref()
-            .map(|s| {
-                s.disks
-                    .iter()
-                    .filter(|d| !d.owned)
-                    .flat_map(|d| {
-                        [
-                            d.path.clone(),
-                            std::fs::canonicalize(&d.path).unwrap_or_default(),
-                        ]
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        let mine: Vec<parse::Medium> = media::media_of(&before, &uuid)
-            .into_iter()
-            .cloned()
-            .collect();
-
-        self.vbox(&ctx, os(&["unregistervm", vm.as_str()])).await?;
-
-        // From here the VM is gone from VirtualBox: finish the clean-up, report what could not.
-        let mut problems: Vec<String> = Vec::new();
-        let after = self.media(&ctx).await.unwrap_or_default();
-        for m in &mine {
-            let loc = PathBuf::from(&m.location);
-            let registered = after.iter().any(|a| a.uuid == m.uuid);
-            if registered && media::still_needed(&after, &m.uuid) {
-                continue; // shared with another VM: stays registered
-            }
-            let made_for_vm = folder.as_ref().is_some_and(|f| loc.starts_with(f));
-            let delete = !keep.contains(&loc) && (m.differencing || made_for_vm);
-            if registered {
-                let mut a = os(&["closemedium", "disk"]);
-                a.push(loc.clone().into_os_string());
-                if delete {
-                    a.push("--delete".into());
-                }
-                if let Err(e) = self.vbox(&ctx, a).await {
-                    problems.push(format!("{}: {e}", loc.display()));
-                }
-            } else if delete {
-                if let Err(e) = std::fs::remove_file(&loc) {
-                    if e.kind() != std::io::ErrorKind::NotFound {
-                        problems.push(format!("{}: {e}", loc.display()));
-                    }
-                }
-            }
-        }
-        if let (Some(cfg), Some(folder)) = (&cfg, &folder) {
-            remove_machine_files(&kv, cfg, folder);
-        }
-        let _ = std::fs::remove_file(self.console_path(vm));
-        // A clone made at the base's current state left a snapshot on the base: drop it too.
-        let auto = spec.as_ref().and_then(|s| {
-            (!s.labels.contains_key(crate::labels::CLONE_SNAPSHOT))
-                .then(|| s.labels.get(crate::labels::CLONE_BASE))
-                .flatten()
-        });
-        if let Some(base) = auto {
-            let snap = format!("anyvm-clone-{vm}");
-            if let Err(e) = self
-                .vbox(&ctx, os(&["snapshot", base, "delete", &snap]))
-                .await
-            {
-                if !matches!(e, Error::NotFound { .. }) {
-                    tracing::warn!(vm = %vm, base = %base, error = %e, "could not delete the clone's base snapshot");
-                }
-            }
-        }
-        if problems.is_empty() {
-            Ok(())
-        } else {
-            Err(Error::backend(
-                ctx,
-                "VBoxManage",
-                format!(
-                    "the VM is unregistered, but these media could not be removed: {}; remove them with 'VBoxManage closemedium disk PATH --delete'",
-                    problems.join("; ")
-                ),
-            ))
-        }
+        lifecycle::undefine(self, vm).await
     }
 
     async fn state(&self, vm: &VmName) -> Result<VmState> {
@@ -855,137 +397,47 @@ impl Backend for VirtualBoxBackend {
     }
 
     async fn start(&self, vm: &VmName) -> Result<()> {
-        let ctx = Ctx::vm("start", vm);
-        let args = os(&["startvm", vm.as_str(), "--type", &self.opts.start_type]);
-        match self.vbox_call(&ctx, args, None, None).await {
-            (Ok(_), _) => Ok(()),
-            (Err(e), driver) => {
-                if let Some(w) = driver {
-                    return Err(Error::BackendUnavailable {
-                        ctx,
-                        backend: "virtualbox".into(),
-                        reason: format!(
-                            "VirtualBox cannot start VMs on this host: its kernel driver is not loaded ({w}); install virtualbox-dkms and the headers of the running kernel, then load it (modprobe vboxdrv). VBoxManage said: {e}"
-                        ),
-                    });
-                }
-                // Some versions exit 1 after a successful start; the state says the truth.
-                if matches!(e, Error::Backend { .. })
-                    && self.state(vm).await.ok() == Some(VmState::Running)
-                {
-                    return Ok(());
-                }
-                Err(e)
-            }
-        }
+        lifecycle::start(self, vm).await
     }
 
     async fn request_shutdown(&self, vm: &VmName) -> Result<()> {
-        self.vbox(
-            &Ctx::vm("shutdown", vm),
-            os(&["controlvm", vm.as_str(), "acpipowerbutton"]),
-        )
-        .await
-        .map(|_| ())
+        lifecycle::request_shutdown(self, vm).await
     }
 
     async fn reset(&self, vm: &VmName) -> Result<()> {
-        let ctx = Ctx::vm("reset", vm);
-        self.vbox(&ctx, os(&["controlvm", vm.as_str(), "reset"]))
-            .await
-            .map(|_| ())
+        lifecycle::reset(self, vm).await
     }
 
     async fn power_off(&self, vm: &VmName) -> Result<()> {
-        let ctx = Ctx::vm("power off", vm);
-        match self
-            .vbox(&ctx, os(&["controlvm", vm.as_str(), "poweroff"]))
-            .await
-        {
-            Ok(_) => Ok(()),
-            Err(Error::InvalidState { .. })
-                if matches!(self.state(vm).await, Ok(VmState::ShutOff | VmState::Saved)) =>
-            {
-                Ok(())
-            }
-            Err(e) => Err(e),
-        }
+        lifecycle::power_off(self, vm).await
     }
 
     async fn pause(&self, vm: &VmName) -> Result<()> {
-        self.vbox(
-            &Ctx::vm("pause", vm),
-            os(&["controlvm", vm.as_str(), "pause"]),
-        )
-        .await
-        .map(|_| ())
+        lifecycle::pause(self, vm).await
     }
 
     async fn resume(&self, vm: &VmName) -> Result<()> {
-        self.vbox(
-            &Ctx::vm("resume", vm),
-            os(&["controlvm", vm.as_str(), "resume"]),
-        )
-        .await
-        .map(|_| ())
+        lifecycle::resume(self, vm).await
     }
 
     async fn save_state(&self, vm: &VmName) -> Result<()> {
-        self.vbox(
-            &Ctx::vm("save state", vm),
-            os(&["controlvm", vm.as_str(), "savestate"]),
-        )
-        .await
-        .map(|_| ())
+        lifecycle::save_state(self, vm).await
     }
 
     async fn snapshot_take(&self, vm: &VmName, name: &str, description: &str) -> Result<()> {
-        let ctx = Ctx::vm(format!("snapshot take {name}"), vm);
-        let mut a = os(&[
-            "snapshot",
-            vm.as_str(),
-            "take",
-            name,
-            "--description",
-            description,
-        ]);
-        if self.state(vm).await? == VmState::Running {
-            a.push("--live".into());
-        }
-        self.vbox_with(&ctx, a, None, Some(self.opts.long_timeout))
-            .await
-            .map(|_| ())
+        snapshots::snapshot_take(self, vm, name, description).await
     }
 
     async fn snapshot_restore(&self, vm: &VmName, name: &str) -> Result<()> {
-        let ctx = Ctx::vm(format!("snapshot restore {name}"), vm);
-        self.vbox_with(
-            &ctx,
-            os(&["snapshot", vm.as_str(), "restore", name]),
-            None,
-            Some(self.opts.long_timeout),
-        )
-        .await
-        .map(|_| ())
+        snapshots::snapshot_restore(self, vm, name).await
     }
 
     async fn snapshot_delete(&self, vm: &VmName, name: &str) -> Result<()> {
-        let ctx = Ctx::vm(format!("snapshot delete {name}"), vm);
-        self.vbox_with(
-            &ctx,
-            os(&["snapshot", vm.as_str(), "delete", name]),
-            None,
-            Some(self.opts.long_timeout),
-        )
-        .await
-        .map(|_| ())
+        snapshots::snapshot_delete(self, vm, name).await
     }
 
     async fn snapshot_list(&self, vm: &VmName) -> Result<Vec<SnapshotInfo>> {
-        // showvminfo carries the same SnapshotName keys as 'snapshot list', and answers a VM
-        // without snapshots with success instead of exit 1.
-        let ctx = Ctx::vm("snapshot list", vm);
-        Ok(snapshot_infos(&self.info(&ctx, vm).await?))
+        snapshots::snapshot_list(self, vm).await
     }
 
     async fn clone_linked(
@@ -994,47 +446,7 @@ impl Backend for VirtualBoxBackend {
         snapshot: Option<String>,
         clone: &VmSpec,
     ) -> Result<()> {
-        let ctx = Ctx::vm(format!("clone to {}", clone.name), base);
-        let snap = match snapshot {
-            Some(s) => s,
-            None => {
-                // VirtualBox links clones to a snapshot; make one of the current state.
-                let s = format!("anyvm-clone-{}", clone.name);
-                self.snapshot_take(base, &s, "base of a linked clone made by anyvm")
-                    .await?;
-                s
-            }
-        };
-        let a = os(&[
-            "clonevm",
-            base.as_str(),
-            "--snapshot",
-            &snap,
-            "--options",
-            "link",
-            "--name",
-            clone.name.as_str(),
-            "--register",
-        ]);
-        self.vbox_with(&ctx, a, None, Some(self.opts.long_timeout))
-            .await?;
-        let rest: Result<()> = async {
-            // The clone inherited the base's forwards (same host ports): replace them.
-            let a = self.modify_replacing_forwards(&ctx, clone).await?;
-            self.vbox(&ctx, a).await?;
-            let mut spec = clone.clone();
-            // Its disks are differencing images VirtualBox made: deleted with the clone.
-            spec.disks.iter_mut().for_each(|d| d.owned = true);
-            self.store_spec(&ctx, &spec).await
-        }
-        .await;
-        if let Err(e) = rest {
-            let _ = self
-                .vbox(&ctx, os(&["unregistervm", clone.name.as_str(), "--delete"]))
-                .await;
-            return Err(e);
-        }
-        Ok(())
+        snapshots::clone_linked(self, base, snapshot, clone).await
     }
 
     async fn exec(&self, vm: &VmName, req: &ExecRequest) -> Result<ExecOutput> {
@@ -1047,11 +459,7 @@ impl Backend for VirtualBoxBackend {
         req: &ExecRequest,
         sink: OutputSink,
     ) -> Result<ExecOutput> {
-        let mut out = self.exec_into(vm, req, Some(sink)).await?;
-        // The output went to the sink; what the call kept is only its tail.
-        out.stdout.clear();
-        out.stderr.clear();
-        Ok(out)
+        guest::exec_streaming(self, vm, req, sink).await
     }
 
     async fn copy_to(
@@ -1062,34 +470,7 @@ impl Backend for VirtualBoxBackend {
         creds: Option<Credentials>,
         _progress: crate::events::CopyProgress,
     ) -> Result<u64> {
-        let ctx = Ctx::vm(format!("copy {} to {guest}", host.display()), vm);
-        let creds = Self::need_creds(&ctx, creds.as_ref())?;
-        let (dir, base) = guest
-            .rsplit_once('/')
-            .ok_or_else(|| Error::invalid_arg("guest path", "must be absolute"))?;
-        let dir = if dir.is_empty() { "/" } else { dir };
-        // copyto keeps the source's file name: stage the file under the target name.
-        let stage =
-            tempfile::tempdir().map_err(|e| Error::io(ctx.clone(), std::env::temp_dir(), e))?;
-        let staged = stage.path().join(base);
-        let n = std::fs::copy(host, &staged).map_err(|e| Error::io(ctx.clone(), host, e))?;
-        let mut rest = os(&["--target-directory", dir]);
-        rest.push(staged.into_os_string());
-        self.guestcontrol(
-            &ctx,
-            vm,
-            "copyto",
-            &creds,
-            rest,
-            GuestCall {
-                stdin: None,
-                timeout: self.opts.long_timeout,
-                raw: false,
-                sink: None,
-            },
-        )
-        .await?;
-        Ok(n)
+        guest::copy_to(self, vm, host, guest, creds, _progress).await
     }
 
     async fn copy_from(
@@ -1100,31 +481,7 @@ impl Backend for VirtualBoxBackend {
         creds: Option<Credentials>,
         _progress: crate::events::CopyProgress,
     ) -> Result<u64> {
-        let ctx = Ctx::vm(format!("copy {guest} to {}", host.display()), vm);
-        let creds = Self::need_creds(&ctx, creds.as_ref())?;
-        let base = guest.rsplit('/').next().unwrap_or("file");
-        let stage =
-            tempfile::tempdir().map_err(|e| Error::io(ctx.clone(), std::env::temp_dir(), e))?;
-        let mut rest = os(&["--target-directory"]);
-        rest.push(stage.path().as_os_str().to_owned());
-        rest.push(guest.into());
-        self.guestcontrol(
-            &ctx,
-            vm,
-            "copyfrom",
-            &creds,
-            rest,
-            GuestCall {
-                stdin: None,
-                timeout: self.opts.long_timeout,
-                raw: false,
-                sink: None,
-            },
-        )
-        .await?;
-        let staged = stage.path().join(base);
-        let n = std::fs::copy(&staged, host).map_err(|e| Error::io(ctx.clone(), host, e))?;
-        Ok(n)
+        guest::copy_from(self, vm, guest, host, creds, _progress).await
     }
 
     async fn forwards(&self, vm: &VmName) -> Result<Vec<PortForward>> {
@@ -1134,125 +491,27 @@ impl Backend for VirtualBoxBackend {
     }
 
     async fn forward_add(&self, vm: &VmName, fwd: &PortForward) -> Result<()> {
-        let ctx = Ctx::vm(format!("forward add {}", fwd.name), vm);
-        self.natpf1(&ctx, vm, &[&rule(fwd)]).await?;
-        if let Some(mut spec) = self.spec(vm).await? {
-            spec.forwards.push(crate::types::ForwardSpec::from(fwd));
-            self.store_spec(&ctx, &spec).await?;
-        }
-        Ok(())
+        network::forward_add(self, vm, fwd).await
     }
 
     async fn forward_remove(&self, vm: &VmName, fwd: &PortForward) -> Result<()> {
-        let ctx = Ctx::vm(format!("forward remove {}", fwd.name), vm);
-        self.natpf1(&ctx, vm, &["delete", &fwd.name]).await?;
-        if let Some(mut spec) = self.spec(vm).await? {
-            spec.forwards.retain(|f| f.name != fwd.name);
-            self.store_spec(&ctx, &spec).await?;
-        }
-        Ok(())
+        network::forward_remove(self, vm, fwd).await
     }
 
-    /// Ready when the Guest Additions run level reaches the configured level; while it has not,
-    /// block in `guestproperty wait` (an event wait inside VirtualBox) instead of sleeping.
     async fn agent_ping(&self, vm: &VmName, timeout: Duration) -> Result<()> {
-        let ctx = Ctx::vm("guest additions", vm);
-        let level = |out: ToolOutput| {
-            parse::guest_property(&out.stdout_str())
-                .and_then(|v| v.trim().parse::<u32>().ok())
-                .unwrap_or(0)
-        };
-        let get = os(&["guestproperty", "get", vm.as_str(), RUN_LEVEL]);
-        let now = level(self.vbox(&ctx, get.clone()).await?);
-        if now >= self.opts.ready_run_level {
-            return self.ready_properties(&ctx, vm).await;
-        }
-        let wait_ms = timeout
-            .saturating_sub(Duration::from_millis(200))
-            .as_millis()
-            .max(100)
-            .to_string();
-        let wait = os(&[
-            "guestproperty",
-            "wait",
-            vm.as_str(),
-            RUN_LEVEL,
-            "--timeout",
-            &wait_ms,
-        ]);
-        // Exit 0 on timeout in older versions, 2 with a notice in newer: both mean "not yet".
-        let _ = self
-            .tool
-            .run(
-                &ctx,
-                wait,
-                None,
-                Some(timeout + Duration::from_secs(5)),
-                "VBoxManage guestproperty wait".into(),
-            )
-            .await?;
-        let now = level(self.vbox(&ctx, get).await?);
-        if now >= self.opts.ready_run_level {
-            self.ready_properties(&ctx, vm).await
-        } else {
-            Err(Error::backend(
-                ctx,
-                "VBoxManage",
-                format!("Guest Additions run level is {now}, waiting for {} (0 = not running, 1 = system, 2 = services, 3 = desktop)", self.opts.ready_run_level),
-            ))
-        }
+        guest::agent_ping(self, vm, timeout).await
     }
 
     async fn shared_folder_add(&self, vm: &VmName, folder: &SharedFolder) -> Result<()> {
-        let ctx = Ctx::vm(format!("shared folder add {}", folder.name), vm);
-        let mut a = os(&[
-            "sharedfolder",
-            "add",
-            vm.as_str(),
-            "--name",
-            &folder.name,
-            "--hostpath",
-        ]);
-        a.push(folder.host_path.as_os_str().to_owned());
-        if folder.readonly {
-            a.push("--readonly".into());
-        }
-        if folder.automount {
-            a.push("--automount".into());
-        }
-        if self.state(vm).await? == VmState::Running {
-            // A running VM only takes transient shares; they end with this power cycle.
-            a.push("--transient".into());
-        }
-        self.vbox(&ctx, a).await.map(|_| ())
+        guest::shared_folder_add(self, vm, folder).await
     }
 
     async fn shared_folder_remove(&self, vm: &VmName, name: &str) -> Result<()> {
-        let ctx = Ctx::vm(format!("shared folder remove {name}"), vm);
-        let mut a = os(&["sharedfolder", "remove", vm.as_str(), "--name", name]);
-        if self.state(vm).await? == VmState::Running {
-            a.push("--transient".into());
-        }
-        self.vbox(&ctx, a).await.map(|_| ())
+        guest::shared_folder_remove(self, vm, name).await
     }
 
     async fn shared_folders(&self, vm: &VmName) -> Result<Vec<SharedFolder>> {
-        let ctx = Ctx::vm("shared folders", vm);
-        let kv = self.info(&ctx, vm).await?;
-        Ok(kv
-            .iter()
-            .filter_map(|(k, v)| {
-                let i = k.strip_prefix("SharedFolderNameMachineMapping")?;
-                let path = parse::get(&kv, &format!("SharedFolderPathMachineMapping{i}"))?;
-                Some(SharedFolder {
-                    name: v.clone(),
-                    host_path: path.into(),
-                    readonly: false,
-                    automount: false,
-                    guest_path: None,
-                })
-            })
-            .collect())
+        guest::shared_folders(self, vm).await
     }
 
     fn share_mount_argv(&self, share: &SharedFolder, guest_path: &str) -> Vec<String> {
@@ -1260,64 +519,15 @@ impl Backend for VirtualBoxBackend {
     }
 
     async fn status(&self, vm: &VmName) -> Result<VmStatus> {
-        let ctx = Ctx::vm("status", vm);
-        let kv = self.info(&ctx, vm).await?;
-        Ok(VmStatus {
-            name: vm.to_string(),
-            state: Self::state_of(&ctx, &kv)?,
-            forwards: parse::forwards(&kv, 1)
-                .map_err(|m| Error::backend(ctx.clone(), "VBoxManage", m))?,
-            snapshots: snapshot_infos(&kv),
-        })
+        lifecycle::status(self, vm).await
     }
 
     async fn clone_links(&self) -> Result<Vec<CloneLink>> {
-        let ctx = Ctx::new("clone graph");
-        let names = self.vm_names(&ctx).await?;
-        let media = self.media(&ctx).await?;
-        Ok(media::clone_links(&media, &names))
+        snapshots::clone_links(self).await
     }
 
     async fn export_appliance(&self, vm: &VmName, path: &Path) -> Result<()> {
-        let ctx = Ctx::vm(format!("export to {}", path.display()), vm);
-        let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
-        if !matches!(ext, "ova" | "ovf") {
-            return Err(Error::invalid_arg(
-                format!("appliance path {}", path.display()),
-                "must end in .ova (one file) or .ovf",
-            ));
-        }
-        if path.exists() {
-            return Err(Error::InvalidState {
-                ctx,
-                state: format!("{} exists", path.display()),
-                hint: Some("remove it or choose another file name".into()),
-            });
-        }
-        match self.state(vm).await? {
-            VmState::ShutOff => {}
-            st => {
-                return Err(Error::InvalidState {
-                    ctx,
-                    state: st.to_string(),
-                    hint: Some(
-                        "stop the VM first (anyvm stop); VirtualBox exports powered-off machines"
-                            .into(),
-                    ),
-                })
-            }
-        }
-        let mut a = os(&["export", vm.as_str(), "--output"]);
-        a.push(path.as_os_str().to_owned());
-        a.extend(os(&["--vsys", "0", "--vmname", vm.as_str()]));
-        let r = self
-            .vbox_with(&ctx, a, None, Some(self.opts.long_timeout))
-            .await;
-        if r.is_err() {
-            // A failed export leaves a partial file behind.
-            let _ = std::fs::remove_file(path);
-        }
-        r.map(|_| ())
+        lifecycle::export_appliance(self, vm, path).await
     }
 
     async fn doctor(&self) -> Vec<crate::doctor::Check> {
