@@ -12,7 +12,7 @@ use crate::name::VmName;
 use crate::ports::{PortAllocator, DEFAULT_PORT_RANGE};
 use crate::readiness::ReadySpec;
 use crate::types::{VmInfo, VmSpec, VmState, VmStatus};
-use crate::vm::{define_with_ports, Vm};
+use crate::vm::{complete_or_roll_back, define_with_ports, Vm};
 
 /// Options shared by every backend. Build with [`ClientOptions::default`] and the setters.
 #[derive(Debug, Clone)]
@@ -265,10 +265,19 @@ impl Client {
                 )),
             });
         }
-        define_with_ports(&self.backend, &self.ports, spec).await?;
-        self.events
-            .vm_changed(name.as_str(), crate::events::VmEventKind::Defined);
-        Ok(self.handle(name))
+        let (backend, ports, events, vm) = (
+            self.backend.clone(),
+            self.ports.clone(),
+            self.events.clone(),
+            self.handle(name.clone()),
+        );
+        // Cancel-safe: a define whose caller goes away is finished, then removed.
+        complete_or_roll_back(async move {
+            define_with_ports(&backend, &ports, spec).await?;
+            events.vm_changed(name.as_str(), crate::events::VmEventKind::Defined);
+            Ok(vm)
+        })
+        .await
     }
 
     /// Define if missing, start if not running, then wait until ready: the usual "give me a VM".

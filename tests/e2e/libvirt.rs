@@ -830,3 +830,99 @@ async fn exec_stream_copy_progress_and_events_on_the_agent() {
     );
     assert_eq!(copy_ends, 2);
 }
+
+/// Overlay disks anyvm made for `vm` in the libvirt images directory (under the state dir).
+fn overlays_of(vm: &str) -> Vec<String> {
+    let dir = shared_state().join("images");
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|f| f.starts_with(&format!("{vm}-")) && f.ends_with(".qcow2"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clone_or_define_dropped_at_any_point_leaves_all_or_nothing() {
+    let env = env().await;
+    let base_name = "e2e-drop-base";
+    env.fresh(base_name).await;
+    let _c = Cleanup::new(&env.client, base_name);
+    let base = env.client.define(env.spec(base_name, "")).await.unwrap();
+    // Drop the clone's future after growing delays, from before the disks exist to after
+    // the VM is defined: afterwards either the whole clone is there, or nothing of it.
+    let (mut whole, mut none) = (0, 0);
+    for (i, ms) in [0u64, 2, 10, 30, 80, 200, 500, 1500, 4000]
+        .iter()
+        .enumerate()
+    {
+        let name = format!("e2e-drop-c{i}");
+        env.fresh(&name).await;
+        let r = tokio::time::timeout(
+            Duration::from_millis(*ms),
+            base.clone_linked(&VmName::new(&name).unwrap(), None),
+        )
+        .await;
+        // A clone finished for a caller that left is removed in the background.
+        let mut exists = false;
+        for _ in 0..100 {
+            anyvm::wait_for_cleanups(Duration::from_secs(5));
+            exists = env.client.vm(&name).await.is_ok();
+            if r.is_ok()
+                || (!exists && overlays_of(&name).is_empty() && leases_of(&env.client, &name) == 0)
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        match r {
+            Ok(res) => {
+                let vm = res.unwrap();
+                assert!(exists);
+                assert_eq!(overlays_of(&name).len(), 1);
+                assert_eq!(leases_of(&env.client, &name), 1);
+                vm.destroy().await.unwrap();
+                whole += 1;
+            }
+            Err(_) => {
+                assert!(
+                    !exists,
+                    "{name}: a clone dropped after {ms} ms is still defined"
+                );
+                assert!(
+                    overlays_of(&name).is_empty(),
+                    "{name}: disks left: {:?}",
+                    overlays_of(&name)
+                );
+                assert_eq!(leases_of(&env.client, &name), 0, "{name}: leases left");
+                none += 1;
+            }
+        }
+        assert!(overlays_of(&name).is_empty());
+    }
+    assert!(
+        whole > 0 && none > 0,
+        "every attempt ended the same way: {whole} whole, {none} none"
+    );
+
+    // The same for a define.
+    let name = "e2e-drop-def";
+    env.fresh(name).await;
+    let r = tokio::time::timeout(
+        Duration::from_millis(1),
+        env.client.define(env.spec(name, "")),
+    )
+    .await;
+    assert!(r.is_err(), "define cannot finish in 1 ms");
+    let mut gone = false;
+    for _ in 0..100 {
+        if env.client.vm(name).await.is_err() && leases_of(&env.client, name) == 0 {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(gone, "a dropped define left its VM or leases");
+}

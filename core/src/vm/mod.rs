@@ -308,6 +308,58 @@ where
     res
 }
 
+/// Run the making of a VM to its end on a task of its own, so a caller that goes away (a
+/// dropped future, a cancelled job) cannot leave half of it behind: a VM made for a caller
+/// that is gone is destroyed (disks, leases and definition).
+pub(crate) async fn complete_or_roll_back<F>(make: F) -> Result<Vm>
+where
+    F: std::future::Future<Output = Result<Vm>> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::oneshot::channel::<Result<Vm>>();
+    tokio::spawn(async move {
+        if let Err(Ok(vm)) = tx.send(make.await) {
+            roll_back(vm).await;
+        }
+    });
+    let mut waiting = Unclaimed(Some(rx));
+    let r = waiting.0.as_mut().expect("receiver until claimed").await;
+    waiting.0 = None;
+    r.unwrap_or_else(|_| {
+        Err(Error::backend(
+            Ctx::new("create VM"),
+            "anyvm",
+            "the task making the VM ended without a result",
+        ))
+    })
+}
+
+async fn roll_back(vm: Vm) {
+    match vm.destroy_one().await {
+        Ok(()) => tracing::info!(vm = %vm.name, "its caller went away: the new VM was removed"),
+        Err(e) => {
+            tracing::warn!(vm = %vm.name, error = %e, "its caller went away, and removing the new VM failed")
+        }
+    }
+}
+
+/// A made VM nobody took: dropped with the value already sent, it is removed here.
+struct Unclaimed(Option<tokio::sync::oneshot::Receiver<Result<Vm>>>);
+
+impl Drop for Unclaimed {
+    fn drop(&mut self) {
+        let Some(mut rx) = self.0.take() else {
+            return;
+        };
+        // From here on the making task sees the receiver gone and rolls back itself.
+        rx.close();
+        if let Ok(Ok(vm)) = rx.try_recv() {
+            if let Ok(h) = tokio::runtime::Handle::try_current() {
+                h.spawn(roll_back(vm));
+            }
+        }
+    }
+}
+
 /// Gives a VM's port leases back when dropped armed.
 struct LeaseGuard<'a> {
     ports: &'a PortAllocator,

@@ -65,7 +65,20 @@ impl Vm {
 
     /// [`Vm::clone_linked`], storing `labels` with the clone (over the base's own labels, minus
     /// the job-ownership ones, which belong to one clone only).
+    /// Cancel-safe: a clone whose caller goes away (dropped future, cancelled job) is finished
+    /// and then destroyed, so no disks, leases or half-defined VMs are left.
     pub async fn clone_linked_labeled(
+        &self,
+        new_name: &VmName,
+        snapshot: Option<&str>,
+        labels: std::collections::BTreeMap<String, String>,
+    ) -> Result<Vm> {
+        let (base, name, snap) = (self.clone(), new_name.clone(), snapshot.map(str::to_string));
+        complete_or_roll_back(async move { base.clone_now(&name, snap.as_deref(), labels).await })
+            .await
+    }
+
+    async fn clone_now(
         &self,
         new_name: &VmName,
         snapshot: Option<&str>,
