@@ -51,17 +51,19 @@ pub enum Error {
         hint: Option<String>,
     },
 
-    #[error("{ctx}: timed out after {} waiting for {what}", fmt_dur(.after))]
+    #[error("{ctx}: timed out{} waiting for {what}", after_suffix(.after))]
     Timeout {
         ctx: Ctx,
-        after: Duration,
+        /// The deadline that passed, when anyvm set it (None: the hypervisor's own).
+        after: Option<Duration>,
         what: String,
     },
 
-    #[error("{ctx}: not ready after {}: probe '{probe}' still failing: {last_error}", fmt_dur(.after))]
+    #[error("{ctx}: not ready{}: probe '{probe}' still failing: {last_error}", after_suffix(.after))]
     NotReady {
         ctx: Ctx,
-        after: Duration,
+        /// How long anyvm waited (None: the hypervisor answered "not ready" at once).
+        after: Option<Duration>,
         probe: String,
         last_error: String,
     },
@@ -122,6 +124,9 @@ pub enum Error {
         ctx: Ctx,
         backend: String,
         message: String,
+        /// The hypervisor library's own error, when there is one (libvirt's).
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
     },
 }
 
@@ -130,6 +135,12 @@ fn hint_suffix(hint: &Option<String>) -> String {
         Some(h) if !h.is_empty() => format!("; {h}"),
         _ => String::new(),
     }
+}
+
+fn after_suffix(d: &Option<Duration>) -> String {
+    d.as_ref()
+        .map(|d| format!(" after {}", fmt_dur(d)))
+        .unwrap_or_default()
 }
 
 fn fmt_dur(d: &Duration) -> String {
@@ -215,6 +226,22 @@ impl Error {
             ctx,
             backend: backend.into(),
             message: message.into(),
+            source: None,
+        }
+    }
+
+    /// [`Error::backend`] keeping the error that caused it ([`std::error::Error::source`]).
+    pub fn backend_caused(
+        ctx: Ctx,
+        backend: impl Into<String>,
+        message: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        Error::Backend {
+            ctx,
+            backend: backend.into(),
+            message: message.into(),
+            source: Some(Box::new(source)),
         }
     }
 }
@@ -226,10 +253,27 @@ mod tests {
     use super::*;
 
     #[test]
+    fn unknown_deadlines_are_not_printed_and_causes_are_kept() {
+        let e = Error::Timeout {
+            ctx: Ctx::vm("exec", "b"),
+            after: None,
+            what: "the agent".into(),
+        };
+        assert_eq!(
+            e.to_string(),
+            "vm 'b': exec: timed out waiting for the agent"
+        );
+        let io = std::io::Error::other("socket closed");
+        let e = Error::backend_caused(Ctx::vm("start", "b"), "libvirt", "internal error", io);
+        let src = std::error::Error::source(&e).expect("the cause is kept");
+        assert_eq!(src.to_string(), "socket closed");
+    }
+
+    #[test]
     fn messages_name_vm_operation_and_cause() {
         let e = Error::NotReady {
             ctx: Ctx::vm("wait_ready", "build1"),
-            after: Duration::from_millis(2500),
+            after: Some(Duration::from_millis(2500)),
             probe: "ssh_banner(22)".into(),
             last_error: "connection refused".into(),
         };

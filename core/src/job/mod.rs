@@ -566,7 +566,7 @@ pub(crate) async fn run_job_queued(
         Ok(r) => r,
         Err(_) => Err(Error::Timeout {
             ctx: Ctx::vm("destroy job clone", vm.name()),
-            after: TEARDOWN_LIMIT,
+            after: Some(TEARDOWN_LIMIT),
             what: "the clone to be removed".into(),
         }),
     };
@@ -611,7 +611,7 @@ async fn body(
                 Phase::Check,
                 Error::NotReady {
                     ctx: Ctx::vm(format!("check profile {}", p.name), vm.name()),
-                    after: spec.check_timeout,
+                    after: Some(spec.check_timeout),
                     probe: "profile resources".into(),
                     last_error: failed.join("; "),
                 },

@@ -365,7 +365,7 @@ pub(crate) async fn wait_ready_with(
         _ = tokio::time::sleep_until(deadline.into()) => {
             let st = statuses.lock().expect("status lock");
             let failing = st.iter().find(|s| s.passed_at.is_none()).cloned().unwrap_or_else(|| st[0].clone());
-            Err(Error::NotReady { ctx, after: spec.timeout, probe: failing.name, last_error: failing.last_error })
+            Err(Error::NotReady { ctx, after: Some(spec.timeout), probe: failing.name, last_error: failing.last_error })
         }
     }
 }

@@ -269,7 +269,7 @@ pub(crate) fn classify(ctx: &Ctx, text: &str) -> Option<Error> {
     if has("Connection timed out") || has("Operation timed out") {
         return Some(Error::Timeout {
             ctx: ctx.clone(),
-            after: Duration::ZERO,
+            after: None,
             what: format!("the guest's sshd ({line})"),
         });
     }

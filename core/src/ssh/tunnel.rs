@@ -139,7 +139,7 @@ impl Tunnels {
                 let _ = child.wait().await;
                 return Err(Error::Timeout {
                     ctx,
-                    after: timeout,
+                    after: Some(timeout),
                     what: format!("ssh to {}:{} to open the tunnel", target.host, target.port),
                 });
             }

@@ -149,7 +149,7 @@ impl ToolCommand {
                 drop(group);
                 Err(Error::Timeout {
                     ctx: ctx.clone(),
-                    after: self.timeout,
+                    after: Some(self.timeout),
                     what: format!("'{}' (killed)", self.display),
                 })
             }

@@ -295,7 +295,7 @@ impl LibvirtBackend {
         }
         Error::Timeout {
             ctx: ctx.clone(),
-            after: req.timeout,
+            after: Some(req.timeout),
             what: format!("'{}' to exit (killed guest pid {pid})", req.display_argv()),
         }
     }

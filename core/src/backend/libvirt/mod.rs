@@ -142,14 +142,14 @@ fn map_err(ctx: &Ctx, e: virt::error::Error) -> Error {
     } else if known(ErrorNumber::AgentUnresponsive) || known(ErrorNumber::AgentUnsynced) {
         Error::NotReady {
             ctx: ctx.clone(),
-            after: Duration::ZERO,
+            after: None,
             probe: "agent".into(),
             last_error: format!("{msg}; is qemu-guest-agent running in the guest?"),
         }
     } else if known(ErrorNumber::OperationTimeout) {
         Error::Timeout {
             ctx: ctx.clone(),
-            after: Duration::ZERO,
+            after: None,
             what: msg,
         }
     } else if known(ErrorNumber::AuthFailed) {
@@ -174,7 +174,7 @@ fn map_err(ctx: &Ctx, e: virt::error::Error) -> Error {
             what: msg,
         }
     } else {
-        Error::backend(ctx.clone(), ID, msg)
+        Error::backend_caused(ctx.clone(), ID, msg, e)
     }
 }
 
@@ -228,7 +228,7 @@ impl LibvirtBackend {
             Err(_) => {
                 return Err(Error::Timeout {
                     ctx,
-                    after: opts.call_timeout,
+                    after: Some(opts.call_timeout),
                     what: "libvirtd to answer".into(),
                 })
             }
@@ -281,7 +281,7 @@ impl LibvirtBackend {
             )),
             Err(_) => Err(Error::Timeout {
                 ctx: ctx.clone(),
-                after: timeout,
+                after: Some(timeout),
                 what: "libvirt to answer".into(),
             }),
         }

@@ -89,7 +89,7 @@ pub fn to_error(ctx: &Ctx, f: Failure) -> Error {
         },
         Failure::NotReady(m) => Error::NotReady {
             ctx: ctx.clone(),
-            after: std::time::Duration::ZERO,
+            after: None,
             probe: "guest additions".into(),
             last_error: m,
         },

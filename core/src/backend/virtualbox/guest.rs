@@ -364,7 +364,7 @@ impl VirtualBoxBackend {
         if started.elapsed() >= req.timeout {
             return Err(Error::Timeout {
                 ctx,
-                after: req.timeout,
+                after: Some(req.timeout),
                 what: format!("'{}' to exit", req.display_argv()),
             });
         }

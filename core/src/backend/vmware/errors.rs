@@ -31,7 +31,7 @@ pub fn to_error(ctx: &Ctx, msg: String) -> Error {
     } else if m.contains("vmware tools are not running") {
         Error::NotReady {
             ctx: ctx.clone(),
-            after: std::time::Duration::ZERO,
+            after: None,
             probe: "vmware tools".into(),
             last_error: msg,
         }

@@ -74,7 +74,7 @@ pub(super) async fn exec(be: &VmwareBackend, vm: &VmName, req: &ExecRequest) -> 
         Err(Error::Timeout { .. }) => {
             return Err(Error::Timeout {
                 ctx,
-                after: req.timeout,
+                after: Some(req.timeout),
                 what: format!("'{}' to exit (vmrun killed)", req.display_argv()),
             })
         }
