@@ -19,6 +19,7 @@ use crate::vm::{complete_or_roll_back, define_with_ports, Vm};
 pub struct ClientOptions {
     /// Port leases, known_hosts files and clone disks live here.
     pub state_dir: PathBuf,
+    /// Host ports anyvm allocates forwards from.
     pub port_range: RangeInclusive<u16>,
     /// On a remote libvirt host (`qemu+ssh://`): where clone disks and console logs go there.
     /// The ssh user must be able to write it.
@@ -36,14 +37,17 @@ impl Default for ClientOptions {
 }
 
 impl ClientOptions {
+    /// Keep leases, known_hosts files and clone disks under `d`.
     pub fn state_dir(mut self, d: impl Into<PathBuf>) -> Self {
         self.state_dir = d.into();
         self
     }
+    /// Allocate forward ports from `r`.
     pub fn port_range(mut self, r: RangeInclusive<u16>) -> Self {
         self.port_range = r;
         self
     }
+    /// Where a remote libvirt host keeps clone disks and console logs.
     pub fn remote_state_dir(mut self, d: impl Into<PathBuf>) -> Self {
         self.remote_state_dir = d.into();
         self
@@ -112,6 +116,7 @@ impl Client {
         self
     }
 
+    /// [`Client::connect`] with explicit options.
     pub async fn connect_with(uri: &str, opts: ClientOptions) -> Result<Client> {
         let parsed: BackendUri = uri.parse()?;
         let backend: Arc<dyn Backend> = match parsed {
@@ -174,12 +179,15 @@ impl Client {
         }
     }
 
+    /// The backend this client drives.
     pub fn backend(&self) -> &Arc<dyn Backend> {
         &self.backend
     }
+    /// The port allocator its VMs' forwards come from.
     pub fn ports(&self) -> &PortAllocator {
         &self.ports
     }
+    /// The options it was made with.
     pub fn options(&self) -> &ClientOptions {
         &self.opts
     }
@@ -204,6 +212,7 @@ impl Client {
         &self.events
     }
 
+    /// Every VM the backend knows.
     pub async fn list(&self) -> Result<Vec<VmInfo>> {
         self.backend.list().await
     }

@@ -12,6 +12,7 @@ use crate::error::{Ctx, Error, Result};
 pub struct Secret(String);
 
 impl Secret {
+    /// A secret from a string (zeroed when dropped).
     pub fn new(s: impl Into<String>) -> Self {
         Secret(s.into())
     }
@@ -57,12 +58,14 @@ pub enum SecretSource {
 }
 
 impl SecretSource {
+    /// A secret asked for when needed (a keyring, a prompt).
     pub fn callback(
         f: impl Fn() -> std::result::Result<Secret, String> + Send + Sync + 'static,
     ) -> Self {
         SecretSource::Callback(Arc::new(f))
     }
 
+    /// The secret itself; errors say which source failed.
     pub fn resolve(&self, ctx: &Ctx) -> Result<Secret> {
         match self {
             SecretSource::File(p) => {
@@ -96,22 +99,28 @@ impl fmt::Debug for SecretSource {
 /// A guest account: user name, an optional password source and an optional ssh identity.
 #[derive(Clone, Debug, Default)]
 pub struct Credentials {
+    /// The guest user.
     pub user: String,
+    /// Where the password comes from, when the channel uses one.
     pub password: Option<SecretSource>,
+    /// The private key for ssh, when the channel uses one.
     pub identity_file: Option<PathBuf>,
 }
 
 impl Credentials {
+    /// An account with no secret yet.
     pub fn user(user: impl Into<String>) -> Self {
         Credentials {
             user: user.into(),
             ..Default::default()
         }
     }
+    /// Take the password from `src`.
     pub fn password(mut self, src: SecretSource) -> Self {
         self.password = Some(src);
         self
     }
+    /// Log in with this ssh private key.
     pub fn identity_file(mut self, p: impl Into<PathBuf>) -> Self {
         self.identity_file = Some(p.into());
         self

@@ -13,6 +13,7 @@ use serde::Serialize;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum CheckStatus {
+    /// Works.
     Ok,
     /// Works, with a limitation worth knowing.
     Warn,
@@ -37,6 +38,7 @@ pub struct Check {
     pub backend: String,
     /// Short name: "VBoxManage", "kernel driver", "KVM", ...
     pub name: String,
+    /// How it went.
     pub status: CheckStatus,
     /// What was found (versions, paths, the tool's own words).
     pub detail: String,
@@ -45,6 +47,7 @@ pub struct Check {
 }
 
 impl Check {
+    /// A passing check.
     pub fn ok(backend: &str, name: &str, detail: impl Into<String>) -> Check {
         Check {
             backend: backend.into(),
@@ -54,6 +57,7 @@ impl Check {
             hint: None,
         }
     }
+    /// A check that works but wants attention.
     pub fn warn(
         backend: &str,
         name: &str,
@@ -62,6 +66,7 @@ impl Check {
     ) -> Check {
         Check::with_hint(CheckStatus::Warn, backend, name, detail.into(), hint.into())
     }
+    /// A check that fails, with what to do.
     pub fn fail(
         backend: &str,
         name: &str,
@@ -88,6 +93,7 @@ impl Check {
 /// Every check, in order.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct DoctorReport {
+    /// Every check, in the order they ran.
     pub checks: Vec<Check>,
 }
 
@@ -100,6 +106,7 @@ impl DoctorReport {
             .max()
             .unwrap_or(CheckStatus::Ok)
     }
+    /// Whether any check failed.
     pub fn failed(&self) -> bool {
         self.status() == CheckStatus::Fail
     }

@@ -19,6 +19,8 @@
 //! Layout: [`backend`] holds one module per hypervisor behind the [`Backend`] trait;
 //! [`readiness`] the probes; [`job`] transient jobs (clone, run, tear down) and their pool; [`config`] the `anyvm.toml` model; [`Vm`] the facade callers use.
 
+#![warn(missing_docs)]
+
 pub mod backend;
 pub mod client;
 pub mod config;

@@ -12,9 +12,11 @@ use crate::error::{Error, Result};
 #[serde(try_from = "String", into = "String")]
 pub struct VmName(String);
 
+/// The longest name anyvm accepts.
 pub const MAX_NAME_LEN: usize = 64;
 
 impl VmName {
+    /// Validate a name: letters, digits, `.`, `_`, `-`, starting with a letter or digit.
     pub fn new(name: impl Into<String>) -> Result<Self> {
         let name = name.into();
         let bad = |reason: &str| Err(Error::invalid_arg(format!("VM name {name:?}"), reason));
@@ -46,6 +48,7 @@ impl VmName {
         Ok(VmName(name))
     }
 
+    /// The name.
     pub fn as_str(&self) -> &str {
         &self.0
     }

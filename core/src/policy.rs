@@ -12,6 +12,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Ctx, Error, Result};
 
+/// What a site allows its guests and users: programs, shared-folder roots, secrets on command
+/// lines, and an audit log of every operation.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Policy {
@@ -60,6 +62,7 @@ fn resolve(p: &Path) -> PathBuf {
 }
 
 impl Policy {
+    /// Check the policy itself; errors are (key, why).
     pub fn validate(&self) -> std::result::Result<(), (String, String)> {
         for (key, list) in [
             ("share_roots_allow", &self.share_roots_allow),

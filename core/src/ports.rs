@@ -15,18 +15,25 @@ use crate::error::{Ctx, Error, Result};
 use crate::types::Protocol;
 use crate::util::json_store::JsonStore;
 
+/// Forward ports come from here unless configured otherwise.
 pub const DEFAULT_PORT_RANGE: RangeInclusive<u16> = 40000..=44999;
 
 /// One port held for one VM.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Lease {
+    /// The port.
     pub port: u16,
+    /// TCP or UDP.
     pub proto: Protocol,
+    /// The backend URI of the VM.
     pub backend: String,
+    /// The VM.
     pub vm: String,
     /// e.g. "forward:ssh" or "console:vnc".
     pub purpose: String,
+    /// The process that took the lease.
     pub pid: u32,
+    /// When (seconds since the epoch).
     pub created: u64,
 }
 
@@ -43,6 +50,7 @@ pub struct PortAllocator {
 }
 
 impl PortAllocator {
+    /// An allocator keeping its leases in `state_dir`, handing out ports in `range`.
     pub fn new(state_dir: impl Into<PathBuf>, range: RangeInclusive<u16>) -> Self {
         PortAllocator {
             store: JsonStore::new(state_dir, "ports"),
@@ -50,6 +58,7 @@ impl PortAllocator {
         }
     }
 
+    /// The range ports come from.
     pub fn range(&self) -> RangeInclusive<u16> {
         self.range.clone()
     }
@@ -182,6 +191,7 @@ impl PortAllocator {
         })
     }
 
+    /// Every lease held now.
     pub fn leases(&self) -> Result<Vec<Lease>> {
         Ok(self
             .store
@@ -189,10 +199,12 @@ impl PortAllocator {
             .leases)
     }
 
+    /// The lease file.
     pub fn registry_path(&self) -> PathBuf {
         self.store.path()
     }
 
+    /// The directory the lease file lives in.
     pub fn dir(&self) -> &Path {
         self.store.dir()
     }

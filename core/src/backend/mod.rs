@@ -33,7 +33,7 @@ pub use crate::events::{VmEvent, VmEventKind};
 pub enum ForwardTransport {
     /// The hypervisor forwards (QEMU hostfwd, VirtualBox NAT rules, VMware NAT host network).
     Hypervisor,
-    /// anyvm runs one ssh local forward per port to the guest's address (see [`crate::ssh::tunnel`]).
+    /// anyvm runs one ssh local forward per port to the guest's address (anyvm's ssh tunnels).
     SshTunnel,
 }
 
@@ -43,9 +43,18 @@ pub const DEFAULT_BACKEND: &str = "libvirt:qemu:///system";
 /// Which hypervisor, and how to reach it: `libvirt:qemu:///system`, `virtualbox`, `vmware:ws`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BackendUri {
-    Libvirt { uri: String },
+    /// libvirt at this URI (`qemu:///system`, `qemu+ssh://host/system`).
+    Libvirt {
+        /// The libvirt connection URI.
+        uri: String,
+    },
+    /// VirtualBox through `VBoxManage`.
     VirtualBox,
-    Vmware { flavor: String },
+    /// VMware through `vmrun`.
+    Vmware {
+        /// `ws`, `fusion` or `player`.
+        flavor: String,
+    },
 }
 
 impl FromStr for BackendUri {
@@ -108,7 +117,9 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// The URI this backend was opened with.
     fn uri(&self) -> String;
 
+    /// Every VM the backend knows, anyvm-defined or not.
     async fn list(&self) -> Result<Vec<VmInfo>>;
+    /// Whether a VM of that name is defined.
     async fn exists(&self, vm: &VmName) -> Result<bool>;
     /// The spec anyvm stored when defining the VM, if it did.
     async fn spec(&self, vm: &VmName) -> Result<Option<VmSpec>>;
@@ -117,20 +128,28 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// Remove the definition, its snapshots and the disks anyvm created for it.
     async fn undefine(&self, vm: &VmName) -> Result<()>;
 
+    /// The VM's power state.
     async fn state(&self, vm: &VmName) -> Result<VmState>;
+    /// Power the VM on (headless); resumes a saved state.
     async fn start(&self, vm: &VmName) -> Result<()>;
     /// Ask the guest to shut down; returns once the request is delivered.
     async fn request_shutdown(&self, vm: &VmName) -> Result<()>;
     /// Cut the power.
     async fn power_off(&self, vm: &VmName) -> Result<()>;
+    /// Freeze the guest's CPUs.
     async fn pause(&self, vm: &VmName) -> Result<()>;
+    /// Unfreeze a paused guest.
     async fn resume(&self, vm: &VmName) -> Result<()>;
     /// Save memory to disk and stop; the next start restores it.
     async fn save_state(&self, vm: &VmName) -> Result<()>;
 
+    /// Take a snapshot named `name` (with memory when the VM runs, where the backend can).
     async fn snapshot_take(&self, vm: &VmName, name: &str, description: &str) -> Result<()>;
+    /// Go back to snapshot `name`.
     async fn snapshot_restore(&self, vm: &VmName, name: &str) -> Result<()>;
+    /// Remove snapshot `name`.
     async fn snapshot_delete(&self, vm: &VmName, name: &str) -> Result<()>;
+    /// The VM's snapshots, oldest first.
     async fn snapshot_list(&self, vm: &VmName) -> Result<Vec<SnapshotInfo>>;
     /// Make copy-on-write disks for a linked clone of `base` (at `snapshot`, or its current
     /// disks when powered off) and return the clone's spec, not yet defined.
@@ -144,6 +163,7 @@ pub trait Backend: Send + Sync + fmt::Debug {
         clone: &VmSpec,
     ) -> Result<()>;
 
+    /// Run a guest program and collect its output when it ends.
     async fn exec(&self, vm: &VmName, req: &ExecRequest) -> Result<ExecOutput>;
     /// Run a guest program, sending its output to `sink` as it arrives. The returned output
     /// has the exit status and duration and empty stdout/stderr: everything went to the sink.
@@ -195,8 +215,11 @@ pub trait Backend: Send + Sync + fmt::Debug {
         .await
     }
 
+    /// The port forwards in effect.
     async fn forwards(&self, vm: &VmName) -> Result<Vec<PortForward>>;
+    /// Add a forward (its host port is concrete).
     async fn forward_add(&self, vm: &VmName, fwd: &PortForward) -> Result<()>;
+    /// Remove a forward.
     async fn forward_remove(&self, vm: &VmName, fwd: &PortForward) -> Result<()>;
 
     /// One round trip to the guest agent / additions / tools; Ok means it answers.
@@ -206,10 +229,12 @@ pub trait Backend: Send + Sync + fmt::Debug {
         let _ = folder;
         Err(unsupported(self.id(), vm, "shared folders"))
     }
+    /// Stop offering the share `name`.
     async fn shared_folder_remove(&self, vm: &VmName, name: &str) -> Result<()> {
         let _ = name;
         Err(unsupported(self.id(), vm, "shared folders"))
     }
+    /// The shares offered to the guest.
     async fn shared_folders(&self, vm: &VmName) -> Result<Vec<SharedFolder>> {
         Err(unsupported(self.id(), vm, "shared folders"))
     }

@@ -133,27 +133,39 @@ struct RawCredentials {
 /// One machine from the file, ready to define.
 #[derive(Debug, Clone)]
 pub struct MachineConfig {
+    /// The backend this machine lives on (default: the file's).
     pub backend: Option<String>,
+    /// How to define it.
     pub spec: VmSpec,
+    /// The guest account for exec and copies.
     pub credentials: Option<Credentials>,
+    /// When it counts as ready.
     pub ready: ReadySpec,
+    /// How exec and copies reach the guest.
     pub guest_channel: GuestChannel,
 }
 
 /// A loaded `anyvm.toml`.
 #[derive(Debug, Clone, Default)]
 pub struct Config {
+    /// The file this configuration was read from.
     pub path: Option<PathBuf>,
+    /// The backend URI for every machine without its own.
     pub backend: Option<String>,
+    /// Where leases, known_hosts files and clone disks live.
     pub state_dir: Option<PathBuf>,
     /// Clone disks and console logs on a remote (`qemu+ssh://`) libvirt host.
     pub remote_state_dir: Option<PathBuf>,
+    /// Host ports forwards are allocated from.
     pub port_range: Option<std::ops::RangeInclusive<u16>>,
+    /// The machines, by name.
     pub machines: BTreeMap<String, MachineConfig>,
+    /// The activity profiles, by name.
     pub profiles: BTreeMap<String, Profile>,
 }
 
 impl Config {
+    /// Read and validate an `anyvm.toml`; errors name the file, the key and why.
     pub fn load(path: impl AsRef<Path>) -> Result<Config> {
         let path = path.as_ref();
         let text = std::fs::read_to_string(path).map_err(|e| {
@@ -468,6 +480,7 @@ impl Config {
         opts
     }
 
+    /// The profile called `name`, or a Config error listing the ones there are.
     pub fn profile(&self, name: &str) -> Result<&Profile> {
         self.profiles.get(name).ok_or_else(|| {
             let known: Vec<&str> = self.profiles.keys().map(String::as_str).collect();
@@ -491,6 +504,7 @@ impl Config {
             .and_then(|m| m.credentials.clone())
     }
 
+    /// The machine called `name`, or a Config error listing the ones there are.
     pub fn machine(&self, name: &str) -> Result<&MachineConfig> {
         self.machines.get(name).ok_or_else(|| {
             let known: Vec<&str> = self.machines.keys().map(String::as_str).collect();

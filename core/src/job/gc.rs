@@ -8,35 +8,48 @@ use crate::client::Client;
 use crate::error::Result;
 use crate::ports::Lease;
 
+/// What gc did with one clone.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum GcAction {
+    /// Removed.
     Removed,
     /// Dry run: would have been removed.
     WouldRemove,
+    /// Kept: its owner lives, or another host owns it.
     Kept,
+    /// Removing it failed (`error` says why).
     Failed,
 }
 
 /// One job clone gc looked at.
 #[derive(Debug, Clone, Serialize)]
 pub struct GcEntry {
+    /// The clone.
     pub vm: String,
+    /// The process that made it.
     pub owner: Owner,
+    /// Whether that process still runs.
     pub liveness: Liveness,
+    /// What gc did.
     pub action: GcAction,
+    /// Why removing failed.
     pub error: Option<String>,
 }
 
+/// What one gc run found and did.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct GcReport {
+    /// Every job clone looked at.
     pub clones: Vec<GcEntry>,
+    /// Port leases of VMs that no longer exist, given back.
     pub leases_released: Vec<Lease>,
     /// Host paths (share mounts) of VMs that are gone, released or, on a dry run, to release.
     pub host_state_released: Vec<String>,
 }
 
 impl GcReport {
+    /// Clones removed.
     pub fn removed(&self) -> usize {
         self.clones
             .iter()

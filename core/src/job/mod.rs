@@ -66,7 +66,9 @@ pub const DEFAULT_JOB_TIMEOUT: Duration = Duration::from_secs(30 * 24 * 3600);
 /// are copied whole (as a tar stream through the guest's `tar`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Stage {
+    /// The host path (file or directory).
     pub host: PathBuf,
+    /// The absolute guest path.
     pub guest: String,
 }
 
@@ -76,20 +78,26 @@ pub struct JobSpec {
     /// An anyvm-defined VM; its disks must be qcow2 (libvirt) and it must be off unless
     /// `snapshot` is given.
     pub template: VmName,
+    /// Clone from this snapshot of the template instead of its current disks.
     pub snapshot: Option<String>,
     /// The command; its `timeout` is the job's wall-clock limit for the run phase.
     pub command: ExecRequest,
+    /// Copied into the clone before the command.
     pub inputs: Vec<Stage>,
+    /// Copied out after the command, whatever its exit code.
     pub outputs: Vec<Stage>,
+    /// When the clone counts as ready.
     pub ready: ReadySpec,
     /// Resources verified from inside the clone before inputs go in.
     pub profile: Option<Profile>,
+    /// Seconds allowed for each profile resource check.
     pub check_timeout: Duration,
     /// Bytes of the end of the guest console log kept in the report.
     pub console_tail: usize,
 }
 
 impl JobSpec {
+    /// A job running `argv` in a clone of `template`; fails on an empty argv or a bad name.
     pub fn new<S: AsRef<str>>(template: &str, argv: &[S]) -> Result<JobSpec> {
         let mut command = ExecRequest::from_argv(argv)?;
         command.timeout = DEFAULT_JOB_TIMEOUT;
@@ -105,6 +113,7 @@ impl JobSpec {
             console_tail: 64 * 1024,
         })
     }
+    /// Copy `host` into the clone at `guest` before the command.
     pub fn input(mut self, host: impl Into<PathBuf>, guest: impl Into<String>) -> Self {
         self.inputs.push(Stage {
             host: host.into(),
@@ -112,6 +121,7 @@ impl JobSpec {
         });
         self
     }
+    /// Copy `guest` out to `host` after the command.
     pub fn output(mut self, guest: impl Into<String>, host: impl Into<PathBuf>) -> Self {
         self.outputs.push(Stage {
             host: host.into(),
@@ -119,26 +129,32 @@ impl JobSpec {
         });
         self
     }
+    /// The command's wall-clock limit.
     pub fn timeout(mut self, t: Duration) -> Self {
         self.command.timeout = t;
         self
     }
+    /// Set an environment variable for the command.
     pub fn env(mut self, k: impl Into<String>, v: impl Into<String>) -> Self {
         self.command = self.command.env(k, v);
         self
     }
+    /// Run the command in this guest directory.
     pub fn cwd(mut self, d: impl Into<String>) -> Self {
         self.command = self.command.cwd(d);
         self
     }
+    /// Wait for these probes before staging in.
     pub fn ready(mut self, r: ReadySpec) -> Self {
         self.ready = r;
         self
     }
+    /// Check the profile's resources from inside the clone first.
     pub fn profile(mut self, p: Profile) -> Self {
         self.profile = Some(p);
         self
     }
+    /// Clone from this snapshot of the template.
     pub fn snapshot(mut self, s: impl Into<String>) -> Self {
         self.snapshot = Some(s.into());
         self
@@ -185,13 +201,18 @@ impl JobSpec {
 
 pub use crate::types::Phase;
 
+/// How long one phase took.
 #[derive(Debug, Clone, Serialize)]
 pub struct PhaseTiming {
+    /// The phase.
     pub phase: Phase,
+    /// Seconds spent in it.
     pub seconds: f64,
+    /// Whether it completed.
     pub ok: bool,
 }
 
+/// How a job ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Outcome {
@@ -210,41 +231,61 @@ pub enum Outcome {
 /// Why a job did not succeed, when it is not the command's own exit code.
 #[derive(Debug, Clone, Serialize)]
 pub struct JobError {
+    /// The phase it failed in.
     pub phase: Phase,
+    /// The core error kind.
     pub kind: ErrorKind,
+    /// The error's message.
     pub message: String,
 }
 
+/// One staged file or directory.
 #[derive(Debug, Clone, Serialize)]
 pub struct StagedPath {
+    /// The host side.
     pub host: PathBuf,
+    /// The guest side.
     pub guest: String,
+    /// Bytes copied.
     pub bytes: u64,
 }
 
 /// Everything about one job run. `run_job` always returns one; check [`JobReport::outcome`].
 #[derive(Clone, Serialize)]
 pub struct JobReport {
+    /// This run's id (also the clone's label).
     pub job_id: String,
+    /// The template VM.
     pub template: String,
     /// The clone's name (empty when no clone was made).
     pub vm: String,
+    /// How it ended.
     pub outcome: Outcome,
+    /// The command's exit code.
     pub exit_code: Option<i32>,
+    /// The signal that killed the command.
     pub signal: Option<i32>,
+    /// The command's standard output.
     #[serde(serialize_with = "lossy")]
     pub stdout: Vec<u8>,
+    /// The command's standard error.
     #[serde(serialize_with = "lossy")]
     pub stderr: Vec<u8>,
+    /// Why anyvm could not run the command, if so.
     pub error: Option<JobError>,
     /// The clone could not be removed (it is labelled; `anyvm gc` retries).
     pub teardown_error: Option<String>,
+    /// Each phase with its duration, in order.
     pub phases: Vec<PhaseTiming>,
+    /// What was copied in.
     pub inputs: Vec<StagedPath>,
+    /// What was copied out.
     pub outputs: Vec<StagedPath>,
+    /// The profile check, when one ran.
     pub check: Option<CheckReport>,
     /// The end of the guest's serial console log.
     pub console_log: String,
+    /// Wall-clock seconds for the whole job.
     pub seconds: f64,
 }
 
@@ -326,6 +367,7 @@ impl JobReport {
         }
     }
 
+    /// Standard output as text (lossy UTF-8).
     pub fn stdout_str(&self) -> String {
         String::from_utf8_lossy(&self.stdout).into_owned()
     }
@@ -337,13 +379,16 @@ impl JobReport {
 pub struct Cancel(Arc<(AtomicBool, Notify)>);
 
 impl Cancel {
+    /// A token nobody has cancelled yet.
     pub fn new() -> Cancel {
         Cancel::default()
     }
+    /// Cancel every job holding this token (and its clones).
     pub fn cancel(&self) {
         self.0 .0.store(true, Ordering::SeqCst);
         self.0 .1.notify_waiters();
     }
+    /// Whether it was cancelled.
     pub fn is_cancelled(&self) -> bool {
         self.0 .0.load(Ordering::SeqCst)
     }

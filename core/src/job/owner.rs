@@ -10,23 +10,35 @@ use serde::Serialize;
 
 use super::LABEL_PREFIX;
 
+/// Label: the job id of a job clone.
 pub const LABEL_JOB: &str = "anyvm.job/id";
+/// Label: the owning process's pid.
 pub const LABEL_PID: &str = "anyvm.job/owner-pid";
+/// Label: the owning host.
 pub const LABEL_HOST: &str = "anyvm.job/owner-host";
+/// Label: that host's boot id (a reboot kills every owner).
 pub const LABEL_BOOT: &str = "anyvm.job/owner-boot";
+/// Label: the owner's start time, so a reused pid does not pass for it.
 pub const LABEL_START: &str = "anyvm.job/owner-start";
+/// Label: the owning user.
 pub const LABEL_USER: &str = "anyvm.job/owner-user";
+/// Label: when the clone was made (seconds since the epoch).
 pub const LABEL_STARTED_AT: &str = "anyvm.job/started-at";
+/// Label: the template the clone was made from.
 pub const LABEL_TEMPLATE: &str = "anyvm.job/template";
 
 /// A process, identified so that a reused pid does not pass for it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Owner {
+    /// Its pid.
     pub pid: u32,
+    /// Its host name.
     pub host: String,
+    /// The host's boot id.
     pub boot_id: String,
     /// Start time in clock ticks after boot (`/proc/PID/stat` field 22).
     pub start_ticks: u64,
+    /// The user it runs as.
     pub user: String,
 }
 
@@ -34,7 +46,9 @@ pub struct Owner {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Liveness {
+    /// It still runs.
     Alive,
+    /// It is gone.
     Dead,
     /// Owned from another host: this host cannot tell.
     Foreign,
@@ -55,6 +69,7 @@ impl Owner {
         }
     }
 
+    /// The labels that record this owner on a clone.
     pub fn labels(&self) -> BTreeMap<String, String> {
         BTreeMap::from([
             (LABEL_PID.to_string(), self.pid.to_string()),
@@ -79,6 +94,7 @@ impl Owner {
         })
     }
 
+    /// Whether this owner still runs, as far as this host can tell.
     pub fn liveness(&self) -> Liveness {
         if self.host != hostname() {
             return Liveness::Foreign;
@@ -93,6 +109,7 @@ impl Owner {
     }
 }
 
+/// This host's name.
 pub fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())

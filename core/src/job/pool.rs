@@ -16,7 +16,9 @@ use crate::vm::Vm;
 /// What the pool may hand out at once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Budget {
+    /// CPUs the pool's running clones may use together.
     pub cpus: u32,
+    /// Memory (MiB) the pool's running clones may use together.
     pub memory_mib: u64,
 }
 
@@ -102,6 +104,7 @@ impl Drop for Waiting<'_> {
 }
 
 impl JobPool {
+    /// A pool that runs jobs of `client` within `budget`.
     pub fn new(client: Client, budget: Budget) -> Result<JobPool> {
         if budget.cpus == 0 || budget.memory_mib == 0 {
             return Err(Error::invalid_arg(
@@ -119,6 +122,7 @@ impl JobPool {
         })
     }
 
+    /// The pool's budget.
     pub fn budget(&self) -> Budget {
         self.inner.budget
     }

@@ -8,7 +8,9 @@ use crate::ssh::shell_quote;
 /// `#SBATCH` settings for the generated script.
 #[derive(Debug, Clone, Default)]
 pub struct SbatchOptions {
+    /// `SLURM_JOB_NAME`.
     pub job_name: Option<String>,
+    /// `SLURM_JOB_PARTITION`.
     pub partition: Option<String>,
     /// Slurm `--time` (e.g. "01:30:00").
     pub time: Option<String>,

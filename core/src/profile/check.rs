@@ -16,22 +16,33 @@ use crate::vm::Vm;
 
 const PROBE: &str = include_str!("guest_probe.sh");
 
+/// How one resource check went.
 #[derive(Debug, Clone, Serialize)]
 pub struct ResourceReport {
+    /// The resource's name in the profile.
     pub name: String,
+    /// Its kind (`tcp`, `mysql`, `folder`, ...).
     pub kind: String,
+    /// What was checked (`host:port`, a path).
     pub target: String,
+    /// Whether it is usable.
     pub ok: bool,
     /// What was seen: the server version, the folder's access, or why it failed.
     pub detail: String,
+    /// How long the check took.
     pub elapsed_ms: u64,
 }
 
+/// A profile checked from inside one guest.
 #[derive(Debug, Clone, Serialize)]
 pub struct CheckReport {
+    /// The profile.
     pub profile: String,
+    /// The guest.
     pub vm: String,
+    /// Whether every resource is usable.
     pub ok: bool,
+    /// Each resource, in the profile's order.
     pub resources: Vec<ResourceReport>,
 }
 

@@ -20,28 +20,41 @@ pub use check::{check, mysql_greeting, CheckReport, ResourceReport};
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Resource {
     /// A TCP endpoint accepts connections.
-    Tcp { host: String, port: u16 },
+    Tcp {
+        /// The host, as the guest names it.
+        host: String,
+        /// The port.
+        port: u16,
+    },
     /// A MySQL/MariaDB server answers with a protocol-10 greeting (not just an open port).
     Mysql {
+        /// The server, as the guest names it.
         host: String,
+        /// Its port (default 3306).
         #[serde(default = "mysql_port")]
         port: u16,
     },
     /// A CVS pserver accepts connections.
     CvsPserver {
+        /// The server, as the guest names it.
         host: String,
+        /// Its port (default 2401).
         #[serde(default = "cvs_port")]
         port: u16,
     },
     /// An ssh server answers with its identification line.
     Ssh {
+        /// The server, as the guest names it.
         host: String,
+        /// Its port (default 22).
         #[serde(default = "ssh_port")]
         port: u16,
     },
     /// A folder in the guest is mounted and readable; writable exactly when `writable`.
     Folder {
+        /// The guest path.
         path: String,
+        /// Whether it must be writable (and otherwise must not be).
         #[serde(default)]
         writable: bool,
     },
@@ -58,6 +71,7 @@ fn ssh_port() -> u16 {
 }
 
 impl Resource {
+    /// The kind as the configuration spells it.
     pub fn kind(&self) -> &'static str {
         match self {
             Resource::Tcp { .. } => "tcp",
@@ -84,6 +98,7 @@ impl Resource {
         }
     }
 
+    /// Check the resource's own fields.
     pub fn validate(&self) -> std::result::Result<(), String> {
         match self {
             Resource::Tcp { host, port }
@@ -115,16 +130,23 @@ impl Resource {
 /// One activity.
 #[derive(Debug, Clone, Default)]
 pub struct Profile {
+    /// The profile's name.
     pub name: String,
+    /// What the activity is.
     pub description: String,
     /// The machine (from `[machines]`) the activity runs on.
     pub machine: String,
+    /// What it needs, by name.
     pub resources: BTreeMap<String, Resource>,
     /// Shares the activity needs (merged into the machine's definition).
     pub shares: Vec<SharedFolder>,
+    /// Forwards every machine of this activity gets.
     pub forwards: Vec<ForwardSpec>,
+    /// Its guests' outbound network.
     pub network: Network,
+    /// What its guests and users may do.
     pub policy: Policy,
+    /// When its guests count as ready (default: the machine's).
     pub ready: Option<ReadySpec>,
     /// Flag guest accounts with an empty password (default true).
     pub check_accounts: bool,

@@ -34,11 +34,20 @@ pub enum Probe {
     /// The guest agent (QEMU guest agent, Guest Additions, VMware Tools) answers a ping.
     Agent,
     /// A TCP connection to the host side of the forward for `guest_port` succeeds.
-    Tcp { guest_port: u16 },
+    Tcp {
+        /// The guest port whose forward is tried.
+        guest_port: u16,
+    },
     /// The forward for `guest_port` answers with an SSH identification line.
-    SshBanner { guest_port: u16 },
+    SshBanner {
+        /// The guest's sshd port.
+        guest_port: u16,
+    },
     /// A guest command exits 0.
-    Command { argv: Vec<String> },
+    Command {
+        /// The command, no shell.
+        argv: Vec<String>,
+    },
 }
 
 const PROBE_FORMS: &str = "agent, tcp:PORT, ssh:PORT or command:[\"ARG\", ...]";
@@ -138,6 +147,7 @@ impl<'de> Deserialize<'de> for Probe {
     }
 }
 
+/// Whether every probe must pass, or one is enough.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum Mode {
@@ -152,10 +162,13 @@ pub enum Mode {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ReadySpec {
+    /// What to wait for.
     #[serde(default = "default_probes")]
     pub probes: Vec<Probe>,
+    /// All or any.
     #[serde(default)]
     pub mode: Mode,
+    /// How long to wait before failing with the probe still failing.
     #[serde(default = "default_timeout", rename = "timeout_s", with = "secs")]
     pub timeout: Duration,
 }
@@ -201,18 +214,22 @@ impl ReadySpec {
             ..Default::default()
         }
     }
+    /// Also wait for `p`.
     pub fn probe(mut self, p: Probe) -> Self {
         self.probes.push(p);
         self
     }
+    /// One passing probe is enough.
     pub fn any(mut self) -> Self {
         self.mode = Mode::Any;
         self
     }
+    /// Fail after `t`.
     pub fn timeout(mut self, t: Duration) -> Self {
         self.timeout = t;
         self
     }
+    /// Check the spec: at least one probe, a positive timeout, valid probes.
     pub fn validate(&self) -> Result<()> {
         if self.probes.is_empty() {
             return Err(Error::invalid_arg("ready spec", "needs at least one probe"));
@@ -241,6 +258,7 @@ impl ReadySpec {
 /// How a successful wait went.
 #[derive(Debug, Clone, Serialize)]
 pub struct ReadyReport {
+    /// How long it took.
     #[serde(with = "secs")]
     pub elapsed: Duration,
     /// Each probe and when it first passed (relative to the start of the wait).

@@ -26,10 +26,12 @@ const KEY_TYPES: &[&str] = &[
     "ssh-rsa",
 ];
 
+/// How `anyvm ssh-config` and the ssh channel log in.
 #[derive(Debug, Clone, Default)]
 pub struct SshOptions {
     /// Guest user (default "root").
     pub user: Option<String>,
+    /// The private key (default: the credentials').
     pub identity_file: Option<PathBuf>,
     /// Guest port sshd listens on (default 22); a forward to it must exist.
     pub guest_port: Option<u16>,
@@ -37,14 +39,22 @@ pub struct SshOptions {
     pub alias: Option<String>,
 }
 
+/// An OpenSSH `Host` block for one guest, with its host key pinned.
 #[derive(Debug, Clone, Serialize)]
 pub struct SshConfig {
+    /// The `Host` alias.
     pub alias: String,
+    /// Where ssh connects (the forward's host).
     pub host_name: String,
+    /// The forward's host port.
     pub port: u16,
+    /// The guest user.
     pub user: String,
+    /// The private key.
     pub identity_file: Option<PathBuf>,
+    /// The name the pinned host key is filed under.
     pub host_key_alias: String,
+    /// The known_hosts file holding it.
     pub known_hosts: PathBuf,
     /// The `Host` block to append to an ssh_config or pass with `ssh -F`.
     pub stanza: String,

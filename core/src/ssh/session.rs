@@ -21,12 +21,19 @@ use crate::util::tool::resolve_binary;
 pub struct SshTarget {
     /// VM name, for messages.
     pub vm: String,
+    /// The host ssh connects to.
     pub host: String,
+    /// Its port.
     pub port: u16,
+    /// The guest user.
     pub user: String,
+    /// The private key.
     pub identity_file: PathBuf,
+    /// The known_hosts file with the guest's pinned key.
     pub known_hosts: PathBuf,
+    /// The name that key is filed under.
     pub host_key_alias: String,
+    /// How long connecting may take.
     pub connect_timeout: Duration,
 }
 

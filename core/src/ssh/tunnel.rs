@@ -33,6 +33,7 @@ fn fnv1a(s: &str) -> u64 {
 }
 
 impl Tunnels {
+    /// The tunnels of one VM, their control sockets under `state_dir`.
     pub fn new(state_dir: &Path, uri: &str, vm: &str) -> Self {
         Tunnels {
             dir: state_dir.join("tunnels"),
@@ -47,6 +48,7 @@ impl Tunnels {
         self.dir.join(format!("{:016x}", fnv1a(&key)))
     }
 
+    /// The control socket of tunnel `name`.
     pub fn socket(&self, name: &str) -> PathBuf {
         self.base(name).with_extension("sock")
     }
@@ -184,6 +186,7 @@ impl Tunnels {
         )
     }
 
+    /// Whether tunnel `name` is running.
     pub async fn is_open(&self, name: &str) -> bool {
         self.control(name, "check").await
     }

@@ -50,22 +50,33 @@ pub enum GuestChannel {
     Tools,
     /// OpenSSH with the credentials' key, to sshd on `port` in the guest (through its forward,
     /// or at the guest's address). For sites whose policy forbids passwords on command lines.
-    Ssh { port: u16 },
+    Ssh {
+        /// The guest's sshd port (its forward is used).
+        port: u16,
+    },
 }
 
 /// A program to run in the guest. Build with [`ExecRequest::new`] and the chained setters.
 #[derive(Debug, Clone)]
 pub struct ExecRequest {
+    /// The program (looked up on the guest's PATH).
     pub program: String,
+    /// Its arguments; no shell is involved.
     pub args: Vec<String>,
+    /// Environment variables for it.
     pub env: BTreeMap<String, String>,
+    /// The guest directory it runs in.
     pub cwd: Option<String>,
+    /// Bytes fed to its standard input.
     pub stdin: Option<Vec<u8>>,
+    /// Kill it after this long.
     pub timeout: Duration,
+    /// The guest account (default: the VM handle's).
     pub credentials: Option<Credentials>,
 }
 
 impl ExecRequest {
+    /// A request to run `program` with no arguments, a 300 s timeout.
     pub fn new(program: impl Into<String>) -> Self {
         ExecRequest {
             program: program.into(),
@@ -84,35 +95,43 @@ impl ExecRequest {
             .ok_or_else(|| Error::invalid_arg("argv", "must name a program"))?;
         Ok(ExecRequest::new(first.as_ref()).args(rest.iter().map(|s| s.as_ref().to_string())))
     }
+    /// Append one argument.
     pub fn arg(mut self, a: impl Into<String>) -> Self {
         self.args.push(a.into());
         self
     }
+    /// Append arguments.
     pub fn args<I: IntoIterator<Item = S>, S: Into<String>>(mut self, a: I) -> Self {
         self.args.extend(a.into_iter().map(Into::into));
         self
     }
+    /// Set an environment variable.
     pub fn env(mut self, k: impl Into<String>, v: impl Into<String>) -> Self {
         self.env.insert(k.into(), v.into());
         self
     }
+    /// Run in this guest directory.
     pub fn cwd(mut self, d: impl Into<String>) -> Self {
         self.cwd = Some(d.into());
         self
     }
+    /// Feed these bytes to standard input.
     pub fn stdin(mut self, data: impl Into<Vec<u8>>) -> Self {
         self.stdin = Some(data.into());
         self
     }
+    /// Kill the program after `t`.
     pub fn timeout(mut self, t: Duration) -> Self {
         self.timeout = t;
         self
     }
+    /// Run as this guest account.
     pub fn credentials(mut self, c: Credentials) -> Self {
         self.credentials = Some(c);
         self
     }
 
+    /// Check the request: a program, no NUL bytes, valid env names, a positive timeout.
     pub fn validate(&self) -> Result<()> {
         if self.program.is_empty() {
             return Err(Error::invalid_arg("exec program", "must not be empty"));
@@ -156,25 +175,33 @@ impl ExecRequest {
 pub struct ExecOutput {
     /// Exit code, or None when the program was killed by a signal.
     pub exit_code: Option<i32>,
+    /// The signal that killed it.
     pub signal: Option<i32>,
+    /// Its standard output.
     #[serde(with = "lossy_bytes")]
     pub stdout: Vec<u8>,
+    /// Its standard error.
     #[serde(with = "lossy_bytes")]
     pub stderr: Vec<u8>,
+    /// How long it ran.
     #[serde(with = "duration_secs")]
     pub duration: Duration,
     /// The backend's capture limit was hit: output is incomplete.
     pub stdout_truncated: bool,
+    /// The backend's capture limit was hit on stderr.
     pub stderr_truncated: bool,
 }
 
 impl ExecOutput {
+    /// Whether it exited 0.
     pub fn success(&self) -> bool {
         self.exit_code == Some(0)
     }
+    /// Standard output as text (lossy UTF-8).
     pub fn stdout_str(&self) -> String {
         String::from_utf8_lossy(&self.stdout).into_owned()
     }
+    /// Standard error as text (lossy UTF-8).
     pub fn stderr_str(&self) -> String {
         String::from_utf8_lossy(&self.stderr).into_owned()
     }

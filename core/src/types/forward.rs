@@ -9,10 +9,13 @@ use crate::error::{Error, Result};
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default, PartialOrd, Ord,
 )]
+/// A transport protocol.
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
+    /// TCP.
     #[default]
     Tcp,
+    /// UDP.
     Udp,
 }
 
@@ -42,8 +45,10 @@ impl std::str::FromStr for Protocol {
 /// A requested host port: a fixed number or one allocated by anyvm.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum HostPort {
+    /// Allocated by anyvm from the client's port range.
     #[default]
     Auto,
+    /// This port.
     Fixed(u16),
 }
 
@@ -103,20 +108,26 @@ impl std::str::FromStr for HostPort {
 pub struct ForwardSpec {
     /// A label unique within the VM, e.g. "ssh".
     pub name: String,
+    /// TCP or UDP.
     #[serde(default)]
     pub proto: Protocol,
+    /// The host address it listens on.
     #[serde(default = "default_host_addr")]
     pub host_addr: String,
+    /// The host port, fixed or `auto`.
     #[serde(default)]
     pub host_port: HostPort,
+    /// The guest port.
     pub guest_port: u16,
 }
 
+/// Forwards listen on loopback unless told otherwise.
 pub fn default_host_addr() -> String {
     "127.0.0.1".into()
 }
 
 impl ForwardSpec {
+    /// A TCP forward called `name` from an allocated host port to `guest_port`.
     pub fn new(name: impl Into<String>, guest_port: u16) -> Self {
         ForwardSpec {
             name: name.into(),
@@ -126,15 +137,18 @@ impl ForwardSpec {
             guest_port,
         }
     }
+    /// Use this host port.
     pub fn host_port(mut self, p: HostPort) -> Self {
         self.host_port = p;
         self
     }
+    /// Use this protocol.
     pub fn proto(mut self, p: Protocol) -> Self {
         self.proto = p;
         self
     }
 
+    /// Check the forward: a name, a guest port, a host address.
     pub fn validate(&self) -> Result<()> {
         let what = format!("forward {:?}", self.name);
         if self.name.is_empty()
@@ -164,10 +178,15 @@ impl ForwardSpec {
 /// A forward in effect: the host port is known.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct PortForward {
+    /// Its name.
     pub name: String,
+    /// TCP or UDP.
     pub proto: Protocol,
+    /// The host address it listens on.
     pub host_addr: String,
+    /// The host port.
     pub host_port: u16,
+    /// The guest port.
     pub guest_port: u16,
 }
 

@@ -11,18 +11,24 @@ use super::*;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum VmState {
+    /// Running.
     Running,
+    /// Paused: CPUs frozen, memory kept.
     Paused,
     /// Memory saved to disk (managed save / savestate / suspend).
     Saved,
+    /// Powered off.
     ShutOff,
     /// Transitional: starting, stopping, saving, restoring.
     Busy,
+    /// The guest or its hypervisor process crashed.
     Crashed,
+    /// The hypervisor reports a state anyvm does not know.
     Unknown,
 }
 
 impl VmState {
+    /// Whether the guest runs (not paused, off or crashed).
     pub fn is_running(self) -> bool {
         matches!(self, VmState::Running)
     }
@@ -45,7 +51,9 @@ impl fmt::Display for VmState {
 /// One line of `list`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct VmInfo {
+    /// Its name.
     pub name: String,
+    /// Its state.
     pub state: VmState,
     /// Whether anyvm defined the VM (and so knows its spec); `None` when the backend cannot
     /// tell without extra calls per VM.
@@ -56,9 +64,13 @@ pub struct VmInfo {
 /// (one `showvminfo` on VirtualBox).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct VmStatus {
+    /// Its name.
     pub name: String,
+    /// Its state.
     pub state: VmState,
+    /// The forwards in effect.
     pub forwards: Vec<PortForward>,
+    /// Its snapshots.
     pub snapshots: Vec<SnapshotInfo>,
 }
 
@@ -84,7 +96,9 @@ impl Default for StopOptions {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum StopOutcome {
+    /// It was already off.
     AlreadyOff,
+    /// The guest shut down when asked.
     Graceful,
     /// The graceful request was ignored or too slow; power was cut.
     Forced,

@@ -5,12 +5,15 @@ use serde::Serialize;
 /// A snapshot as listed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct SnapshotInfo {
+    /// Its name.
     pub name: String,
     /// Seconds since the epoch, when known.
     pub created: Option<i64>,
     /// The VM state captured (running snapshots include memory).
     pub state: Option<String>,
+    /// Whether the VM is at this snapshot now.
     pub current: bool,
+    /// The snapshot it was taken on top of.
     pub parent: Option<String>,
 }
 
@@ -18,8 +21,11 @@ pub struct SnapshotInfo {
 /// backend ties clones to one) and cannot outlive the disks it shares with it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, PartialOrd, Ord)]
 pub struct CloneLink {
+    /// The clone.
     pub clone: String,
+    /// The VM whose disks it shares.
     pub base: String,
+    /// The snapshot of `base` it was made at.
     pub snapshot: Option<String>,
 }
 
@@ -55,6 +61,7 @@ pub struct DestroyOptions {
 }
 
 impl DestroyOptions {
+    /// Also destroy dependent linked clones (deepest first) instead of refusing.
     pub fn with_clones(mut self, yes: bool) -> Self {
         self.with_clones = yes;
         self

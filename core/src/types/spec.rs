@@ -15,17 +15,26 @@ use crate::name::VmName;
 pub enum Boot {
     /// Direct kernel boot.
     Kernel {
+        /// The kernel image.
         kernel: PathBuf,
+        /// The initial ramdisk.
         initrd: Option<PathBuf>,
+        /// The kernel command line.
         #[serde(default)]
         cmdline: String,
     },
     /// Boot from the first disk.
     Disk,
     /// Import an OVA/OVF appliance (VirtualBox); its disks come from the appliance.
-    Appliance { path: PathBuf },
+    Appliance {
+        /// The .ova or .ovf file.
+        path: PathBuf,
+    },
     /// Adopt an existing machine definition: a VMware .vmx file.
-    Existing { path: PathBuf },
+    Existing {
+        /// The .vmx file.
+        path: PathBuf,
+    },
 }
 
 /// A disk image format. Which ones a backend can attach differs: libvirt/QEMU takes all of them,
@@ -33,8 +42,10 @@ pub enum Boot {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum DiskFormat {
+    /// QEMU copy-on-write (snapshots, linked clones).
     #[default]
     Qcow2,
+    /// Raw image.
     Raw,
     /// VirtualBox's native format.
     Vdi,
@@ -45,6 +56,7 @@ pub enum DiskFormat {
 }
 
 impl DiskFormat {
+    /// Every format, in the order messages list them.
     pub const ALL: [DiskFormat; 5] = [
         DiskFormat::Qcow2,
         DiskFormat::Raw,
@@ -74,6 +86,7 @@ impl DiskFormat {
         }
     }
 
+    /// The format's name in configuration files.
     pub fn as_str(self) -> &'static str {
         match self {
             DiskFormat::Qcow2 => "qcow2",
@@ -101,12 +114,16 @@ impl std::str::FromStr for DiskFormat {
     }
 }
 
+/// A disk attached to a VM.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(from = "DiskSpecRepr")]
 pub struct DiskSpec {
+    /// The image file.
     pub path: PathBuf,
+    /// Its format (default: from the file name).
     #[serde(default)]
     pub format: DiskFormat,
+    /// Attach read-only.
     #[serde(default)]
     pub readonly: bool,
     /// anyvm created this file (a clone overlay) and deletes it with the VM.
@@ -143,9 +160,12 @@ impl From<DiskSpecRepr> for DiskSpec {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Accel {
+    /// KVM when `/dev/kvm` works, else software emulation.
     #[default]
     Auto,
+    /// Hardware virtualization (KVM).
     Kvm,
+    /// Software emulation (QEMU TCG).
     Tcg,
 }
 
@@ -160,18 +180,26 @@ pub struct ConsoleSpec {
 /// Everything needed to define a VM on any backend.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmSpec {
+    /// The VM's name.
     pub name: VmName,
+    /// Virtual CPUs.
     #[serde(default = "default_cpus")]
     pub cpus: u32,
+    /// Memory in MiB.
     #[serde(default = "default_memory")]
     pub memory_mib: u64,
+    /// How it boots.
     pub boot: Boot,
+    /// Its disks, in order.
     #[serde(default)]
     pub disks: Vec<DiskSpec>,
+    /// Port forwards to the guest.
     #[serde(default)]
     pub forwards: Vec<ForwardSpec>,
+    /// Remote console (VNC).
     #[serde(default)]
     pub console: ConsoleSpec,
+    /// Hardware acceleration.
     #[serde(default)]
     pub accel: Accel,
     /// What the guest may reach on the network.
@@ -196,6 +224,7 @@ pub enum Network {
     /// The guest reaches only the listed endpoints, each at 10.0.2.100:`guest_port` (QEMU user
     /// networking, libvirt backend), and nothing else — not even the host at 10.0.2.2.
     Restricted {
+        /// The endpoints it may reach.
         #[serde(default)]
         allow: Vec<Endpoint>,
     },
@@ -210,6 +239,7 @@ pub struct Endpoint {
     /// Where the service runs, as the host sees it (default 127.0.0.1).
     #[serde(default = "loopback")]
     pub host: String,
+    /// The port the service listens on.
     pub port: u16,
     /// The port the guest connects to at 10.0.2.100 (default: `port`).
     pub guest_port: Option<u16>,
@@ -220,12 +250,14 @@ fn loopback() -> String {
 }
 
 impl Endpoint {
+    /// The port the guest connects to.
     pub fn guest_port(&self) -> u16 {
         self.guest_port.unwrap_or(self.port)
     }
 }
 
 impl Network {
+    /// Check the endpoint.
     pub fn validate(&self) -> Result<()> {
         if let Network::Restricted { allow } = self {
             let mut seen = std::collections::BTreeSet::new();
@@ -265,6 +297,7 @@ fn default_memory() -> u64 {
 }
 
 impl VmSpec {
+    /// A spec with defaults (1 CPU, 512 MiB, NAT) for `name`.
     pub fn new(name: VmName, boot: Boot) -> Self {
         VmSpec {
             name,
@@ -289,6 +322,7 @@ impl VmSpec {
             .collect()
     }
 
+    /// Check the spec: names, sizes, disks, forwards, network.
     pub fn validate(&self) -> Result<()> {
         let what = |k: &str| format!("vm '{}' {k}", self.name);
         if self.cpus == 0 || self.cpus > 512 {
@@ -382,9 +416,12 @@ impl VmSpec {
 pub struct SharedFolder {
     /// The share's name as the guest sees it.
     pub name: String,
+    /// The host folder.
     pub host_path: PathBuf,
+    /// The guest cannot write to it (enforced on the host too).
     #[serde(default)]
     pub readonly: bool,
+    /// Mount it in the guest at start where the backend can.
     #[serde(default)]
     pub automount: bool,
     /// Where `Vm::shared_folder_mount` mounts it in the guest.
@@ -393,6 +430,7 @@ pub struct SharedFolder {
 }
 
 impl SharedFolder {
+    /// Check the folder: a name, an absolute host path.
     pub fn validate(&self) -> Result<()> {
         let what = format!("shared folder {:?}", self.name);
         if self.name.is_empty()

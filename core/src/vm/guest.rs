@@ -7,6 +7,8 @@ use crate::events::{CopyDirection, CopyProgress, CopyReporter, ProgressFn};
 use crate::types::OutputSink;
 
 impl Vm {
+    /// Run a guest program under the handle's policy and channel and collect its output at the
+    /// end. A non-zero exit is a result, not an error ([`Vm::exec_checked`] makes it one).
     pub async fn exec(&self, req: &ExecRequest) -> Result<ExecOutput> {
         self.exec_as("exec", req, true, None).await
     }

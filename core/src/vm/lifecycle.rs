@@ -4,10 +4,12 @@
 use super::*;
 
 impl Vm {
+    /// The VM's power state.
     pub async fn state(&self) -> Result<VmState> {
         self.backend.state(&self.name).await
     }
 
+    /// The spec anyvm stored when it defined the VM, if it did.
     pub async fn spec(&self) -> Result<Option<VmSpec>> {
         self.backend.spec(&self.name).await
     }
@@ -137,6 +139,7 @@ impl Vm {
         })
         .await
     }
+    /// Freeze the guest's CPUs.
     pub async fn pause(&self) -> Result<()> {
         let args = json!({});
         self.audited("pause", args, async move {
@@ -144,6 +147,7 @@ impl Vm {
         })
         .await
     }
+    /// Unfreeze a paused guest.
     pub async fn resume(&self) -> Result<()> {
         let args = json!({});
         self.audited("resume", args, async move {
@@ -151,6 +155,7 @@ impl Vm {
         })
         .await
     }
+    /// Save memory to disk and stop; the next start restores it.
     pub async fn save_state(&self) -> Result<()> {
         let args = json!({});
         self.audited("save_state", args, async move {
@@ -270,6 +275,7 @@ impl Vm {
         self.backend.console_tail(&self.name, limit).await
     }
 
+    /// Path of the serial console log on the host, where the backend keeps one.
     pub async fn console_log(&self) -> Result<Option<PathBuf>> {
         self.backend.console_log(&self.name).await
     }

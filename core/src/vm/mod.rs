@@ -63,6 +63,7 @@ impl Vm {
         self
     }
 
+    /// The policy this handle enforces, if any.
     pub fn policy(&self) -> Option<&Policy> {
         self.policy.as_deref()
     }
@@ -130,6 +131,7 @@ impl Vm {
         self
     }
 
+    /// How exec and copies reach the guest.
     pub fn guest_channel(&self) -> GuestChannel {
         self.channel
     }
@@ -180,16 +182,20 @@ impl Vm {
         self
     }
 
+    /// The guest account this handle uses.
     pub fn credentials(&self) -> Option<&Credentials> {
         self.credentials.as_ref()
     }
 
+    /// The VM's name.
     pub fn name(&self) -> &VmName {
         &self.name
     }
+    /// The backend it lives on.
     pub fn backend(&self) -> &Arc<dyn Backend> {
         &self.backend
     }
+    /// Where leases, known_hosts files and clone disks live.
     pub fn state_dir(&self) -> &Path {
         &self.state_dir
     }

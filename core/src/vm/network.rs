@@ -114,6 +114,7 @@ impl Vm {
         }
     }
 
+    /// The forwards in effect.
     pub async fn forwards(&self) -> Result<Vec<PortForward>> {
         self.backend.forwards(&self.name).await
     }

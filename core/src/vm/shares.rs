@@ -58,6 +58,7 @@ impl Vm {
         })
     }
 
+    /// Stop offering the share `name`.
     pub async fn shared_folder_remove(&self, name: &str) -> Result<()> {
         let args = json!({"folder": name});
         self.audited("shared_folder_remove", args, async move {
@@ -65,6 +66,7 @@ impl Vm {
         })
         .await
     }
+    /// The shares offered to the guest.
     pub async fn shared_folders(&self) -> Result<Vec<SharedFolder>> {
         self.backend.shared_folders(&self.name).await
     }

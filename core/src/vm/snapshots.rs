@@ -3,6 +3,7 @@
 use super::*;
 
 impl Vm {
+    /// Take a snapshot (with memory when the VM runs, where the backend can).
     pub async fn snapshot_take(&self, name: &str, description: &str) -> Result<()> {
         let args = json!({"snapshot": name});
         self.audited("snapshot_take", args, async move {
@@ -13,6 +14,7 @@ impl Vm {
         })
         .await
     }
+    /// Go back to a snapshot; the VM is stopped first when the backend needs it.
     pub async fn snapshot_restore(&self, name: &str) -> Result<()> {
         let args = json!({"snapshot": name});
         self.audited("snapshot_restore", args, async move {
@@ -52,6 +54,7 @@ impl Vm {
         .await
     }
 
+    /// The VM's snapshots.
     pub async fn snapshots(&self) -> Result<Vec<SnapshotInfo>> {
         self.backend.snapshot_list(&self.name).await
     }

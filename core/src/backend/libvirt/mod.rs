@@ -10,7 +10,7 @@ mod doctor;
 mod domain_xml;
 mod events;
 mod guest;
-pub mod host;
+pub(crate) mod host;
 mod lifecycle;
 mod network;
 mod snapshots;
@@ -103,6 +103,7 @@ impl Default for LibvirtOptions {
     }
 }
 
+/// The libvirt backend (QEMU/KVM, local or over `qemu+ssh://`), through the `virt` bindings.
 #[derive(Clone)]
 pub struct LibvirtBackend {
     uri: String,
@@ -260,6 +261,7 @@ impl LibvirtBackend {
         })
     }
 
+    /// The options this backend was opened with.
     pub fn options(&self) -> &LibvirtOptions {
         &self.opts
     }

@@ -7,12 +7,17 @@ use crate::util::command::ToolOutput;
 /// What a failed call means, before it becomes an [`Error`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Failure {
+    /// The VM or a file does not exist.
     NotFound(String),
     /// Session lock held or object in the wrong state: worth retrying.
     Busy(String),
+    /// Guest control is not up yet.
     NotReady(String),
+    /// Guest login failed.
     Auth(String),
+    /// Not possible in the VM's state.
     InvalidState(String),
+    /// Anything else, with VBoxManage's message.
     Other(String),
 }
 

@@ -81,6 +81,7 @@ impl Default for VirtualBoxOptions {
     }
 }
 
+/// The VirtualBox backend: every operation is a `VBoxManage` call (argv only, C locale, under a deadline).
 #[derive(Debug)]
 pub struct VirtualBoxBackend {
     tool: ToolRunner,
@@ -114,6 +115,7 @@ fn rule(f: &PortForward) -> String {
 }
 
 impl VirtualBoxBackend {
+    /// A backend using the `VBoxManage` that `opts` names or finds; fails if there is none.
     pub fn new(opts: VirtualBoxOptions) -> Result<Self> {
         let program = resolve_binary("VBoxManage", opts.vboxmanage.as_deref(), "ANYVM_VBOXMANAGE")?;
         let mut tool = ToolRunner::new(program, opts.call_timeout);

@@ -13,7 +13,7 @@
 //! and Fusion Pro). They are host-wide rules pointing at the guest's current IP, so anyvm sets them
 //! when the VM starts (after `getGuestIPAddress -wait`) and removes them when it is destroyed.
 //! Player (and vmrun without host-network commands, with `forwards_over_ssh`) has none: there
-//! forwards are ssh local forwards run by anyvm to the guest's IP (see [`crate::ssh::tunnel`]);
+//! forwards are ssh local forwards run by anyvm to the guest's IP (anyvm's ssh tunnels);
 //! vmrun is not involved and the rules live in anyvm's inventory only.
 
 mod errors;
@@ -44,12 +44,14 @@ use crate::util::command::ToolOutput;
 use crate::util::json_store::JsonStore;
 use crate::util::tool::{resolve_binary, ToolRunner};
 
+/// Where the VMware backend finds `vmrun` and keeps its VMs.
 #[derive(Debug, Clone)]
 pub struct VmwareOptions {
     /// vmrun path; `ANYVM_VMRUN`, then `PATH`, when unset.
     pub vmrun: Option<PathBuf>,
     /// `ws`, `fusion` or `player`.
     pub flavor: String,
+    /// Deadline of one `vmrun` call.
     pub call_timeout: Duration,
     /// Deadline for clones and for waiting on the guest's IP address.
     pub long_timeout: Duration,
@@ -100,6 +102,7 @@ struct Inventory {
     vms: BTreeMap<String, Entry>,
 }
 
+/// The VMware backend (Workstation, Fusion, Player): every operation is a `vmrun` call.
 #[derive(Debug)]
 pub struct VmwareBackend {
     tool: ToolRunner,
@@ -115,6 +118,7 @@ const EXEC_SCRIPT: &str = "out=$1 err=$2 in=$3 cwd=$4; shift 4; \
     if [ -n \"$cwd\" ]; then cd -- \"$cwd\" || exit 127; fi; exec \"$@\" <\"$in\" >\"$out\" 2>\"$err\"";
 
 impl VmwareBackend {
+    /// A backend using the `vmrun` that `opts` names or finds; fails if there is none.
     pub fn new(opts: VmwareOptions) -> Result<Self> {
         if !matches!(opts.flavor.as_str(), "ws" | "fusion" | "player") {
             return Err(Error::invalid_arg(
@@ -133,6 +137,7 @@ impl VmwareBackend {
         })
     }
 
+    /// `vmrun` calls made so far, by subcommand (for benchmarks and tests).
     pub fn invocations(&self) -> BTreeMap<String, u64> {
         self.tool.invocations()
     }
