@@ -26,12 +26,7 @@ impl Vm {
         allowlist: bool,
         sink: Option<OutputSink>,
     ) -> Result<ExecOutput> {
-        let args = json!({
-            "argv": std::iter::once(&req.program).chain(&req.args).collect::<Vec<_>>(),
-            "cwd": req.cwd,
-            "env_keys": req.env.keys().collect::<Vec<_>>(),
-        });
-        self.audited(op, args, async move {
+        self.audited(op, exec_audit_args(req), async move {
             self.check_exec(op, req, allowlist)?;
             let mut r = req.clone();
             if r.credentials.is_none() {
@@ -237,4 +232,14 @@ impl Vm {
             }
         }
     }
+}
+
+/// What the audit log records of an exec: argv, directory and the names (not values) of the
+/// environment.
+pub(super) fn exec_audit_args(req: &ExecRequest) -> serde_json::Value {
+    json!({
+        "argv": std::iter::once(&req.program).chain(&req.args).collect::<Vec<_>>(),
+        "cwd": req.cwd,
+        "env_keys": req.env.keys().collect::<Vec<_>>(),
+    })
 }

@@ -38,7 +38,11 @@ impl Vm {
     /// # let _ = status; Ok(()) }
     /// ```
     pub async fn exec_stream(&self, req: &ExecRequest) -> Result<ExecStream> {
-        self.check_exec("exec", req, true)?;
+        if let Err(e) = self.check_exec("exec", req, true) {
+            // Refused before it ran: audited like a refused buffered exec.
+            let args = super::guest::exec_audit_args(req);
+            return self.audited("exec", args, async { Err(e) }).await;
+        }
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let vm = self.clone();
         let r = req.clone();
