@@ -312,11 +312,11 @@ impl Client {
     }
 
     /// Health checks: this client's backend, then the host's (state dir, port range).
-    pub async fn doctor(&self) -> crate::doctor::DoctorReport {
+    pub async fn doctor(&self) -> crate::health::DoctorReport {
         let mut checks = self.backend.doctor().await;
-        checks.push(crate::doctor::check_state_dir(&self.opts.state_dir));
-        checks.push(crate::doctor::check_ports(&self.ports));
-        crate::doctor::DoctorReport { checks }
+        checks.push(crate::health::check_state_dir(&self.opts.state_dir));
+        checks.push(crate::health::check_ports(&self.ports));
+        crate::health::DoctorReport { checks }
     }
 }
 

@@ -22,12 +22,14 @@
 #![warn(missing_docs)]
 
 pub mod backend;
+pub mod check;
 pub mod client;
 pub mod config;
 pub mod credentials;
 pub mod doctor;
 pub mod error;
 pub mod events;
+pub mod health;
 pub mod job;
 pub mod labels;
 pub mod name;
@@ -42,6 +44,7 @@ pub(crate) mod util;
 pub mod vm;
 
 pub use backend::{Backend, BackendUri, VmEvent, VmEventKind, DEFAULT_BACKEND};
+pub use check::{CheckReport, ResourceReport};
 pub use client::{Client, ClientOptions};
 pub use config::{Config, MachineConfig};
 pub use credentials::{Credentials, Secret, SecretSource};
@@ -53,7 +56,7 @@ pub use events::{
 pub use job::{run_job, Cancel, JobReport, JobSpec};
 pub use name::VmName;
 pub use policy::Policy;
-pub use profile::{CheckReport, Profile, Resource, ResourceReport};
+pub use profile::{Profile, Resource};
 pub use readiness::{Mode as ReadyMode, Probe, ReadyReport, ReadySpec};
 pub use ssh::{SshConfig, SshOptions};
 pub use types::*;

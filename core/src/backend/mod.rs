@@ -11,9 +11,9 @@ use async_trait::async_trait;
 use tokio::sync::broadcast;
 
 use crate::credentials::Credentials;
-use crate::doctor::Check;
 use crate::error::{Error, Result};
 use crate::events::CopyProgress;
+use crate::health::Check;
 use crate::name::VmName;
 use crate::types::{
     CloneLink, ExecOutput, ExecRequest, OutputSink, PortForward, SharedFolder, SnapshotInfo,

@@ -48,10 +48,11 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
+use crate::check::CheckReport;
 use crate::client::Client;
 use crate::error::{Ctx, Error, ErrorKind, Result};
 use crate::name::VmName;
-use crate::profile::{CheckReport, Profile};
+use crate::profile::Profile;
 use crate::readiness::ReadySpec;
 use crate::types::ExecRequest;
 use crate::vm::Vm;
@@ -641,7 +642,7 @@ async fn body(
     vm.wait_ready(&spec.ready).await.map_err(at(progress))?;
     if let Some(p) = &spec.profile {
         progress.begin(Phase::Check);
-        let rep = crate::profile::check(vm, p, spec.check_timeout)
+        let rep = crate::check::check(vm, p, spec.check_timeout)
             .await
             .map_err(at(progress))?;
         let failed: Vec<String> = rep

@@ -3,8 +3,6 @@
 //! network mode and its security policy. [`check`] verifies from INSIDE the running guest that
 //! every declared resource is usable before work starts.
 
-mod check;
-
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
@@ -12,8 +10,6 @@ use serde::{Deserialize, Serialize};
 use crate::policy::Policy;
 use crate::readiness::ReadySpec;
 use crate::types::{ForwardSpec, Network, SharedFolder};
-
-pub use check::{check, mysql_greeting, CheckReport, ResourceReport};
 
 /// Something an activity needs, as the guest sees it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

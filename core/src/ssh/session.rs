@@ -14,6 +14,7 @@ use std::time::Duration;
 use crate::error::{Ctx, Error, Result};
 use crate::types::{ExecOutput, ExecRequest};
 use crate::util::command::ToolCommand;
+pub use crate::util::shell::shell_quote;
 use crate::util::tool::resolve_binary;
 
 /// How to reach one guest's sshd.
@@ -35,17 +36,6 @@ pub struct SshTarget {
     pub host_key_alias: String,
     /// How long connecting may take.
     pub connect_timeout: Duration,
-}
-
-/// Quote one word for a POSIX shell: the shell sees exactly `s`.
-pub fn shell_quote(s: &str) -> String {
-    if !s.is_empty()
-        && s.bytes()
-            .all(|c| c.is_ascii_alphanumeric() || b"-_./=:,@+%".contains(&c))
-    {
-        return s.to_string();
-    }
-    format!("'{}'", s.replace('\'', r"'\''"))
 }
 
 /// The remote command line for an exec request: `cd DIR && exec env K=V PROGRAM ARGS...`.

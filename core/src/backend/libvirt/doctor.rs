@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use super::{LibvirtBackend, ID};
-use crate::doctor::{probe_kvm, Check};
 use crate::error::Ctx;
+use crate::health::{probe_kvm, Check};
 
 fn version(v: u32) -> String {
     format!("{}.{}.{}", v / 1_000_000, (v / 1000) % 1000, v % 1000)

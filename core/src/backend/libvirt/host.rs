@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::error::{Ctx, Error, Result};
-use crate::ssh::shell_quote;
 use crate::util::command::{ToolCommand, ToolOutput};
+use crate::util::shell::shell_quote;
 
 const SSH_CONNECT_TIMEOUT_S: u32 = 10;
 const FILE_OP_TIMEOUT: Duration = Duration::from_secs(30);

@@ -643,7 +643,7 @@ impl Backend for LibvirtBackend {
         snapshots::clone_linked(self, base, snapshot, clone_spec).await
     }
 
-    async fn doctor(&self) -> Vec<crate::doctor::Check> {
+    async fn doctor(&self) -> Vec<crate::health::Check> {
         doctor::checks(self).await
     }
 

@@ -2,8 +2,8 @@
 //! Extension Pack against VirtualBox's version, remote display (VRDE), and KVM holding VT-x.
 
 use super::{os, parse, VirtualBoxBackend};
-use crate::doctor::{kernel_at_least, kernel_release, Check};
 use crate::error::Ctx;
+use crate::health::{kernel_at_least, kernel_release, Check};
 
 const B: &str = "virtualbox";
 

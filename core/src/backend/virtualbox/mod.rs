@@ -532,7 +532,7 @@ impl Backend for VirtualBoxBackend {
         lifecycle::export_appliance(self, vm, path).await
     }
 
-    async fn doctor(&self) -> Vec<crate::doctor::Check> {
+    async fn doctor(&self) -> Vec<crate::health::Check> {
         doctor::checks(self).await
     }
 

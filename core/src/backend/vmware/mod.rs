@@ -304,8 +304,8 @@ impl Backend for VmwareBackend {
         format!("vmware:{}", self.opts.flavor)
     }
 
-    async fn doctor(&self) -> Vec<crate::doctor::Check> {
-        use crate::doctor::Check;
+    async fn doctor(&self) -> Vec<crate::health::Check> {
+        use crate::health::Check;
         let ctx = Ctx::new("doctor");
         let b = "vmware";
         let mut out = Vec::new();

@@ -257,7 +257,7 @@ impl CheckArgs {
         })?;
         let p = cfg.profile(&profile)?.clone();
         let vm = app.open(&p.machine).await?;
-        let rep = anyvm::profile::check(&vm, &p, secs(timeout, "--timeout")?).await?;
+        let rep = anyvm::check::check(&vm, &p, secs(timeout, "--timeout")?).await?;
         app.out(json!(rep), || {
             let mut t = format!(
                 "profile {} on {}: {}\n",

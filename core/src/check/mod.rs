@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use super::{Profile, Resource};
 use crate::error::{Error, Result};
+use crate::profile::{Profile, Resource};
 use crate::types::{ExecRequest, VmState};
 use crate::vm::Vm;
 
