@@ -1,6 +1,6 @@
 //! Activity profiles: a named activity (Monte Carlo production, the SCons release manager,
 //! reprocessing, ...) bound to a machine, the resources it needs, the folders it shares, its
-//! network mode and its security policy. [`check`] verifies from INSIDE the running guest that
+//! network mode and its security policy. [`crate::check`] verifies from INSIDE the running guest that
 //! every declared resource is usable before work starts.
 
 use std::collections::BTreeMap;
