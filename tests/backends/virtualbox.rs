@@ -788,6 +788,22 @@ async fn pid_gone_soon(pid: i32) -> bool {
     false
 }
 
+/// A streamed guest program that says "up" and sleeps, and its pid.
+async fn sleeper(vm: &anyvm::Vm, pidfile: &Path) -> (anyvm::ExecStream, i32) {
+    let script = format!("echo $$ > {}; echo up; exec sleep 300", pidfile.display());
+    let mut s = vm
+        .exec_stream(&ExecRequest::new("/bin/sh").args(["-c", script.as_str()]))
+        .await
+        .unwrap();
+    assert_eq!(s.next().await.unwrap().data, b"up\n");
+    let pid = std::fs::read_to_string(pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    (s, pid)
+}
+
 #[tokio::test]
 async fn exec_streams_output_and_a_dropped_stream_kills_the_program() {
     use anyvm::{CopyDirection, Event, OutputStream, VmEventKind};
@@ -835,33 +851,14 @@ async fn exec_streams_output_and_a_dropped_stream_kills_the_program() {
 
     // Dropping the stream kills the guest program; cancel reports Cancelled.
     let pidfile = f.dir.path().join("prog.pid");
-    let script = format!("echo $$ > {}; echo up; exec sleep 300", pidfile.display());
-    let mut s = vm
-        .exec_stream(&ExecRequest::new("/bin/sh").args(["-c", script.as_str()]))
-        .await
-        .unwrap();
-    assert_eq!(s.next().await.unwrap().data, b"up\n");
-    let pid: i32 = std::fs::read_to_string(&pidfile)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let (s, pid) = sleeper(&vm, &pidfile).await;
     drop(s);
     assert!(
         pid_gone_soon(pid).await,
         "guest program {pid} survived the dropped stream"
     );
 
-    let mut s = vm
-        .exec_stream(&ExecRequest::new("/bin/sh").args(["-c", script.as_str()]))
-        .await
-        .unwrap();
-    assert_eq!(s.next().await.unwrap().data, b"up\n");
-    let pid: i32 = std::fs::read_to_string(&pidfile)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let (mut s, pid) = sleeper(&vm, &pidfile).await;
     s.cancel();
     let e = s.wait().await.unwrap_err();
     assert_eq!(e.kind(), anyvm::ErrorKind::Cancelled, "{e}");
