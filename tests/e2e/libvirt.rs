@@ -785,6 +785,49 @@ async fn exec_stream_copy_progress_and_events_on_the_agent() {
     assert!(left.is_empty(), "guest programs left: {left:?}");
     assert!(dirs.trim().is_empty(), "output dirs left: {dirs}");
 
+    // Over the ssh channel: output streams as sshd sends it, and a dropped exec kills the
+    // guest program (its session's watcher ends the process group).
+    vm.wait_ready(&ready().probe(Probe::SshBanner { guest_port: 22 }))
+        .await
+        .unwrap();
+    let via_ssh = vm
+        .clone()
+        .with_credentials(Credentials::user("root").identity_file(guest().client_key()))
+        .with_guest_channel(GuestChannel::Ssh { port: 22 });
+    let t = Instant::now();
+    let mut s = via_ssh
+        .exec_stream(&ExecRequest::new("sh").args(["-c", "echo one; sleep 2; echo two; exit 3"]))
+        .await
+        .unwrap();
+    assert_eq!(s.next().await.unwrap().data, b"one\n");
+    let first_at = t.elapsed();
+    let out = s.wait().await.unwrap();
+    assert!(t.elapsed() >= first_at + Duration::from_millis(1500));
+    assert_eq!(
+        (out.exit_code, out.stdout_str().as_str()),
+        (Some(3), "two\n")
+    );
+    let mut s = via_ssh
+        .exec_stream(&ExecRequest::new("sh").args(["-c", "echo up; exec sleep 609"]))
+        .await
+        .unwrap();
+    assert_eq!(s.next().await.unwrap().data, b"up\n");
+    // The program, and the session's shell and watcher (their argv names it too).
+    assert!(!guest_pids(&vm, "sleep 609").await.is_empty());
+    drop(s);
+    let mut left = vec![String::new()];
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        left = guest_pids(&vm, "sleep 609").await;
+        if left.is_empty() {
+            break;
+        }
+    }
+    assert!(
+        left.is_empty(),
+        "the ssh exec's program survived the drop: {left:?}"
+    );
+
     // Copies through the agent report every chunk, in order, to the caller.
     let src = env.dir.path().join("progress.bin");
     std::fs::write(&src, vec![3u8; 1 << 20]).unwrap();

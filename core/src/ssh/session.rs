@@ -38,6 +38,12 @@ pub struct SshTarget {
     pub connect_timeout: Duration,
 }
 
+/// Runs the program (positional parameters) in the background with stdin from /dev/null and
+/// watches the session's stdin: when the ssh client goes away (a dropped or cancelled exec),
+/// sshd closes it and the watcher kills the whole process group, program included. A normal
+/// exit stops the watcher.
+pub const WATCHED: &str = "exec 3<&0; \"$@\" </dev/null 3<&- & p=$!; { cat <&3 >/dev/null 2>&1; kill -KILL 0; } </dev/null >/dev/null 2>&1 & w=$!; exec 3<&-; wait $p; s=$?; kill $w 2>/dev/null; exit $s";
+
 /// The remote command line for an exec request: `cd DIR && exec env K=V PROGRAM ARGS...`.
 pub fn remote_command(req: &ExecRequest) -> String {
     let mut words: Vec<String> = Vec::new();
@@ -56,6 +62,22 @@ pub fn remote_command(req: &ExecRequest) -> String {
     words.push(shell_quote(&req.program));
     words.extend(req.args.iter().map(|a| shell_quote(a)));
     words.join(" ")
+}
+
+/// [`remote_command`] under the [`WATCHED`] wrapper, for requests without stdin data.
+pub fn watched_remote_command(req: &ExecRequest) -> String {
+    let mut r = req.clone();
+    let mut argv = vec!["-c".to_string(), WATCHED.to_string(), "sh".into()];
+    if !req.env.is_empty() {
+        argv.push("env".into());
+        argv.extend(req.env.iter().map(|(k, v)| format!("{k}={v}")));
+        r.env.clear();
+    }
+    argv.push(req.program.clone());
+    argv.extend(req.args.iter().cloned());
+    r.program = "sh".into();
+    r.args = argv;
+    remote_command(&r)
 }
 
 pub(crate) fn ssh_binary(name: &str) -> Result<PathBuf> {
@@ -156,15 +178,18 @@ impl SshTarget {
         self.ensure_known_hosts_dir(&ctx)?;
         let mut args = self.options();
         args.extend(["-p".into(), self.port.to_string().into()]);
-        if req.stdin.is_none() {
-            args.push("-n".into());
-        }
+        // Without stdin data the session's stdin is a pipe held open while ssh runs: the remote
+        // watcher kills the program when it closes (this call dropped, ssh killed).
         args.push(self.destination(false).into());
         args.push("--".into());
-        args.push(remote_command(req).into());
+        args.push(match req.stdin {
+            Some(_) => remote_command(req).into(),
+            None => watched_remote_command(req).into(),
+        });
         let mut cmd = ToolCommand::new(ssh_binary("ssh")?, args, req.timeout);
         cmd.display = format!("ssh {} {}", self.destination(false), req.program);
         cmd.stdin = req.stdin.clone();
+        cmd.hold_stdin = req.stdin.is_none();
         cmd.sink = sink;
         let mut out = cmd.run(&ctx).await?;
         if out.code == Some(255) {
@@ -313,6 +338,67 @@ mod tests {
         assert_eq!(shell_quote("a b"), "'a b'");
         assert_eq!(shell_quote("it's; rm -rf /"), r"'it'\''s; rm -rf /'");
         assert_eq!(shell_quote("$(id)`x`"), "'$(id)`x`'");
+    }
+
+    /// Run a remote command line in a local `sh`, in a process group of its own (the watcher
+    /// kills its group).
+    fn local_session(line: &str) -> std::process::Child {
+        use std::os::unix::process::CommandExt;
+        std::process::Command::new("/bin/sh")
+            .args(["-c", line])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .process_group(0)
+            .spawn()
+            .unwrap()
+    }
+
+    #[test]
+    fn the_watched_command_keeps_argv_env_and_exit_code_and_dies_with_its_session() {
+        let req = ExecRequest::new("sh")
+            .args([
+                "-c",
+                "printf '%s|' \"$@\" \"$X\"; pwd; exit 3",
+                "x",
+                "a b",
+                "$HOME;`id`",
+            ])
+            .env("X", "y z")
+            .cwd("/tmp");
+        let mut child = local_session(&watched_remote_command(&req));
+        let held = child.stdin.take(); // open while it runs, as ssh keeps it
+        let out = child.wait_with_output().unwrap();
+        drop(held);
+        assert_eq!(out.status.code(), Some(3));
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            "a b|$HOME;`id`|y z|/tmp\n"
+        );
+
+        // The session's stdin closing (the ssh client gone) kills the program.
+        let dir = tempfile::tempdir().unwrap();
+        let pidf = dir.path().join("pid");
+        let script = format!("echo $$ > {}; exec sleep 300", pidf.display());
+        let mut child = local_session(&watched_remote_command(
+            &ExecRequest::new("sh").args(["-c", script.as_str()]),
+        ));
+        let pid = (0..100)
+            .find_map(|_| {
+                std::thread::sleep(Duration::from_millis(20));
+                std::fs::read_to_string(&pidf)
+                    .ok()
+                    .and_then(|p| p.trim().parse::<i32>().ok())
+            })
+            .expect("the program started");
+        drop(child.stdin.take());
+        let started = std::time::Instant::now();
+        let st = child.wait().unwrap();
+        assert!(st.code().is_none() || st.code() != Some(0), "{st:?}");
+        assert!(started.elapsed() < Duration::from_secs(5));
+        let alive = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| !s.contains(") Z "))
+            .unwrap_or(false);
+        assert!(!alive, "the program {pid} outlived its session");
     }
 
     #[test]

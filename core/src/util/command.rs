@@ -28,6 +28,9 @@ pub struct ToolCommand {
     /// Forward output here as it is read; the returned output then keeps only the last
     /// [`STREAM_TAIL`] bytes of each stream.
     pub sink: Option<OutputSink>,
+    /// With no `stdin` data: give the child a pipe that stays open until it exits, instead of
+    /// /dev/null (the ssh channel's remote watcher ends the guest program when it closes).
+    pub hold_stdin: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -72,6 +75,7 @@ impl ToolCommand {
             timeout,
             display,
             sink: None,
+            hold_stdin: false,
         }
     }
 
@@ -82,7 +86,7 @@ impl ToolCommand {
         cmd.args(&self.args)
             .env("LC_ALL", "C")
             .env("LANG", "C")
-            .stdin(if self.stdin.is_some() {
+            .stdin(if self.stdin.is_some() || self.hold_stdin {
                 Stdio::piped()
             } else {
                 Stdio::null()
@@ -112,8 +116,10 @@ impl ToolCommand {
         let mut group = GroupGuard(pgid);
         let mut stdout = child.stdout.take().expect("piped");
         let mut stderr = child.stderr.take().expect("piped");
-        let stdin = child.stdin.take();
+        let mut stdin = child.stdin.take();
         let input = self.stdin.clone();
+        // Held until the child exits: its end of the pipe stays open as long as it runs.
+        let held = if input.is_none() { stdin.take() } else { None };
         let sink = self.sink.clone();
         let io = async move {
             let feed = async move {
@@ -131,6 +137,7 @@ impl ToolCommand {
         let waited = tokio::time::timeout(self.timeout, async {
             let (out, err) = io.await?;
             let status = child.wait().await?;
+            drop(held);
             Ok::<_, std::io::Error>((status, out, err))
         })
         .await;
