@@ -82,7 +82,11 @@ impl JsonStore {
                 file.sync_all()?;
                 std::fs::rename(&tmp, &path)
             };
-            write().map_err(|e| Error::io(ctx.clone(), &path, e))?;
+            if let Err(e) = write() {
+                // A full disk must not leave a half-written temp file behind.
+                let _ = std::fs::remove_file(&tmp);
+                return Err(Error::io(ctx.clone(), &path, e));
+            }
         }
         Ok(out)
     }
