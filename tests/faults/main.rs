@@ -5,6 +5,8 @@
 //!
 //! `cargo test -p anyvm --test faults` (part of scripts/test.sh). Each drill is bounded in time.
 
+#[path = "../e2e/common.rs"]
+mod common;
 mod drills;
 
 use std::time::{Duration, Instant};
@@ -21,12 +23,15 @@ pub struct Tally {
     pub leaked: u32,
     /// What went wrong, one line per failed trial.
     pub failures: Vec<String>,
+    /// Every trial's name, in order (names carry measured figures).
+    pub names: Vec<String>,
 }
 
 impl Tally {
     /// Record one trial: `Ok` survived, `Err(why)` did not.
     pub fn trial(&mut self, name: &str, r: Result<(), String>) {
         self.trials += 1;
+        self.names.push(name.to_string());
         match r {
             Ok(()) => self.survived += 1,
             Err(why) => self.failures.push(format!("{name}: {why}")),
@@ -80,6 +85,11 @@ fn main() {
             Duration::from_secs(60),
             || Box::pin(drills::disk_full::state_dir()),
         ),
+        (
+            "QEMU killed during exec, wait, copy, snapshot",
+            Duration::from_secs(600),
+            || Box::pin(drills::qemu_killed::killed()),
+        ),
     ];
     let filter: Option<String> = std::env::args().skip(1).find(|a| !a.starts_with('-'));
     let mut rows = Vec::new();
@@ -99,6 +109,9 @@ fn main() {
             }
         });
         eprintln!("drill '{name}': {:.1}s", started.elapsed().as_secs_f64());
+        for n in &tally.names {
+            eprintln!("  trial: {n}");
+        }
         rows.push((name, tally));
     }
     println!();

@@ -402,35 +402,36 @@ async fn watch_state(
             "the VM stopped while waiting for it to become ready; see its console log".into(),
         ),
     };
-    // Events give an immediate answer; a slow poll covers backends without them and lost events.
-    let poll_every = if events.is_some() {
-        Duration::from_secs(2)
-    } else {
-        Duration::from_millis(500)
-    };
+    // Events answer at once when they come, but libvirt sends "stopped" only after cleaning up
+    // a killed QEMU (seconds later) while its state already reads shut off: poll as well.
+    let poll_every = Duration::from_millis(500);
     loop {
+        // An event saying the VM went down is the answer itself: libvirt may still report it
+        // running for a moment after the event.
         let wake = async {
             match events.as_mut() {
                 Some(rx) => loop {
                     match rx.recv().await {
                         Ok(ev) if ev.vm == vm.as_str() => match ev.kind {
-                            VmEventKind::Stopped | VmEventKind::Crashed | VmEventKind::Paused => {
-                                return
-                            }
+                            VmEventKind::Stopped => return Some("shut off"),
+                            VmEventKind::Crashed => return Some("crashed"),
+                            VmEventKind::Paused => return Some("paused"),
                             _ => {}
                         },
                         Ok(_) => {}
-                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => return,
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => return None,
                         Err(tokio::sync::broadcast::error::RecvError::Closed) => {
                             futures::future::pending::<()>().await
                         }
                     }
                 },
-                None => futures::future::pending::<()>().await,
+                None => futures::future::pending::<Option<&str>>().await,
             }
         };
         tokio::select! {
-            _ = wake => {}
+            gone = wake => if let Some(state) = gone {
+                return left(state.to_string());
+            },
             _ = tokio::time::sleep(poll_every) => {}
         }
         match backend.state(&vm).await {

@@ -3,6 +3,7 @@
 pub mod disk_full;
 pub mod hung;
 pub mod ports;
+pub mod qemu_killed;
 pub mod secrets;
 
 use std::path::{Path, PathBuf};
