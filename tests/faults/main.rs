@@ -86,6 +86,11 @@ fn main() {
             || Box::pin(drills::disk_full::state_dir()),
         ),
         (
+            "guest agent frozen during exec and readiness",
+            Duration::from_secs(300),
+            || Box::pin(drills::agent_frozen::frozen()),
+        ),
+        (
             "QEMU killed during exec, wait, copy, snapshot",
             Duration::from_secs(600),
             || Box::pin(drills::qemu_killed::killed()),

@@ -1,5 +1,6 @@
 //! One module per kind of fault.
 
+pub mod agent_frozen;
 pub mod disk_full;
 pub mod hung;
 pub mod ports;
