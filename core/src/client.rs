@@ -61,6 +61,16 @@ pub use crate::paths::default_state_dir;
 /// A client made from an `anyvm.toml` ([`Client::from_config`]) owns it: every [`Vm`] it hands
 /// out ([`Client::vm`], [`Client::define`], [`Client::up`], clones of those) already carries the
 /// machine's guest account, guest channel and its profile's policy, so no caller can forget them.
+///
+/// ```no_run
+/// # async fn demo() -> anyvm::Result<()> {
+/// let client = anyvm::Client::from_config(anyvm::Config::load("anyvm.toml")?).await?;
+/// let vm = client.up_machine("build1").await?; // define if needed, start, wait ready
+/// for info in client.list().await? {
+///     println!("{} {}", info.name, info.state);
+/// }
+/// # let _ = vm; Ok(()) }
+/// ```
 #[derive(Debug, Clone)]
 pub struct Client {
     backend: Arc<dyn Backend>,

@@ -23,7 +23,20 @@ use serde_json::json;
 pub use crate::labels::{CLONE_BASE as CLONE_BASE_LABEL, CLONE_SNAPSHOT as CLONE_SNAPSHOT_LABEL};
 pub use crate::types::dependants_of;
 
-/// A handle on one VM. Cheap to clone; all methods are async and cancel-safe at await points.
+/// A handle on one VM. Cheap to clone; all methods are async and cancel-safe at await points:
+/// a dropped exec kills its guest program, a dropped define or clone leaves nothing half-made.
+///
+/// ```no_run
+/// # async fn demo(client: anyvm::Client) -> anyvm::Result<()> {
+/// use anyvm::{ExecRequest, ReadySpec, StopOptions};
+/// let vm = client.vm("build1").await?;
+/// vm.start().await?;
+/// vm.wait_ready(&ReadySpec::default()).await?;
+/// let out = vm.exec_checked(&ExecRequest::new("make").arg("-j2").cwd("/src")).await?;
+/// vm.copy_from("/src/build.log", "build.log").await?;
+/// vm.stop(StopOptions::default()).await?;
+/// # let _ = out; Ok(()) }
+/// ```
 #[derive(Debug, Clone)]
 pub struct Vm {
     name: VmName,
