@@ -86,6 +86,11 @@ fn main() {
             || Box::pin(drills::disk_full::state_dir()),
         ),
         (
+            "libvirtd restarted between and during calls",
+            Duration::from_secs(400),
+            || Box::pin(drills::libvirtd_restart::restarted()),
+        ),
+        (
             "guest agent frozen during exec and readiness",
             Duration::from_secs(300),
             || Box::pin(drills::agent_frozen::frozen()),

@@ -251,7 +251,7 @@ impl LibvirtBackend {
         // Cancel-safety: if this future is dropped (a cancelled job, a timeout around the call),
         // the guest program is killed instead of running on unobserved.
         let mut guard = KillOnDrop {
-            conn: Some(self.conn.clone()),
+            conn: Some(self.current_connection()),
             vm: vm.to_string(),
             pid,
             handles: Vec::new(),
@@ -333,7 +333,7 @@ impl LibvirtBackend {
         }
         // From here on, a dropped or failed call removes what it made in the guest.
         let mut guard = KillOnDrop {
-            conn: Some(self.conn.clone()),
+            conn: Some(self.current_connection()),
             vm: vm.to_string(),
             pid: 0,
             handles: Vec::new(),

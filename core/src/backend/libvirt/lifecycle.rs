@@ -119,7 +119,7 @@ pub(super) async fn request_shutdown(be: &LibvirtBackend, vm: &VmName) -> Result
     // thread: an error within a second means "no agent, try ACPI"; silence means "delivered".
     // The thread ends when the guest goes down or the facade powers it off.
     let (tx, rx) = tokio::sync::oneshot::channel();
-    let conn = be.conn.clone();
+    let conn = be.current_connection();
     let name = vm.to_string();
     tokio::task::spawn_blocking(move || {
         let r = conn.lookup_domain_by_name(&name).and_then(|d| {

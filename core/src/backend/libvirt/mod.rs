@@ -103,11 +103,58 @@ impl Default for LibvirtOptions {
     }
 }
 
+/// Keepalive (a dead or hung libvirtd becomes an error instead of a hang) and the event
+/// callbacks, on a new connection.
+fn prepare(conn: &Connect, tx: &broadcast::Sender<VmEvent>) {
+    let _ = conn.set_keep_alive(5, 3);
+    if let Err(e) = events::register(conn, tx) {
+        tracing::warn!(error = %e, "libvirt events unavailable; readiness falls back to polling");
+    }
+}
+
+/// What a blocking call needs to use, or reopen, the connection.
+struct Link {
+    slot: Arc<std::sync::RwLock<Arc<Connect>>>,
+    uri: String,
+    events: broadcast::Sender<VmEvent>,
+}
+
+impl Link {
+    /// The current connection, reopened first when libvirtd went away (restarted, the link
+    /// dropped): the new one gets the same event callbacks, so subscribers keep receiving.
+    /// A call in flight when the connection died fails; the next one reconnects. Blocking.
+    fn get(&self) -> Arc<Connect> {
+        let current = self.slot.read().unwrap_or_else(|p| p.into_inner()).clone();
+        if current.is_alive().unwrap_or(false) {
+            return current;
+        }
+        let mut slot = self.slot.write().unwrap_or_else(|p| p.into_inner());
+        if !Arc::ptr_eq(&slot, &current) {
+            return slot.clone(); // another call reconnected meanwhile
+        }
+        match Connect::open(Some(&self.uri)) {
+            Ok(c) => {
+                prepare(&c, &self.events);
+                tracing::info!(uri = %self.uri, "the libvirt connection was lost; reconnected");
+                *slot = Arc::new(c);
+                slot.clone()
+            }
+            // Still down: the call fails with libvirt's own error on the dead connection.
+            Err(e) => {
+                tracing::warn!(uri = %self.uri, error = %e, "libvirtd is not reachable");
+                current
+            }
+        }
+    }
+}
+
 /// The libvirt backend (QEMU/KVM, local or over `qemu+ssh://`), through the `virt` bindings.
 #[derive(Clone)]
 pub struct LibvirtBackend {
     uri: String,
-    conn: Arc<Connect>,
+    /// The live connection; replaced when libvirtd restarts or the link drops (shared by
+    /// clones of the backend).
+    conn: Arc<std::sync::RwLock<Arc<Connect>>>,
     events: broadcast::Sender<VmEvent>,
     opts: LibvirtOptions,
     host: HypervisorHost,
@@ -157,6 +204,14 @@ fn map_err(ctx: &Ctx, e: virt::error::Error) -> Error {
         Error::Auth {
             ctx: ctx.clone(),
             reason: msg,
+        }
+    } else if msg.contains("client socket is closed") || msg.contains("Cannot recv data") {
+        Error::BackendUnavailable {
+            ctx: ctx.clone(),
+            backend: ID.into(),
+            reason: format!(
+                "{msg}: libvirtd restarted or the connection dropped; the next call reconnects"
+            ),
         }
     } else if known(ErrorNumber::NoConnect) || known(ErrorNumber::SystemError) {
         Error::BackendUnavailable {
@@ -246,15 +301,11 @@ impl LibvirtBackend {
             }
             Ok(Ok(Ok(c))) => c,
         };
-        // Keepalive turns a dead or hung libvirtd into errors instead of hangs.
-        let _ = conn.set_keep_alive(5, 3);
         let (tx, _) = broadcast::channel(256);
-        if let Err(e) = events::register(&conn, &tx) {
-            tracing::warn!(error = %e, "libvirt events unavailable; readiness falls back to polling");
-        }
+        prepare(&conn, &tx);
         Ok(LibvirtBackend {
             uri: uri.to_string(),
-            conn: Arc::new(conn),
+            conn: Arc::new(std::sync::RwLock::new(Arc::new(conn))),
             events: tx,
             opts,
             host: HypervisorHost::for_uri(uri),
@@ -266,14 +317,28 @@ impl LibvirtBackend {
         &self.opts
     }
 
+    fn link(&self) -> Link {
+        Link {
+            slot: self.conn.clone(),
+            uri: self.uri.clone(),
+            events: self.events.clone(),
+        }
+    }
+
+    /// The current connection as it is, for work that must not block on a reconnect (drop
+    /// guards, fire-and-forget requests).
+    fn current_connection(&self) -> Arc<Connect> {
+        self.conn.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
     /// Run a blocking libvirt call under the call deadline.
     async fn call<T, F>(&self, ctx: &Ctx, timeout: Duration, f: F) -> Result<T>
     where
         T: Send + 'static,
         F: FnOnce(&Connect) -> Result<T> + Send + 'static,
     {
-        let conn = self.conn.clone();
-        let task = tokio::task::spawn_blocking(move || f(&conn));
+        let link = self.link();
+        let task = tokio::task::spawn_blocking(move || f(&link.get()));
         match tokio::time::timeout(timeout, task).await {
             Ok(Ok(r)) => r,
             Ok(Err(join)) => Err(Error::backend(
