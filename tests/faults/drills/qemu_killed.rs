@@ -22,6 +22,8 @@ fn qemu_pid(vm: &str) -> Option<i32> {
 
 /// Kill-to-error bound (see the module docs for why it is not the 2 s goal).
 const BOUND: Duration = Duration::from_secs(3);
+/// How long the reported state may lag the death.
+const SETTLE: Duration = Duration::from_secs(5);
 
 fn ready() -> ReadySpec {
     ReadySpec::default().timeout(Duration::from_secs(120))
@@ -103,9 +105,16 @@ pub async fn killed() -> Tally {
                 }
                 Err(_) => {}
             }
-            let st = vm.state().await.map_err(|e| format!("state: {e}"))?;
+            // libvirt may show the state the operation left (a snapshot pauses the guest) until it
+            // has processed the death: allow it SETTLE to report crashed or shut off.
+            let mut st = vm.state().await.map_err(|e| format!("state: {e}"))?;
+            let settle_by = Instant::now() + SETTLE;
+            while !matches!(st, VmState::Crashed | VmState::ShutOff) && Instant::now() < settle_by {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                st = vm.state().await.map_err(|e| format!("state: {e}"))?;
+            }
             if !matches!(st, VmState::Crashed | VmState::ShutOff) {
-                return Err(format!("state after the kill is {st}"));
+                return Err(format!("state {SETTLE:?} after the kill is still {st}"));
             }
             vm.start()
                 .await
