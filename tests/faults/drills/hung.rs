@@ -5,17 +5,11 @@
 use std::future::Future;
 use std::path::Path;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyvm::backend::virtualbox::{VirtualBoxBackend, VirtualBoxOptions};
-use anyvm::backend::vmware::{VmwareBackend, VmwareOptions};
-use anyvm::{
-    Boot, Client, ClientOptions, Credentials, DiskSpec, ErrorKind, ExecRequest, Secret,
-    SecretSource, StopOptions, Vm, VmName, VmSpec,
-};
+use anyvm::{Client, Credentials, ErrorKind, ExecRequest, Secret, SecretSource, StopOptions, Vm};
 
-use super::{fake, gone_within};
+use super::{gone_within, virtualbox_vm, vmware_vm, FakeVm};
 use crate::Tally;
 
 /// The backends' deadlines in the drill: ordinary calls, and calls that copy disks or files
@@ -113,36 +107,17 @@ async fn drill(home: &Path, vm: &Vm, client: &Client, cases: Vec<Case>) -> Tally
 
 /// Every VirtualBox operation anyvm makes through VBoxManage.
 pub async fn virtualbox() -> Tally {
-    let dir = tempfile::tempdir().unwrap();
-    let home = dir.path().join("vbox");
-    std::fs::create_dir_all(&home).unwrap();
-    let backend = Arc::new(
-        VirtualBoxBackend::new(VirtualBoxOptions {
-            vboxmanage: Some(fake("VBoxManage")),
-            console_dir: dir.path().join("console"),
-            env: vec![("ANYVM_FAKE_VBOX_HOME".into(), home.display().to_string())],
-            call_timeout: CALL,
-            long_timeout: LONG,
-            ..Default::default()
-        })
-        .unwrap(),
-    );
-    let client = Client::with_backend(
-        backend,
-        ClientOptions::default()
-            .state_dir(dir.path().join("state"))
-            .port_range(48500..=48599),
-    );
-    let disk = dir.path().join("d.vdi");
-    std::fs::write(&disk, b"disk").unwrap();
-    let mut spec = VmSpec::new(VmName::new("hung-vb").unwrap(), Boot::Disk);
-    spec.disks.push(DiskSpec {
-        path: disk,
-        format: anyvm::DiskFormat::Vdi,
-        readonly: false,
-        owned: false,
-    });
-    let vm = client.define(spec).await.unwrap().with_credentials(creds());
+    let FakeVm {
+        dir,
+        home,
+        client,
+        vm,
+    } = virtualbox_vm("hung-vb", 48500..=48599, "{}", |o| {
+        o.call_timeout = CALL;
+        o.long_timeout = LONG;
+    })
+    .await;
+    let vm = vm.with_credentials(creds());
     vm.start().await.unwrap();
     let src = dir.path().join("in.txt");
     std::fs::write(&src, b"data").unwrap();
@@ -206,35 +181,17 @@ pub async fn virtualbox() -> Tally {
 
 /// Every VMware operation anyvm makes through vmrun.
 pub async fn vmware() -> Tally {
-    let dir = tempfile::tempdir().unwrap();
-    let home = dir.path().join("vmw");
-    std::fs::create_dir_all(&home).unwrap();
-    let backend = Arc::new(
-        VmwareBackend::new(VmwareOptions {
-            vmrun: Some(fake("vmrun")),
-            state_dir: dir.path().join("state"),
-            env: vec![("ANYVM_FAKE_VMRUN_HOME".into(), home.display().to_string())],
-            call_timeout: CALL,
-            long_timeout: LONG,
-            ..Default::default()
-        })
-        .unwrap(),
-    );
-    let client = Client::with_backend(
-        backend,
-        ClientOptions::default()
-            .state_dir(dir.path().join("state"))
-            .port_range(48600..=48699),
-    );
-    let vmdir = dir.path().join("vms/hung-vw");
-    std::fs::create_dir_all(&vmdir).unwrap();
-    let vmx = vmdir.join("hung-vw.vmx");
-    std::fs::write(&vmx, ".encoding = \"UTF-8\"\nmemsize = \"512\"\n").unwrap();
-    let spec = VmSpec::new(
-        VmName::new("hung-vw").unwrap(),
-        Boot::Existing { path: vmx },
-    );
-    let vm = client.define(spec).await.unwrap().with_credentials(creds());
+    let FakeVm {
+        dir,
+        home,
+        client,
+        vm,
+    } = vmware_vm("hung-vw", 48600..=48699, "{}", |o| {
+        o.call_timeout = CALL;
+        o.long_timeout = LONG;
+    })
+    .await;
+    let vm = vm.with_credentials(creds());
     vm.start().await.unwrap();
     let src = dir.path().join("in.txt");
     std::fs::write(&src, b"data").unwrap();
@@ -293,34 +250,12 @@ pub async fn vmware() -> Tally {
 
 /// "Already locked" answers are retried, then reported as Busy; the next call works.
 pub async fn lock_errors() -> Tally {
-    let dir = tempfile::tempdir().unwrap();
-    let home = dir.path().join("vbox");
-    std::fs::create_dir_all(&home).unwrap();
-    let backend = Arc::new(
-        VirtualBoxBackend::new(VirtualBoxOptions {
-            vboxmanage: Some(fake("VBoxManage")),
-            console_dir: dir.path().join("console"),
-            env: vec![("ANYVM_FAKE_VBOX_HOME".into(), home.display().to_string())],
-            ..Default::default()
-        })
-        .unwrap(),
-    );
-    let client = Client::with_backend(
-        backend,
-        ClientOptions::default()
-            .state_dir(dir.path().join("state"))
-            .port_range(48700..=48799),
-    );
-    let disk = dir.path().join("d.vdi");
-    std::fs::write(&disk, b"disk").unwrap();
-    let mut spec = VmSpec::new(VmName::new("locked-vb").unwrap(), Boot::Disk);
-    spec.disks.push(DiskSpec {
-        path: disk,
-        format: anyvm::DiskFormat::Vdi,
-        readonly: false,
-        owned: false,
-    });
-    let vm = client.define(spec).await.unwrap();
+    let FakeVm {
+        dir: _dir,
+        home,
+        vm,
+        ..
+    } = virtualbox_vm("locked-vb", 48700..=48799, "{}", |_| {}).await;
     let mut t = Tally::default();
     std::fs::write(home.join("faults.json"), r#"{"lock_failures": 2}"#).unwrap();
     let r = vm.start().await;

@@ -7,14 +7,9 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyvm::backend::virtualbox::{VirtualBoxBackend, VirtualBoxOptions};
-use anyvm::backend::vmware::{VmwareBackend, VmwareOptions};
-use anyvm::{
-    Boot, Client, ClientOptions, Credentials, DiskSpec, ErrorKind, ExecRequest, Probe, ReadySpec,
-    Secret, SecretSource, VmName, VmSpec,
-};
+use anyvm::{Credentials, ErrorKind, ExecRequest, Probe, ReadySpec, Secret, SecretSource};
 
-use super::fake;
+use super::{virtualbox_vm, vmware_vm, FakeVm};
 use crate::Tally;
 
 const PASSWORD: &str = "Drill-pw-7f3a9c";
@@ -119,43 +114,10 @@ pub async fn sampled() -> Tally {
 }
 
 async fn virtualbox(t: &mut Tally, messages: &mut String) {
-    let dir = tempfile::tempdir().unwrap();
-    let home = dir.path().join("vbox");
-    std::fs::create_dir_all(&home).unwrap();
-    std::fs::write(
-        home.join("faults.json"),
-        format!(r#"{{"guest_password": "{PASSWORD}"}}"#),
-    )
-    .unwrap();
-    let backend = Arc::new(
-        VirtualBoxBackend::new(VirtualBoxOptions {
-            vboxmanage: Some(fake("VBoxManage")),
-            console_dir: dir.path().join("console"),
-            env: vec![("ANYVM_FAKE_VBOX_HOME".into(), home.display().to_string())],
-            ..Default::default()
-        })
-        .unwrap(),
-    );
-    let client = Client::with_backend(
-        backend,
-        ClientOptions::default()
-            .state_dir(dir.path().join("state"))
-            .port_range(48800..=48899),
-    );
-    let disk = dir.path().join("d.vdi");
-    std::fs::write(&disk, b"disk").unwrap();
-    let mut spec = VmSpec::new(VmName::new("secret-vb").unwrap(), Boot::Disk);
-    spec.disks.push(DiskSpec {
-        path: disk,
-        format: anyvm::DiskFormat::Vdi,
-        readonly: false,
-        owned: false,
-    });
-    let vm = client
-        .define(spec)
-        .await
-        .unwrap()
-        .with_credentials(creds(PASSWORD));
+    let faults = format!(r#"{{"guest_password": "{PASSWORD}"}}"#);
+    let FakeVm { dir, home, vm, .. } =
+        virtualbox_vm("secret-vb", 48800..=48899, &faults, |_| {}).await;
+    let vm = vm.with_credentials(creds(PASSWORD));
     vm.start().await.unwrap();
     let ready = ReadySpec::default()
         .probe(Probe::Command {
@@ -216,43 +178,12 @@ async fn virtualbox(t: &mut Tally, messages: &mut String) {
 }
 
 async fn vmware(t: &mut Tally, messages: &mut String) {
-    let dir = tempfile::tempdir().unwrap();
-    let home = dir.path().join("vmw");
-    std::fs::create_dir_all(&home).unwrap();
-    std::fs::write(
-        home.join("faults.json"),
-        format!(r#"{{"guest_password": "{PASSWORD}"}}"#),
-    )
-    .unwrap();
-    let backend = Arc::new(
-        VmwareBackend::new(VmwareOptions {
-            vmrun: Some(fake("vmrun")),
-            state_dir: dir.path().join("state"),
-            env: vec![("ANYVM_FAKE_VMRUN_HOME".into(), home.display().to_string())],
-            forbid_secrets_in_argv: true,
-            ..Default::default()
-        })
-        .unwrap(),
-    );
-    let client = Client::with_backend(
-        backend,
-        ClientOptions::default()
-            .state_dir(dir.path().join("state"))
-            .port_range(48900..=48999),
-    );
-    let vmdir = dir.path().join("vms/secret-vw");
-    std::fs::create_dir_all(&vmdir).unwrap();
-    let vmx = vmdir.join("secret-vw.vmx");
-    std::fs::write(&vmx, ".encoding = \"UTF-8\"\nmemsize = \"512\"\n").unwrap();
-    let spec = VmSpec::new(
-        VmName::new("secret-vw").unwrap(),
-        Boot::Existing { path: vmx },
-    );
-    let vm = client
-        .define(spec)
-        .await
-        .unwrap()
-        .with_credentials(creds(PASSWORD));
+    let faults = format!(r#"{{"guest_password": "{PASSWORD}"}}"#);
+    let FakeVm { dir, home, vm, .. } = vmware_vm("secret-vw", 48900..=48999, &faults, |o| {
+        o.forbid_secrets_in_argv = true;
+    })
+    .await;
+    let vm = vm.with_credentials(creds(PASSWORD));
     vm.start().await.unwrap();
     let src = dir.path().join("f");
     std::fs::write(&src, b"x").unwrap();
