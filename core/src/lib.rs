@@ -29,6 +29,8 @@ pub mod credentials;
 pub mod doctor;
 pub mod error;
 pub mod events;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod health;
 pub mod job;
 pub mod labels;

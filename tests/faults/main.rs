@@ -58,6 +58,11 @@ fn main() {
         .expect("runtime");
     let drills: Vec<Drill> = vec![
         (
+            "parsers fuzzed (0 panics, exact round trips)",
+            Duration::from_secs(120),
+            || Box::pin(drills::parsers::fuzzed()),
+        ),
+        (
             "hung VBoxManage, every operation",
             Duration::from_secs(120),
             || Box::pin(drills::hung::virtualbox()),

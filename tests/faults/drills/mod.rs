@@ -4,6 +4,7 @@ pub mod agent_frozen;
 pub mod disk_full;
 pub mod hung;
 pub mod libvirtd_restart;
+pub mod parsers;
 pub mod ports;
 pub mod qemu_killed;
 pub mod secrets;

@@ -830,6 +830,35 @@ fn is_frozen_of(file: &str, base: &str, snapshot: Option<&str>) -> bool {
     parts.len() == 4 && parts[0] == base && snapshot.is_none_or(|s| parts[1] == s)
 }
 
+/// Every reader of agent replies and libvirt XML, for the parser fuzz drill.
+pub(crate) fn fuzz_parse(target: crate::fuzzing::Target, text: &str) {
+    use crate::fuzzing::Target as T;
+    match target {
+        T::AgentReply => {
+            if let Ok(v) = agent::ret(text) {
+                let _ = agent::int_field(&v, "pid");
+                let _ = agent::parse_exec_status(&v);
+                let _ = agent::parse_read(&v);
+            }
+        }
+        T::DomainXml => {
+            let _ = domain_xml::spec_from_metadata(text);
+            for tag in ["creationTime", "state", "name"] {
+                let _ = xml_text(text, tag);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// A spec written into domain metadata must read back equal, whatever its strings hold.
+pub(crate) fn fuzz_metadata_roundtrip(spec: &VmSpec) {
+    let xml = domain_xml::metadata_element(spec);
+    let back = domain_xml::spec_from_metadata(&xml)
+        .unwrap_or_else(|e| panic!("metadata written by anyvm does not read back: {e}\n{xml}"));
+    assert_eq!(&back, spec, "metadata round trip changed the spec");
+}
+
 #[cfg(test)]
 mod frozen_tests {
     use super::*;

@@ -614,3 +614,54 @@ fn remove_machine_files(kv: &[(String, String)], cfg: &Path, folder: &Path) {
     }
     let _ = std::fs::remove_dir(folder);
 }
+
+/// Every reader of VBoxManage output, as the backend chains them, for the parser fuzz drill.
+pub(crate) fn fuzz_parse(target: crate::fuzzing::Target, text: &str) {
+    use crate::fuzzing::Target as T;
+    let ctx = Ctx::new("fuzz");
+    match target {
+        T::VboxShowvminfo => {
+            let (rest, warnings) = parse::strip_warnings(text);
+            let _ = warnings.iter().any(|w| parse::is_driver_warning(w));
+            if let Ok(kv) = parse::machine_readable(&rest) {
+                let _ = VirtualBoxBackend::state_of(&ctx, &kv);
+                for nic in 1..=8 {
+                    let _ = parse::forwards(&kv, nic);
+                }
+                let _ = snapshot_infos(&kv);
+                let _ = parse::get(&kv, "CfgFile");
+            }
+        }
+        T::VboxList => {
+            let _ = parse::list(text);
+            let _ = parse::version(text);
+            let _ = parse::guest_property(text);
+        }
+        T::VboxMedia => {
+            if let Ok(all) = parse::media(text) {
+                let _ = media::clone_links(&all, &Default::default());
+                for m in &all {
+                    let _ = media::still_needed(&all, &m.uuid);
+                    for u in &m.users {
+                        let _ = media::media_of(&all, &u.vm);
+                    }
+                }
+            }
+            let _ = parse::extpacks(text);
+        }
+        T::VboxErrors => {
+            for code in [Some(0), Some(1), None] {
+                let out = crate::util::command::ToolOutput {
+                    code,
+                    stdout: Vec::new(),
+                    stderr: text.as_bytes().to_vec(),
+                    duration: std::time::Duration::ZERO,
+                };
+                if let Some(f) = errors::classify(&out) {
+                    let _ = errors::to_error(&ctx, f).to_string();
+                }
+            }
+        }
+        _ => {}
+    }
+}

@@ -518,3 +518,43 @@ impl Backend for VmwareBackend {
         Ok(None)
     }
 }
+
+/// Every reader of vmrun output and .vmx files, for the parser fuzz drill. A .vmx read and
+/// written back must read the same.
+pub(crate) fn fuzz_parse(target: crate::fuzzing::Target, text: &str) {
+    use crate::fuzzing::Target as T;
+    match target {
+        T::VmrunOutput => {
+            let _ = parse::list(text);
+            let _ = parse::snapshots(text);
+            let _ = parse::guest_exit_code(text);
+            let _ = parse::host_networks(text);
+            for code in [Some(0), Some(255), None] {
+                let out = crate::util::command::ToolOutput {
+                    code,
+                    stdout: text.as_bytes().to_vec(),
+                    stderr: Vec::new(),
+                    duration: std::time::Duration::ZERO,
+                };
+                if let Some(m) = errors::message(&out) {
+                    let _ = errors::to_error(&Ctx::new("fuzz"), m).to_string();
+                }
+            }
+        }
+        T::Vmx => {
+            let mut vmx = parse::Vmx::parse(text);
+            let again = parse::Vmx::parse(&vmx.render());
+            for key in ["displayName", "guestOS", "memsize", "annotation"] {
+                assert_eq!(vmx.get(key), again.get(key), "{key} changed by a rewrite");
+            }
+            vmx.set("annotation", "fuzz \"quoted\" value");
+            assert_eq!(
+                parse::Vmx::parse(&vmx.render())
+                    .get("annotation")
+                    .as_deref(),
+                Some("fuzz |22quoted|22 value")
+            );
+        }
+        _ => {}
+    }
+}
