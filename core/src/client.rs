@@ -305,11 +305,14 @@ impl Client {
         let vm = if self.backend.exists(&spec.name).await? {
             self.handle(spec.name.clone())
         } else {
+            tracing::debug!(vm = %spec.name, phase = "define", "up");
             self.define(spec).await?
         };
         if vm.state().await? != VmState::Running {
+            tracing::debug!(vm = %vm.name(), phase = "start", "up");
             vm.start().await?;
         }
+        tracing::debug!(vm = %vm.name(), phase = "ready", "up");
         vm.wait_ready(ready).await?;
         Ok(vm)
     }

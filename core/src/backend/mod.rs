@@ -37,6 +37,51 @@ pub enum ForwardTransport {
     SshTunnel,
 }
 
+/// What a backend left on the host for a VM that is gone (its owner was killed mid-operation,
+/// or the VM was removed behind anyvm's back), found by `anyvm gc`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Leftover {
+    /// What it is.
+    pub kind: LeftoverKind,
+    /// Where, on the hypervisor host.
+    pub path: String,
+}
+
+/// The kinds of [`Leftover`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LeftoverKind {
+    /// A read-only bind mount made for a share.
+    ShareMount,
+    /// A clone's overlay disk that no VM uses (made before its VM was defined, or left by a
+    /// destroy that was cut short).
+    CloneDisk,
+    /// A base disk frozen for linked clones that no clone uses any more.
+    FrozenBase,
+    /// An image qemu-img was still writing.
+    PartialImage,
+}
+
+impl fmt::Display for LeftoverKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            LeftoverKind::ShareMount => "share mount",
+            LeftoverKind::CloneDisk => "clone disk",
+            LeftoverKind::FrozenBase => "frozen base disk",
+            LeftoverKind::PartialImage => "partial image",
+        })
+    }
+}
+
+/// What one sweep of host state found.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct HostSweep {
+    /// Released, or on a dry run to release.
+    pub released: Vec<Leftover>,
+    /// Why part of the host state was not looked at (e.g. clones kept the images dir busy).
+    pub skipped: Option<String>,
+}
+
 /// The backend used when neither the caller nor the configuration names one.
 pub const DEFAULT_BACKEND: &str = "libvirt:qemu:///system";
 
@@ -282,15 +327,12 @@ pub trait Backend: Send + Sync + fmt::Debug {
 
     /// Release what the backend keeps on the host for VMs that no longer exist (libvirt: the
     /// read-only bind mounts of a VM removed behind anyvm's back or while its owner was being
-    /// killed). `live` lists the backend's VMs; names are re-checked before anything is
-    /// released. Returns what was released, or would be on a dry run.
-    async fn release_stale_host_state(
-        &self,
-        live: &[String],
-        dry_run: bool,
-    ) -> Result<Vec<String>> {
+    /// killed, clone disks and frozen bases no domain uses). `live` lists the backend's VMs;
+    /// names are re-checked before anything is released. Returns what was released, or would
+    /// be on a dry run.
+    async fn release_stale_host_state(&self, live: &[String], dry_run: bool) -> Result<HostSweep> {
         let _ = (live, dry_run);
-        Ok(Vec::new())
+        Ok(HostSweep::default())
     }
 
     /// State, forwards and snapshots together. The default asks for each; backends that read

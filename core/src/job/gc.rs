@@ -44,8 +44,11 @@ pub struct GcReport {
     pub clones: Vec<GcEntry>,
     /// Port leases of VMs that no longer exist, given back.
     pub leases_released: Vec<Lease>,
-    /// Host paths (share mounts) of VMs that are gone, released or, on a dry run, to release.
-    pub host_state_released: Vec<String>,
+    /// What the backend kept on the host for VMs that are gone (share mounts, clone disks,
+    /// frozen bases), released or, on a dry run, to release.
+    pub host_state_released: Vec<crate::backend::Leftover>,
+    /// Why part of the host state was not swept this time (run gc again).
+    pub host_state_skipped: Option<String>,
 }
 
 impl GcReport {
@@ -106,9 +109,11 @@ pub async fn gc(client: &Client, dry_run: bool) -> Result<GcReport> {
             .ports()
             .release_stale(&client.backend().uri(), |vm| names.iter().any(|n| n == vm))?;
     }
-    report.host_state_released = client
+    let sweep = client
         .backend()
         .release_stale_host_state(&names, dry_run)
         .await?;
+    report.host_state_released = sweep.released;
+    report.host_state_skipped = sweep.skipped;
     Ok(report)
 }

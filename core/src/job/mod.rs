@@ -450,6 +450,7 @@ impl Progress {
     fn begin(&mut self, phase: Phase) {
         self.end(true);
         self.current = Some((phase, Instant::now()));
+        tracing::debug!(job = %self.job, vm = ?self.vm, phase = %phase, "job phase begins");
         self.bus
             .publish(crate::events::Event::Job(crate::events::JobEvent {
                 job: self.job.clone(),

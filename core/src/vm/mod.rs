@@ -320,7 +320,10 @@ where
         armed: true,
     };
     let res = match resolve(&mut spec) {
-        Ok(()) => create(spec).await,
+        Ok(()) => {
+            tracing::debug!(vm = %vm, phase = "create", "ports leased");
+            create(spec).await
+        }
         Err(e) => Err(e),
     };
     leases.armed = res.is_err();

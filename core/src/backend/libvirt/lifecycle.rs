@@ -3,10 +3,13 @@
 use crate::error::{Ctx, Error, Result};
 use crate::name::VmName;
 use crate::types::{HostPort, VmInfo, VmSpec, VmState};
+use std::collections::BTreeSet;
 use std::time::Duration;
 use virt::sys;
 
+use super::orphans::{self, ImagesLock};
 use super::*;
+use crate::backend::{HostSweep, Leftover, LeftoverKind};
 
 pub(super) async fn list(be: &LibvirtBackend) -> Result<Vec<VmInfo>> {
     let ctx = Ctx::new("list");
@@ -78,6 +81,14 @@ pub(super) async fn define(be: &LibvirtBackend, spec: &VmSpec) -> Result<()> {
 pub(super) async fn undefine(be: &LibvirtBackend, vm: &VmName) -> Result<()> {
     let ctx = Ctx::vm("undefine", vm);
     let spec = be.spec(vm).await?;
+    // Between the undefine and the last removal its files are named by no domain.
+    let _lock = ImagesLock::shared(
+        &ctx,
+        &be.opts.images_dir,
+        be.is_local(),
+        be.opts.call_timeout,
+    )
+    .await?;
     be.dom(&ctx, vm, |d, c| {
         let flags = sys::VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
             | sys::VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
@@ -86,11 +97,16 @@ pub(super) async fn undefine(be: &LibvirtBackend, vm: &VmName) -> Result<()> {
     })
     .await?;
     if let Some(spec) = spec {
+        let mut backing = Vec::new();
         for d in spec.disks.iter().filter(|d| d.owned) {
+            if be.is_local() {
+                backing.extend(orphans::qcow2_backing(&d.path));
+            }
             if let Err(e) = be.host.remove_file(&ctx, &d.path).await {
                 tracing::warn!(vm = %vm, path = %d.path.display(), error = %e, "could not remove clone disk");
             }
         }
+        remove_unused_stopped_bases(be, &ctx, &backing).await;
         be.release_shares(vm, spec.shares.into_iter().map(|s| s.name));
     }
     let _ = be.host.remove_file(&ctx, &be.console_path(vm)).await;
@@ -98,6 +114,36 @@ pub(super) async fn undefine(be: &LibvirtBackend, vm: &VmName) -> Result<()> {
     // exist, so nothing uses them any more.
     be.remove_frozen(&ctx, vm, None).await;
     Ok(())
+}
+
+/// A clone of a stopped VM has a frozen copy of the base's disks of its own (the base may
+/// change after): once no overlay backs onto it, it goes with the clone. Frozen bases of a
+/// snapshot are shared by every clone from it and stay until the snapshot or base goes.
+async fn remove_unused_stopped_bases(be: &LibvirtBackend, ctx: &Ctx, backing: &[PathBuf]) {
+    let dir = &be.opts.images_dir;
+    let candidates: Vec<&PathBuf> = backing
+        .iter()
+        .filter(|p| p.parent() == Some(dir.as_path()))
+        .filter(|p| {
+            p.file_name().and_then(|f| f.to_str()).is_some_and(|f| {
+                matches!(orphans::classify(f), orphans::ImageFile::Frozen { snapshot, .. } if snapshot.is_empty())
+            })
+        })
+        .collect();
+    if candidates.is_empty() {
+        return;
+    }
+    let files = be.host.list_dir(ctx, dir).await.unwrap_or_default();
+    let still: BTreeSet<PathBuf> = files
+        .iter()
+        .filter(|f| matches!(orphans::classify(f), orphans::ImageFile::Overlay(_)))
+        .filter_map(|f| orphans::qcow2_backing(&dir.join(f)))
+        .collect();
+    for p in candidates.into_iter().filter(|p| !still.contains(*p)) {
+        if let Err(e) = be.host.remove_file(ctx, p).await {
+            tracing::warn!(path = %p.display(), error = %e, "could not remove a frozen base");
+        }
+    }
 }
 
 pub(super) async fn start(be: &LibvirtBackend, vm: &VmName) -> Result<()> {
@@ -193,10 +239,61 @@ pub(super) async fn release_stale_host_state(
     be: &LibvirtBackend,
     live: &[String],
     dry_run: bool,
-) -> Result<Vec<String>> {
+) -> Result<HostSweep> {
     if !be.is_local() {
-        return Ok(Vec::new()); // read-only shares are only ever mounted for a local libvirt
+        // Share mounts exist only for a local libvirt; a remote images dir is not swept.
+        return Ok(HostSweep::default());
     }
+    let mut sweep = HostSweep {
+        released: release_stale_mounts(be, live, dry_run).await?,
+        skipped: None,
+    };
+    let ctx = Ctx::new("sweep the images dir");
+    let dir = &be.opts.images_dir;
+    let Some(_lock) = ImagesLock::exclusive(&ctx, dir, SWEEP_WAIT).await? else {
+        sweep.skipped = Some(format!(
+            "clones or destroys kept {} busy for {}s; its files were not swept (run gc again)",
+            dir.display(),
+            SWEEP_WAIT.as_secs()
+        ));
+        return Ok(sweep);
+    };
+    // Under the exclusive lock no clone is between writing its files and defining its
+    // domain, so a file no domain names is an orphan.
+    let (domains, used) = be
+        .call(&ctx, be.opts.call_timeout, {
+            let c = ctx.clone();
+            move |conn| {
+                let mut names = BTreeSet::new();
+                let mut used = BTreeSet::new();
+                for d in conn.list_all_domains(0).map_err(|e| map_err(&c, e))? {
+                    names.insert(d.name().map_err(|e| map_err(&c, e))?);
+                    let xml = d.xml_desc(0).map_err(|e| map_err(&c, e))?;
+                    used.extend(orphans::disk_sources(&xml));
+                }
+                Ok((names, used))
+            }
+        })
+        .await?;
+    let files = be.host.list_dir(&ctx, dir).await?;
+    for l in orphans::orphans(dir, &files, &used, &domains) {
+        if !dry_run {
+            be.host.remove_file(&ctx, Path::new(&l.path)).await?;
+            tracing::info!(path = %l.path, kind = %l.kind, "removed an orphaned image");
+        }
+        sweep.released.push(l);
+    }
+    Ok(sweep)
+}
+
+/// How long gc waits for clones in progress before it leaves the images dir for next time.
+const SWEEP_WAIT: Duration = Duration::from_secs(30);
+
+async fn release_stale_mounts(
+    be: &LibvirtBackend,
+    live: &[String],
+    dry_run: bool,
+) -> Result<Vec<Leftover>> {
     let ctx = Ctx::new("release stale share mounts");
     let dir = &be.opts.shares_dir;
     let entries = match std::fs::read_dir(dir) {
@@ -221,7 +318,10 @@ pub(super) async fn release_stale_host_state(
             })
             .unwrap_or_default();
         let dir = be.ro_mounts(&vm);
-        released.extend(shares.iter().map(|n| dir.join(n).display().to_string()));
+        released.extend(shares.iter().map(|n| Leftover {
+            kind: LeftoverKind::ShareMount,
+            path: dir.join(n).display().to_string(),
+        }));
         if !dry_run {
             be.release_shares(&vm, shares);
             tracing::info!(vm = %vm, "released share mounts of a VM that is gone");

@@ -13,6 +13,7 @@ mod guest;
 pub(crate) mod host;
 mod lifecycle;
 mod network;
+mod orphans;
 mod snapshots;
 
 /// Make `target` a read-only bind mount of `source` (what read-only shares are served from).
@@ -809,7 +810,7 @@ impl Backend for LibvirtBackend {
         &self,
         live: &[String],
         dry_run: bool,
-    ) -> Result<Vec<String>> {
+    ) -> Result<super::HostSweep> {
         lifecycle::release_stale_host_state(self, live, dry_run).await
     }
 }

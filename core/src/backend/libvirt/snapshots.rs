@@ -114,6 +114,14 @@ pub(super) async fn clone_linked(
         }
     };
     be.host.create_dir_all(&ctx, &be.opts.images_dir).await?;
+    // Until the domain is defined (or the files are removed again) no domain names them.
+    let _lock = super::orphans::ImagesLock::shared(
+        &ctx,
+        &be.opts.images_dir,
+        be.is_local(),
+        be.opts.call_timeout,
+    )
+    .await?;
     let mut clone = clone_spec.clone();
     clone.disks = spec.disks.clone();
     let mut created: Vec<PathBuf> = Vec::new();
@@ -135,6 +143,7 @@ pub(super) async fn clone_linked(
                 .images_dir
                 .join(frozen_name(base.as_str(), &tag, i));
             if !be.host.exists(&ctx, &frozen).await? {
+                tracing::debug!(vm = %new, phase = "freeze", disk = i, "clone");
                 let tmp = frozen.with_extension("tmp");
                 let mut args = vec![
                     "convert".to_string(),
@@ -161,6 +170,7 @@ pub(super) async fn clone_linked(
                     hint: Some("remove the stale clone disk or pick another name".into()),
                 });
             }
+            tracing::debug!(vm = %new, phase = "overlay", disk = i, "clone");
             be.qemu_img(
                 &ctx,
                 vec![
@@ -185,7 +195,10 @@ pub(super) async fn clone_linked(
     }
     .await;
     let result = match result {
-        Ok(()) => be.define(&clone).await,
+        Ok(()) => {
+            tracing::debug!(vm = %new, phase = "define", "clone");
+            be.define(&clone).await
+        }
         Err(e) => Err(e),
     };
     if result.is_err() {

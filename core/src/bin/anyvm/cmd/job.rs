@@ -290,8 +290,11 @@ impl App {
                 lines.push(format!("released port {} (vm {} is gone)", l.port, l.vm));
             }
             let verb = if dry_run { "would release" } else { "released" };
-            for p in &r.host_state_released {
-                lines.push(format!("{verb} share mount {p} (its vm is gone)"));
+            for l in &r.host_state_released {
+                lines.push(format!("{verb} {} {} (its vm is gone)", l.kind, l.path));
+            }
+            if let Some(why) = &r.host_state_skipped {
+                lines.push(format!("not swept: {why}"));
             }
             if lines.is_empty() {
                 lines.push("nothing to collect".into());
