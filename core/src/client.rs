@@ -11,6 +11,9 @@ use crate::events::{EventBus, EventStream};
 use crate::name::VmName;
 use crate::ports::{PortAllocator, DEFAULT_PORT_RANGE};
 use crate::readiness::ReadySpec;
+
+/// How long `up` waits for a VM another process is starting, saving or snapshotting.
+const UP_SETTLE: std::time::Duration = std::time::Duration::from_secs(60);
 use crate::types::{VmInfo, VmSpec, VmState, VmStatus};
 use crate::vm::{complete_or_roll_back, define_with_ports, Vm};
 
@@ -299,7 +302,8 @@ impl Client {
         .await
     }
 
-    /// Define if missing, start if not running, then wait until ready: the usual "give me a VM".
+    /// Define if missing, start if not running (resume if paused; a start in progress is
+    /// waited for), then wait until ready: the usual "give me a VM".
     pub async fn up(&self, spec: VmSpec, ready: &ReadySpec) -> Result<Vm> {
         ready.validate()?;
         let vm = if self.backend.exists(&spec.name).await? {
@@ -308,9 +312,23 @@ impl Client {
             tracing::debug!(vm = %spec.name, phase = "define", "up");
             self.define(spec).await?
         };
-        if vm.state().await? != VmState::Running {
-            tracing::debug!(vm = %vm.name(), phase = "start", "up");
-            vm.start().await?;
+        // Another process may be starting it (or was killed while it did): let that settle.
+        let settle = std::time::Instant::now() + UP_SETTLE;
+        let mut state = vm.state().await?;
+        while state == VmState::Busy && std::time::Instant::now() < settle {
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            state = vm.state().await?;
+        }
+        match state {
+            VmState::Running => {}
+            VmState::Paused => {
+                tracing::debug!(vm = %vm.name(), phase = "resume", "up");
+                vm.resume().await?;
+            }
+            _ => {
+                tracing::debug!(vm = %vm.name(), phase = "start", "up");
+                vm.start().await?;
+            }
         }
         tracing::debug!(vm = %vm.name(), phase = "ready", "up");
         vm.wait_ready(ready).await?;

@@ -101,6 +101,11 @@ fn main() {
             || Box::pin(drills::agent_frozen::frozen()),
         ),
         (
+            "anyvm job run/clone/up SIGKILLed at every phase",
+            Duration::from_secs(900),
+            || Box::pin(drills::killed::killed()),
+        ),
+        (
             "QEMU killed during exec, wait, copy, snapshot",
             Duration::from_secs(600),
             || Box::pin(drills::qemu_killed::killed()),

@@ -3,6 +3,7 @@
 pub mod agent_frozen;
 pub mod disk_full;
 pub mod hung;
+pub mod killed;
 pub mod libvirtd_restart;
 pub mod parsers;
 pub mod ports;

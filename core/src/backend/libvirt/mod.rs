@@ -565,8 +565,19 @@ impl LibvirtBackend {
 
 fn map_state(d: &Domain, ctx: &Ctx) -> Result<VmState> {
     use virt::domain::DomainState as S;
-    let (st, _) = d.state().map_err(|e| map_err(ctx, e))?;
+    let (st, reason) = d.state().map_err(|e| map_err(ctx, e))?;
+    // Paused by libvirt itself on the way somewhere (being started, saved, snapshotted,
+    // migrated): a transition, not a pause anyone asked for.
+    use virt::domain::{DomainPausedReason as P, DomainStateReason as R};
+    use virt::enumutil::Enum as E;
+    let transit = matches!(
+        reason,
+        E::Known(R::Paused(E::Known(
+            P::StartingUp | P::Save | P::Snapshot | P::Migration | P::Dump | P::ShuttingDown
+        )))
+    );
     Ok(match st {
+        virt::enumutil::Enum::Known(S::Paused) if transit => VmState::Busy,
         virt::enumutil::Enum::Known(S::Running) | virt::enumutil::Enum::Known(S::Blocked) => {
             VmState::Running
         }
