@@ -91,6 +91,11 @@ fn main() {
             || Box::pin(drills::disk_full::state_dir()),
         ),
         (
+            "disk full in the clone directory",
+            Duration::from_secs(120),
+            || Box::pin(drills::disk_full::clone_dir()),
+        ),
+        (
             "libvirtd restarted between and during calls",
             Duration::from_secs(400),
             || Box::pin(drills::libvirtd_restart::restarted()),

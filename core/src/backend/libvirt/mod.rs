@@ -453,11 +453,10 @@ impl LibvirtBackend {
             .run(ctx, &argv, self.opts.qemu_img_timeout)
             .await?;
         if out.code != Some(0) {
-            return Err(Error::backend(
-                ctx.clone(),
-                "qemu-img",
-                out.stderr_str().trim().to_string(),
-            ));
+            let err = out.stderr_str();
+            // qemu-img starts its own messages with "qemu-img: "; the error names the tool.
+            let msg = err.trim().trim_start_matches("qemu-img:").trim();
+            return Err(Error::backend(ctx.clone(), "qemu-img", msg.to_string()));
         }
         Ok(())
     }

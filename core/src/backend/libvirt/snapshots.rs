@@ -125,6 +125,8 @@ pub(super) async fn clone_linked(
     let mut clone = clone_spec.clone();
     clone.disks = spec.disks.clone();
     let mut created: Vec<PathBuf> = Vec::new();
+    // A stopped VM's frozen copy belongs to this clone alone: it goes if the clone fails.
+    let mut frozen_here: Vec<PathBuf> = Vec::new();
     let result: Result<()> = async {
         for (i, disk) in clone.disks.iter_mut().enumerate() {
             // Internal snapshots live in qcow2 files only; the current disks of a stopped
@@ -159,8 +161,14 @@ pub(super) async fn clone_linked(
                 }
                 args.push(disk.path.display().to_string());
                 args.push(tmp.display().to_string());
-                be.qemu_img(&ctx, args).await?;
+                if let Err(e) = be.qemu_img(&ctx, args).await {
+                    let _ = be.host.remove_file(&ctx, &tmp).await;
+                    return Err(e);
+                }
                 be.host.rename(&ctx, &tmp, &frozen).await?;
+                if snapshot.is_none() {
+                    frozen_here.push(frozen.clone());
+                }
             }
             let overlay = be.opts.images_dir.join(format!("{new}-{i}.qcow2"));
             if be.host.exists(&ctx, &overlay).await? {
@@ -171,6 +179,8 @@ pub(super) async fn clone_linked(
                 });
             }
             tracing::debug!(vm = %new, phase = "overlay", disk = i, "clone");
+            // Ours from here: a create that fails half-way may leave part of it.
+            created.push(overlay.clone());
             be.qemu_img(
                 &ctx,
                 vec![
@@ -186,7 +196,6 @@ pub(super) async fn clone_linked(
                 ],
             )
             .await?;
-            created.push(overlay.clone());
             disk.path = overlay;
             disk.format = DiskFormat::Qcow2;
             disk.owned = true;
@@ -202,7 +211,7 @@ pub(super) async fn clone_linked(
         Err(e) => Err(e),
     };
     if result.is_err() {
-        for p in created {
+        for p in created.into_iter().chain(frozen_here) {
             let _ = be.host.remove_file(&ctx, &p).await;
         }
     }
