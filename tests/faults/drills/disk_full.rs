@@ -254,9 +254,11 @@ pub async fn clone_dir() -> Tally {
                     t.leaked += 1;
                 }
                 if bad.is_empty() {
+                    // The cause is at the end of the message.
+                    let n = msg.chars().count();
                     Ok(format!(
-                        "refused: {}",
-                        msg.chars().take(120).collect::<String>()
+                        "refused: …{}",
+                        msg.chars().skip(n.saturating_sub(90)).collect::<String>()
                     ))
                 } else {
                     Err(bad.join("; "))
