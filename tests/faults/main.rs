@@ -81,6 +81,11 @@ fn main() {
             || Box::pin(drills::ports::contention()),
         ),
         (
+            "port contention with 3 VMs started at once",
+            Duration::from_secs(300),
+            || Box::pin(drills::ports::vms_under_contention()),
+        ),
+        (
             "secrets in argv, environment, logs, errors",
             Duration::from_secs(180),
             || Box::pin(drills::secrets::sampled()),
