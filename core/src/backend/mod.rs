@@ -386,6 +386,15 @@ pub trait Backend: Send + Sync + fmt::Debug {
 
     /// Event stream, for backends that have one; `None` means callers must poll.
     fn subscribe(&self) -> Option<broadcast::Receiver<VmEvent>>;
+
+    /// A future that resolves, saying what was seen, when the running VM's hypervisor process
+    /// exits: sooner than the hypervisor reports it (libvirt answers only after cleaning up a
+    /// killed QEMU, seconds later). `None` where the backend cannot watch the process (the
+    /// default, a remote host, a VM not running when called).
+    fn process_exit(&self, vm: &VmName) -> Option<futures::future::BoxFuture<'static, String>> {
+        let _ = vm;
+        None
+    }
     /// Path of the serial console log on the host, where the backend keeps one.
     async fn console_log(&self, vm: &VmName) -> Result<Option<std::path::PathBuf>>;
 }
@@ -400,6 +409,7 @@ pub(crate) fn mock() -> MockBackend {
     b.expect_guest_address().returning(|_| Ok(None));
     b.expect_forward_host().return_const(None);
     b.expect_subscribe().returning(|| None);
+    b.expect_process_exit().returning(|_| None);
     b
 }
 

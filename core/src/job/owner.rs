@@ -122,13 +122,7 @@ fn boot_id() -> String {
         .unwrap_or_default()
 }
 
-/// Field 22 of `/proc/PID/stat`; the command name (field 2) may hold spaces and parentheses,
-/// so fields are counted after its closing parenthesis.
-pub(crate) fn start_ticks(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &stat[stat.rfind(')')? + 1..];
-    rest.split_whitespace().nth(19)?.parse().ok()
-}
+pub(crate) use crate::util::process::start_ticks;
 
 #[cfg(test)]
 mod tests {

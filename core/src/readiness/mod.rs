@@ -405,6 +405,10 @@ async fn watch_state(
     // Events answer at once when they come, but libvirt sends "stopped" only after cleaning up
     // a killed QEMU (seconds later) while its state already reads shut off: poll as well.
     let poll_every = Duration::from_millis(500);
+    // Where the backend watches the hypervisor process, its exit is the quickest sign of all.
+    let mut exited = backend
+        .process_exit(&vm)
+        .unwrap_or_else(|| Box::pin(futures::future::pending()));
     loop {
         // An event saying the VM went down is the answer itself: libvirt may still report it
         // running for a moment after the event.
@@ -432,6 +436,7 @@ async fn watch_state(
             gone = wake => if let Some(state) = gone {
                 return left(state.to_string());
             },
+            why = &mut exited => return left(format!("not running: {why}")),
             _ = tokio::time::sleep(poll_every) => {}
         }
         match backend.state(&vm).await {

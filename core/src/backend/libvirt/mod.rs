@@ -405,6 +405,43 @@ impl LibvirtBackend {
         self.host.is_local()
     }
 
+    /// The running QEMU of `vm` (pid, start time), from libvirt's pid file: local system
+    /// connections only.
+    fn qemu_process(&self, vm: &VmName) -> Option<(u32, u64)> {
+        if !self.is_local() || !self.uri.ends_with("/system") {
+            return None;
+        }
+        let pid: u32 = std::fs::read_to_string(format!("/run/libvirt/qemu/{vm}.pid"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()?;
+        Some((pid, crate::util::process::start_ticks(pid)?))
+    }
+
+    /// `op`, unless the VM's QEMU exits first: then at once an error saying so, instead of
+    /// whatever libvirt answers once it has cleaned up (about 2 s later).
+    async fn unless_qemu_exits<T>(
+        &self,
+        ctx: Ctx,
+        vm: &VmName,
+        op: impl std::future::Future<Output = Result<T>>,
+    ) -> Result<T> {
+        let Some(exited) = self.process_exit(vm) else {
+            return op.await;
+        };
+        tokio::select! {
+            r = op => r,
+            why = exited => Err(Error::InvalidState {
+                ctx,
+                state: format!("not running: {why}"),
+                hint: Some(format!(
+                    "the VM died or was killed; its console log tells why (anyvm console {vm}), then start it again"
+                )),
+            }),
+        }
+    }
+
     async fn stored_spec(&self, ctx: &Ctx, vm: &VmName) -> Result<VmSpec> {
         self.spec(vm).await?.ok_or_else(|| Error::InvalidState {
             ctx: ctx.clone(),
@@ -695,7 +732,9 @@ impl Backend for LibvirtBackend {
     }
 
     async fn snapshot_take(&self, vm: &VmName, name: &str, description: &str) -> Result<()> {
-        snapshots::snapshot_take(self, vm, name, description).await
+        let ctx = Ctx::vm(format!("snapshot take {name}"), vm);
+        let take = snapshots::snapshot_take(self, vm, name, description);
+        self.unless_qemu_exits(ctx, vm, take).await
     }
 
     async fn snapshot_restore(&self, vm: &VmName, name: &str) -> Result<()> {
@@ -724,7 +763,8 @@ impl Backend for LibvirtBackend {
     }
 
     async fn exec(&self, vm: &VmName, req: &ExecRequest) -> Result<ExecOutput> {
-        self.exec_captured(vm, req).await
+        self.unless_qemu_exits(Ctx::vm("exec", vm), vm, self.exec_captured(vm, req))
+            .await
     }
 
     async fn exec_streaming(
@@ -733,7 +773,8 @@ impl Backend for LibvirtBackend {
         req: &ExecRequest,
         sink: OutputSink,
     ) -> Result<ExecOutput> {
-        self.exec_streamed(vm, req, sink).await
+        self.unless_qemu_exits(Ctx::vm("exec", vm), vm, self.exec_streamed(vm, req, sink))
+            .await
     }
 
     async fn copy_to(
@@ -744,7 +785,9 @@ impl Backend for LibvirtBackend {
         _creds: Option<Credentials>,
         progress: crate::events::CopyProgress,
     ) -> Result<u64> {
-        guest::copy_to(self, vm, host, guest, _creds, progress).await
+        let ctx = Ctx::vm(format!("copy {} to {guest}", host.display()), vm);
+        let copy = guest::copy_to(self, vm, host, guest, _creds, progress);
+        self.unless_qemu_exits(ctx, vm, copy).await
     }
 
     async fn copy_from(
@@ -755,7 +798,9 @@ impl Backend for LibvirtBackend {
         _creds: Option<Credentials>,
         progress: crate::events::CopyProgress,
     ) -> Result<u64> {
-        guest::copy_from(self, vm, guest, host, _creds, progress).await
+        let ctx = Ctx::vm(format!("copy {guest} to {}", host.display()), vm);
+        let copy = guest::copy_from(self, vm, guest, host, _creds, progress);
+        self.unless_qemu_exits(ctx, vm, copy).await
     }
 
     async fn read_file(
@@ -802,6 +847,16 @@ impl Backend for LibvirtBackend {
 
     fn subscribe(&self) -> Option<broadcast::Receiver<VmEvent>> {
         Some(self.events.subscribe())
+    }
+
+    fn process_exit(&self, vm: &VmName) -> Option<futures::future::BoxFuture<'static, String>> {
+        let (pid, ticks) = self.qemu_process(vm)?;
+        Some(Box::pin(async move {
+            while crate::util::process::runs(pid, ticks) {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            format!("its QEMU process (pid {pid}) exited")
+        }))
     }
 
     async fn console_log(&self, vm: &VmName) -> Result<Option<PathBuf>> {
