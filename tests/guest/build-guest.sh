@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds anyvm's tiny Linux test guest from Debian packages: a cloud kernel booted directly, an
+# Builds anyvm's tiny Linux test guest from Debian packages: a Debian kernel (the generic one: it has vmgenid built in) booted directly, an
 # initramfs with busybox, qemu-guest-agent and dropbear, and an empty qcow2 data disk.
 # Keys are generated here, never committed. The result is cached under a key made of the package
 # versions and this script, so repeated runs cost nothing. Prints the guest directory on stdout.
@@ -23,12 +23,12 @@ if ((${#missing[@]})); then
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-KPKG=$(apt-cache depends linux-image-cloud-amd64 2>/dev/null | awk '/Depends: linux-image-/{print $2; exit}')
+KPKG=$(apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-/{print $2; exit}')
 if [ -z "$KPKG" ]; then
   apt-get update -qq
-  KPKG=$(apt-cache depends linux-image-cloud-amd64 | awk '/Depends: linux-image-/{print $2; exit}')
+  KPKG=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-/{print $2; exit}')
 fi
-[ -n "$KPKG" ] || { log "cannot resolve the cloud kernel package"; exit 1; }
+[ -n "$KPKG" ] || { log "cannot resolve the kernel package"; exit 1; }
 KVER_PKG=$(apt-cache policy "$KPKG" | awk '/Candidate:/{print $2}')
 
 versions=$(
@@ -60,6 +60,8 @@ cp /bin/busybox "$R/bin/busybox"
 for applet in $("$R/bin/busybox" --list); do
   [ -e "$R/bin/$applet" ] || ln -s busybox "$R/bin/$applet"
 done
+# qemu-ga's guest-set-time syncs the RTC with /sbin/hwclock (a warm clone's clock is set so).
+ln -s ../bin/busybox "$R/sbin/hwclock"
 
 copy_with_libs() {
   local bin=$1 dest=$2

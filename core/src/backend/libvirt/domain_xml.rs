@@ -86,6 +86,8 @@ pub struct HostSide<'a> {
     pub ro_mounts: &'a Path,
     /// busybox, whose `nc` relays each allowed guest connection to its host endpoint.
     pub relay: &'a Path,
+    /// Start waiting for a migration stream (a warm clone's memory) instead of booting.
+    pub incoming: bool,
 }
 
 /// What virtiofsd serves for a share: read-only shares go through a read-only bind mount, so
@@ -111,6 +113,9 @@ pub fn domain_xml(spec: &VmSpec, uuid: Option<&str>, host: &HostSide<'_>) -> Str
     if let Some(u) = uuid {
         x.push_str(&format!("  <uuid>{}</uuid>\n", escape(u)));
     }
+    // A VM generation ID of its own (libvirt makes one): a guest restored from another VM's
+    // memory sees it change and reseeds its RNG (Linux ≥ 5.18).
+    x.push_str("  <genid/>\n");
     x.push_str(&format!(
         "  <metadata>{}</metadata>\n",
         metadata_element(spec)
@@ -211,8 +216,13 @@ pub fn domain_xml(spec: &VmSpec, uuid: Option<&str>, host: &HostSide<'_>) -> Str
             ));
         }
     }
+    let incoming = if host_side.incoming {
+        "    <qemu:arg value='-incoming'/>\n    <qemu:arg value='defer'/>\n"
+    } else {
+        ""
+    };
     x.push_str(&format!(
-        "  <qemu:commandline>\n    <qemu:arg value='-netdev'/>\n    <qemu:arg value='{}'/>\n    <qemu:arg value='-device'/>\n    <qemu:arg value='virtio-net-pci,netdev={NETDEV_ID},addr=0x9'/>\n  </qemu:commandline>\n</domain>\n",
+        "  <qemu:commandline>\n{incoming}    <qemu:arg value='-netdev'/>\n    <qemu:arg value='{}'/>\n    <qemu:arg value='-device'/>\n    <qemu:arg value='virtio-net-pci,netdev={NETDEV_ID},addr=0x9'/>\n  </qemu:commandline>\n</domain>\n",
         escape(&netdev)
     ));
     x
@@ -251,6 +261,7 @@ mod tests {
             virtiofsd: Path::new("/usr/lib/qemu/virtiofsd"),
             ro_mounts: Path::new("/state/shares/t1"),
             relay: Path::new("/bin/busybox"),
+            incoming: false,
         }
     }
 

@@ -504,6 +504,7 @@ impl LibvirtBackend {
             virtiofsd: &self.opts.virtiofsd,
             ro_mounts: ro,
             relay: &self.opts.relay,
+            incoming: false,
         }
     }
 
