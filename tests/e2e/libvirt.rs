@@ -988,3 +988,79 @@ async fn a_clone_or_define_dropped_at_any_point_leaves_all_or_nothing() {
     }
     assert!(dropped > 0, "no define was dropped before it finished");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warm_clones_start_from_one_saved_state_as_machines_of_their_own() {
+    let env = env().await;
+    let tmpl = "e2e-warm-tmpl";
+    env.fresh(tmpl).await;
+    let _c = Cleanup::new(&env.client, tmpl);
+    let t = env.client.define(env.spec(tmpl, "")).await.unwrap();
+    let info = t.warm(&ready()).await.unwrap();
+    assert!(info.memory_bytes > 0 && info.disk_bytes > 0, "{info:?}");
+    // Made once: asked again, the same state.
+    assert_eq!(t.warm(&ready()).await.unwrap().key, info.key);
+
+    let mut clones = Vec::new();
+    for i in 0..2 {
+        let name = format!("e2e-warm-c{i}");
+        env.fresh(&name).await;
+        let started = Instant::now();
+        let vm = t
+            .clone_warm(&VmName::new(&name).unwrap(), &ready())
+            .await
+            .unwrap();
+        eprintln!(
+            "warm clone {name} ready in {:.2}s",
+            started.elapsed().as_secs_f64()
+        );
+        clones.push(vm);
+    }
+    // Each runs beside the other, with its own randomness, forward and a clock set to the host's.
+    let probe = ExecRequest::new("sh").args([
+        "-c",
+        "head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; cat /proc/sys/kernel/random/uuid; date +%s",
+    ]);
+    let mut seen = Vec::new();
+    for vm in &clones {
+        let out = vm.exec(&probe).await.unwrap();
+        let text = out.stdout_str();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 3, "{text}");
+        let guest_now: i64 = lines[2].trim().parse().unwrap();
+        let host_now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        assert!(
+            (guest_now - host_now).abs() <= 2,
+            "guest clock {guest_now}, host {host_now}"
+        );
+        seen.push((lines[0].to_string(), lines[1].to_string()));
+        assert_eq!(vm.state().await.unwrap(), VmState::Running);
+    }
+    assert_ne!(
+        seen[0].0, seen[1].0,
+        "two warm clones read the same /dev/urandom bytes"
+    );
+    assert_ne!(seen[0].1, seen[1].1, "two warm clones made the same uuid");
+    let ports: Vec<u16> = {
+        let mut v = Vec::new();
+        for vm in &clones {
+            v.extend(vm.forwards().await.unwrap().iter().map(|f| f.host_port));
+        }
+        v
+    };
+    assert_eq!(ports.len(), 2);
+    assert_ne!(ports[0], ports[1]);
+    // The template cannot go while clones live on its state; they go, then it can.
+    assert!(t.destroy().await.is_err());
+    for vm in clones {
+        let name = vm.name().to_string();
+        vm.destroy().await.unwrap();
+        assert!(overlays_of(&name).is_empty());
+        assert_eq!(leases_of(&env.client, &name), 0);
+    }
+    t.destroy().await.unwrap();
+    assert!(!info.dir.exists(), "the warm state outlived its template");
+}

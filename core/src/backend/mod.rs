@@ -82,6 +82,23 @@ pub struct HostSweep {
     pub skipped: Option<String>,
 }
 
+/// A warm state: a ready VM's memory and disks saved once, that clones start from.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct WarmInfo {
+    /// The template it was made from.
+    pub template: String,
+    /// What it was made from: the template's definition and disks (a change makes a new one).
+    pub key: String,
+    /// Where it lives on the hypervisor host.
+    pub dir: std::path::PathBuf,
+    /// Size of the saved memory.
+    pub memory_bytes: u64,
+    /// Size of the saved disks.
+    pub disk_bytes: u64,
+    /// How long saving took (memory and disks).
+    pub saved_in: Option<Duration>,
+}
+
 /// The backend used when neither the caller nor the configuration names one.
 pub const DEFAULT_BACKEND: &str = "libvirt:qemu:///system";
 
@@ -386,6 +403,46 @@ pub trait Backend: Send + Sync + fmt::Debug {
 
     /// Event stream, for backends that have one; `None` means callers must poll.
     fn subscribe(&self) -> Option<broadcast::Receiver<VmEvent>>;
+
+    /// Why clones of `spec` cannot start warm here (`None`: they can).
+    fn warm_unsupported(&self, spec: &VmSpec) -> Option<String> {
+        let _ = spec;
+        Some(format!(
+            "the {} backend cannot start a clone from a saved memory state",
+            self.id()
+        ))
+    }
+
+    /// The complete warm state `key` of `template`, if there is one.
+    async fn warm_find(&self, template: &VmName, key: &str) -> Result<Option<WarmInfo>> {
+        let _ = (template, key);
+        Ok(None)
+    }
+
+    /// Save running, ready `vm` (a clone of `template` defined from `spec`) as the warm state
+    /// `key` of `template`. `vm` is left paused with its state written out: destroy it.
+    async fn warm_save(
+        &self,
+        vm: &VmName,
+        template: &VmName,
+        key: &str,
+        spec: &VmSpec,
+    ) -> Result<WarmInfo> {
+        let _ = (template, key, spec);
+        Err(unsupported(self.id(), vm, "save a warm state"))
+    }
+
+    /// Define `clone` (host ports resolved) on the warm state `key` of `template` and bring it up
+    /// from the saved memory: running when this returns, nothing of it left on failure.
+    async fn warm_start(&self, template: &VmName, key: &str, clone: &VmSpec) -> Result<()> {
+        let _ = (template, key);
+        Err(unsupported(self.id(), &clone.name, "start a clone warm"))
+    }
+
+    /// Remove `template`'s warm states other than `keep` that no VM uses.
+    async fn warm_discard(&self, template: &VmName, keep: Option<String>) {
+        let _ = (template, keep);
+    }
 
     /// A future that resolves, saying what was seen, when the running VM's hypervisor process
     /// exits: sooner than the hypervisor reports it (libvirt answers only after cleaning up a

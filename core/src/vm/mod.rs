@@ -404,6 +404,7 @@ mod network;
 mod shares;
 mod snapshots;
 mod stream;
+mod warm;
 
 pub use stream::{ExecCanceller, ExecStream};
 

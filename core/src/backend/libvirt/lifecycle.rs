@@ -62,11 +62,28 @@ pub(super) async fn define(be: &LibvirtBackend, spec: &VmSpec) -> Result<()> {
     }
     be.check_host_paths(&ctx, spec).await?;
     be.host.create_dir_all(&ctx, &be.opts.console_dir).await?;
-    let xml = domain_xml::domain_xml(
-        spec,
-        None,
-        &be.host_side(&be.console_path(&spec.name), &be.ro_mounts(&spec.name)),
-    );
+    define_incoming(be, spec, false).await
+}
+
+/// Define (or, for a running warm clone, redefine under its UUID) with QEMU waiting for an
+/// incoming memory stream at start, or not.
+pub(super) async fn define_incoming(
+    be: &LibvirtBackend,
+    spec: &VmSpec,
+    incoming: bool,
+) -> Result<()> {
+    let ctx = Ctx::vm("define", &spec.name);
+    let uuid = be
+        .dom(&ctx, &spec.name, |d, c| {
+            d.uuid_string().map_err(|e| map_err(c, e))
+        })
+        .await
+        .ok();
+    let log = be.console_path(&spec.name);
+    let ro = be.ro_mounts(&spec.name);
+    let mut host = be.host_side(&log, &ro);
+    host.incoming = incoming;
+    let xml = domain_xml::domain_xml(spec, uuid.as_deref(), &host);
     be.call(&ctx, be.opts.call_timeout, {
         let c = ctx.clone();
         move |conn| {
@@ -113,6 +130,7 @@ pub(super) async fn undefine(be: &LibvirtBackend, vm: &VmName) -> Result<()> {
     // Its frozen bases serve only clones of it; the facade refuses a destroy while those
     // exist, so nothing uses them any more.
     be.remove_frozen(&ctx, vm, None).await;
+    warm::discard(be, vm, None).await;
     Ok(())
 }
 

@@ -15,6 +15,7 @@ mod lifecycle;
 mod network;
 mod orphans;
 mod snapshots;
+mod warm;
 
 /// Make `target` a read-only bind mount of `source` (what read-only shares are served from).
 pub use crate::util::bindmount::ensure_readonly as ensure_readonly_mount;
@@ -848,6 +849,32 @@ impl Backend for LibvirtBackend {
 
     fn subscribe(&self) -> Option<broadcast::Receiver<VmEvent>> {
         Some(self.events.subscribe())
+    }
+
+    fn warm_unsupported(&self, spec: &VmSpec) -> Option<String> {
+        warm::unsupported_reason(self, spec)
+    }
+
+    async fn warm_find(&self, template: &VmName, key: &str) -> Result<Option<super::WarmInfo>> {
+        Ok(warm::find(self, template, key))
+    }
+
+    async fn warm_save(
+        &self,
+        vm: &VmName,
+        template: &VmName,
+        key: &str,
+        spec: &VmSpec,
+    ) -> Result<super::WarmInfo> {
+        warm::save(self, vm, template, key, spec).await
+    }
+
+    async fn warm_start(&self, template: &VmName, key: &str, clone: &VmSpec) -> Result<()> {
+        warm::start(self, template, key, clone).await
+    }
+
+    async fn warm_discard(&self, template: &VmName, keep: Option<String>) {
+        warm::discard(self, template, keep.as_deref()).await
     }
 
     fn process_exit(&self, vm: &VmName) -> Option<futures::future::BoxFuture<'static, String>> {

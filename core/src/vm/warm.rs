@@ -1,0 +1,205 @@
+//! Warm starts: a template booted once to ready and saved, clones started from that state
+//! instead of booting. The backend keeps the states ([`crate::Backend::warm_save`]); here the
+//! key that tells a changed template, the one preparation at a time, and the clone's ports.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+
+use super::*;
+use crate::backend::WarmInfo;
+use crate::labels::CLONE_BASE as CLONE_BASE_LABEL;
+use crate::readiness::ReadySpec;
+
+/// What a warm state is made from: the template's definition and its disks as they are now
+/// (path, size, modification time, inode): any change makes another state.
+fn warm_key(spec: &VmSpec) -> String {
+    // FNV-1a: stable across builds (the key names a directory that outlives this process).
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut eat = |b: &[u8]| {
+        for x in b {
+            h ^= u64::from(*x);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    };
+    eat(env!("CARGO_PKG_VERSION").as_bytes());
+    eat(serde_json::to_string(spec).unwrap_or_default().as_bytes());
+    for d in &spec.disks {
+        if let Ok(m) = std::fs::metadata(&d.path) {
+            use std::os::unix::fs::MetadataExt;
+            eat(&m.len().to_le_bytes());
+            eat(&m.mtime().to_le_bytes());
+            eat(&m.mtime_nsec().to_le_bytes());
+            eat(&m.ino().to_le_bytes());
+        }
+    }
+    format!("{h:016x}")
+}
+
+impl Vm {
+    /// This template's warm state, made now if there is none for its current definition and
+    /// disks: a linked clone is booted, waited for with `ready`, saved and removed. Older
+    /// states nothing uses any more are removed. Errors say why a backend cannot.
+    pub async fn warm(&self, ready: &ReadySpec) -> Result<WarmInfo> {
+        let ctx = self.ctx("prepare the warm state");
+        let spec = self
+            .backend
+            .spec(&self.name)
+            .await?
+            .ok_or_else(|| Error::InvalidState {
+                ctx: ctx.clone(),
+                state: "not defined by anyvm".into(),
+                hint: Some(
+                    "only VMs defined through anyvm carry the spec a warm state is made from"
+                        .into(),
+                ),
+            })?;
+        if let Some(why) = self.backend.warm_unsupported(&spec) {
+            return Err(Error::InvalidState {
+                ctx,
+                state: format!("no warm start: {why}"),
+                hint: Some("clone and boot it cold instead".into()),
+            });
+        }
+        let key = warm_key(&spec);
+        if let Some(info) = self.backend.warm_find(&self.name, &key).await? {
+            return Ok(info);
+        }
+        // One preparation per template at a time; the others wait and find it made.
+        let lock_path = self.state_dir.join(format!("warm-{}.lock", self.name));
+        let lock = JsonStoreLock::take(&ctx, &lock_path).await?;
+        if let Some(info) = self.backend.warm_find(&self.name, &key).await? {
+            return Ok(info);
+        }
+        if self.state().await? != VmState::ShutOff {
+            return Err(Error::InvalidState {
+                ctx,
+                state: self.state().await?.to_string(),
+                hint: Some(
+                    "stop the template: its warm state is made from its stopped disks".into(),
+                ),
+            });
+        }
+        let helper = VmName::new(format!("{}-warm{}", self.name, std::process::id()))?;
+        if let Ok(old) = self.sibling(helper.as_str()) {
+            if self.backend.exists(&helper).await.unwrap_or(false) {
+                let _ = old.destroy().await;
+            }
+        }
+        let vm = self.clone_linked(&helper, None).await?;
+        let saved: Result<WarmInfo> = async {
+            vm.start().await?;
+            vm.wait_ready(ready).await?;
+            let hspec = self.backend.spec(&helper).await?.unwrap_or(spec.clone());
+            self.backend
+                .warm_save(&helper, &self.name, &key, &hspec)
+                .await
+        }
+        .await;
+        let _ = vm.destroy().await;
+        drop(lock);
+        let info = saved?;
+        self.backend
+            .warm_discard(&self.name, Some(key.clone()))
+            .await;
+        tracing::info!(vm = %self.name, key = %key, memory = info.memory_bytes, "warm state saved");
+        Ok(info)
+    }
+
+    /// A new VM started from this template's warm state (made first if needed), running and
+    /// ready by `ready`. It is its own machine: its own forwards, generation ID, fresh
+    /// entropy and the host's clock.
+    pub async fn clone_warm(&self, new_name: &VmName, ready: &ReadySpec) -> Result<Vm> {
+        self.clone_warm_labeled(new_name, ready, BTreeMap::new())
+            .await
+    }
+
+    /// [`Vm::clone_warm`] storing `labels` with the clone. Cancel-safe like a linked clone.
+    pub async fn clone_warm_labeled(
+        &self,
+        new_name: &VmName,
+        ready: &ReadySpec,
+        labels: BTreeMap<String, String>,
+    ) -> Result<Vm> {
+        let info = self.warm(ready).await?;
+        let (base, name) = (self.clone(), new_name.clone());
+        let vm = complete_or_roll_back(async move {
+            if base.backend.exists(&name).await? {
+                return Err(Error::InvalidState {
+                    ctx: Ctx::vm("clone", &name),
+                    state: "already defined".into(),
+                    hint: Some("choose another name or destroy the existing VM".into()),
+                });
+            }
+            let mut spec =
+                base.backend
+                    .spec(&base.name)
+                    .await?
+                    .ok_or_else(|| Error::InvalidState {
+                        ctx: base.ctx("warm clone"),
+                        state: "not defined by anyvm".into(),
+                        hint: None,
+                    })?;
+            spec.name = name.clone();
+            spec.labels.retain(|k, _| {
+                !k.starts_with(crate::labels::JOB_PREFIX)
+                    && !k.starts_with(crate::labels::CLONE_PREFIX)
+            });
+            spec.labels.extend(labels);
+            // The template cannot go while clones live on its state.
+            spec.labels
+                .insert(CLONE_BASE_LABEL.into(), base.name.to_string());
+            for f in &mut spec.forwards {
+                f.host_port = HostPort::Auto;
+            }
+            if spec.console.vnc.is_some() {
+                spec.console.vnc = Some(HostPort::Auto);
+            }
+            let backend = base.backend.clone();
+            let (template, key) = (base.name.clone(), info.key.clone());
+            with_ports(&base.backend, &base.ports, spec, move |spec| async move {
+                backend.warm_start(&template, &key, &spec).await
+            })
+            .await?;
+            base.events.vm_changed(name.as_str(), VmEventKind::Defined);
+            base.events.vm_changed(name.as_str(), VmEventKind::Started);
+            Ok(base.sibling_named(name))
+        })
+        .await?;
+        vm.wait_ready(ready).await?;
+        Ok(vm)
+    }
+}
+
+/// An exclusive lock file held while a warm state is prepared (the kernel drops it with a
+/// killed process).
+struct JsonStoreLock(#[allow(dead_code)] std::fs::File);
+
+impl JsonStoreLock {
+    async fn take(ctx: &Ctx, path: &Path) -> Result<Self> {
+        use std::os::fd::AsRawFd;
+        if let Some(d) = path.parent() {
+            std::fs::create_dir_all(d).map_err(|e| Error::io(ctx.clone(), d, e))?;
+        }
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path)
+            .map_err(|e| Error::io(ctx.clone(), path, e))?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(900);
+        while unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            if std::time::Instant::now() >= deadline {
+                return Err(Error::Busy {
+                    ctx: ctx.clone(),
+                    reason: format!(
+                        "{} stayed locked for 15 min (another preparation?)",
+                        path.display()
+                    ),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let _ = writeln!(f, "{}", std::process::id());
+        Ok(JsonStoreLock(f))
+    }
+}
