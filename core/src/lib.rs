@@ -35,6 +35,7 @@ pub mod health;
 pub mod job;
 pub mod labels;
 pub mod name;
+pub mod owner;
 pub mod paths;
 pub mod policy;
 pub mod ports;

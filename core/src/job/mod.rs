@@ -9,7 +9,7 @@
 //! [`pool::JobPool`] runs many jobs under a CPU/memory budget.
 
 pub mod gc;
-pub mod owner;
+pub use crate::owner;
 pub mod pool;
 mod prepare;
 pub mod slurm;
@@ -95,6 +95,9 @@ pub struct JobSpec {
     pub check_timeout: Duration,
     /// Bytes of the end of the guest console log kept in the report.
     pub console_tail: usize,
+    /// Start the clone from the template's warm state where the backend can (made on first
+    /// use; see [`Vm::warm`]); `false` boots every clone.
+    pub warm: bool,
 }
 
 impl JobSpec {
@@ -112,7 +115,13 @@ impl JobSpec {
             profile: None,
             check_timeout: Duration::from_secs(10),
             console_tail: 64 * 1024,
+            warm: true,
         })
+    }
+    /// Boot the clone instead of starting it from the template's warm state.
+    pub fn cold(mut self) -> Self {
+        self.warm = false;
+        self
     }
     /// Copy `host` into the clone at `guest` before the command.
     pub fn input(mut self, host: impl Into<PathBuf>, guest: impl Into<String>) -> Self {
@@ -564,10 +573,17 @@ pub(crate) async fn run_job_queued(
     };
     let mut labels = ownership_labels(spec.template.as_str());
     labels.insert(owner::LABEL_JOB.into(), job_id.clone());
-    let vm = match template
-        .clone_linked_labeled(&name, spec.snapshot.as_deref(), labels)
-        .await
-    {
+    let warm = spec.warm && spec.snapshot.is_none() && warm_possible(template).await;
+    let made = if warm {
+        template
+            .clone_warm_labeled(&name, &spec.ready, labels)
+            .await
+    } else {
+        template
+            .clone_linked_labeled(&name, spec.snapshot.as_deref(), labels)
+            .await
+    };
+    let vm = match made {
         Ok(vm) => vm,
         Err(e) => {
             progress.end(false);
@@ -624,6 +640,20 @@ pub(crate) async fn run_job_queued(
     progress.end(torn.is_ok());
     report.phases = progress.phases;
     finish(report)
+}
+
+/// Whether the template's backend can start its clones warm (else they boot).
+async fn warm_possible(template: &Vm) -> bool {
+    match template.spec().await {
+        Ok(Some(s)) => match template.backend().warm_unsupported(&s) {
+            None => true,
+            Some(why) => {
+                tracing::debug!(vm = %template.name(), why = %why, "job clones boot cold");
+                false
+            }
+        },
+        _ => false,
+    }
 }
 
 /// Boot, ready, check, stage in, run, stage out. Errors carry the phase they happened in.

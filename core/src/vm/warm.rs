@@ -85,7 +85,11 @@ impl Vm {
                 let _ = old.destroy().await;
             }
         }
-        let vm = self.clone_linked(&helper, None).await?;
+        // Owned like a job clone: gc removes it if this process dies while it boots.
+        let mut labels = crate::owner::Owner::current().labels();
+        labels.insert(crate::owner::LABEL_TEMPLATE.into(), self.name.to_string());
+        tracing::debug!(vm = %self.name, phase = "warm-prepare", "warm");
+        let vm = self.clone_linked_labeled(&helper, None, labels).await?;
         let saved: Result<WarmInfo> = async {
             vm.start().await?;
             vm.wait_ready(ready).await?;

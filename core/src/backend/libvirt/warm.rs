@@ -139,8 +139,13 @@ pub(super) async fn save(
 ) -> Result<WarmInfo> {
     let ctx = Ctx::vm(format!("save the warm state of {template}"), vm);
     let dir = dir_of(be, template, key);
+    // What a killed preparation left (the caller holds the preparation lock).
+    if dir.exists() && !dir.join("info.json").exists() {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
     std::fs::create_dir_all(&dir).map_err(|e| Error::io(ctx.clone(), &dir, e))?;
     let started = Instant::now();
+    tracing::debug!(vm = %vm, phase = "warm-save", "warm");
     be.dom(&ctx, vm, |d, c| {
         d.suspend().map(|_| ()).map_err(|e| map_err(c, e))
     })
@@ -258,6 +263,7 @@ pub(super) async fn start(
         return Err(e);
     }
     let restored: Result<()> = async {
+        tracing::debug!(vm = %name, phase = "restore", "warm");
         be.dom(&ctx, name, |d, c| {
             d.create_with_flags(sys::VIR_DOMAIN_START_PAUSED)
                 .map(|_| ())
@@ -275,6 +281,7 @@ pub(super) async fn start(
         migration_done(be, &ctx, name, be.opts.qemu_img_timeout).await?;
         // Its next start is a boot: the persistent definition waits for no stream.
         lifecycle::define_incoming(be, &spec, false).await?;
+        tracing::debug!(vm = %name, phase = "resume", "warm");
         be.dom(&ctx, name, |d, c| {
             d.resume().map(|_| ()).map_err(|e| map_err(c, e))
         })

@@ -45,6 +45,9 @@ pub struct JobArgs {
     /// Clone from this snapshot of the template (the template may then be running).
     #[arg(long)]
     snapshot: Option<String>,
+    /// Boot the clone instead of starting it from the template's warm state (`anyvm warm`).
+    #[arg(long)]
+    cold: bool,
     /// HOST:GUEST, repeatable: copied into the guest before the command (directories whole).
     #[arg(long = "in", value_name = "HOST:GUEST")]
     inputs: Vec<String>,
@@ -199,6 +202,9 @@ impl App {
         if let Some(s) = &a.snapshot {
             spec = spec.snapshot(s.clone());
         }
+        if a.cold {
+            spec = spec.cold();
+        }
         spec.validate()?;
         Ok((vm, spec))
     }
@@ -349,6 +355,9 @@ fn job_argv(a: &JobArgs) -> Vec<String> {
     }
     for e in &a.env {
         opt("env", Some(e.clone()));
+    }
+    if a.cold {
+        v.push("--cold".into());
     }
     v.push("--".into());
     v.extend(a.argv.iter().cloned());

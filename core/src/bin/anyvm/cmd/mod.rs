@@ -56,6 +56,8 @@ pub enum Cmd {
     Snapshot(snapshots::SnapshotCmd),
     /// Linked (copy-on-write) clone.
     Clone(snapshots::CloneArgs),
+    /// Boot a template once, wait until ready and save that state: warm clones start from it.
+    Warm(snapshots::WarmArgs),
     /// Print an OpenSSH config block with the guest's host key pinned.
     SshConfig(guest::SshConfigArgs),
     /// Path of the serial console log.
@@ -95,6 +97,7 @@ impl Cmd {
             Cmd::Ports(a) => a.run(app).await,
             Cmd::Snapshot(c) => c.run(app).await,
             Cmd::Clone(a) => a.run(app).await,
+            Cmd::Warm(a) => a.run(app).await,
             Cmd::SshConfig(a) => a.run(app).await,
             Cmd::Console(a) => a.run(app).await,
             Cmd::Share(c) => c.run(app).await,

@@ -1,4 +1,5 @@
-//! Who owns a job clone, and whether that owner still lives.
+//! Who owns a VM anyvm made for a while (a job clone, a warm state being prepared), and
+//! whether that owner still lives.
 //!
 //! A pid alone is not an identity (pids are reused, hosts reboot), so a clone records the
 //! owner's host, the kernel boot id and the process start time next to the pid. A clone is an
@@ -8,7 +9,7 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
-use super::LABEL_PREFIX;
+use crate::labels::JOB_PREFIX as LABEL_PREFIX;
 
 /// Label: the job id of a job clone.
 pub const LABEL_JOB: &str = "anyvm.job/id";
