@@ -375,7 +375,33 @@ pub async fn killed() -> Tally {
         "-c",
         "tr a-z A-Z < /work/in.txt > /work/o.txt; sleep 1",
     ]);
-    // The first job defines the template from the config: part of every later baseline.
+    let cold: Vec<String> = job[..2]
+        .iter()
+        .cloned()
+        .chain(["--cold".to_string()])
+        .chain(job[2..].iter().cloned())
+        .collect();
+    // From nothing: the first job defines the template from the config and prepares its warm
+    // state (a helper clone booted, saved, removed). Teardown removes the template again.
+    drill(
+        &s,
+        &mut t,
+        Case {
+            what: "first job run (template defined, warm state made)",
+            args: job.clone(),
+            teardown: Some(strings(&["destroy", TEMPLATE])),
+            makes: None,
+            kills: vec![
+                ("create", 0),
+                ("warm-prepare", 0),
+                ("warm-prepare", 1500),
+                ("warm-save", 0),
+                ("restore", 0),
+            ],
+        },
+    )
+    .await;
+    // The template and its warm state stay from here on: part of every later baseline.
     if let Err(e) = s
         .run(&job.iter().map(String::as_str).collect::<Vec<_>>())
         .await
@@ -387,23 +413,39 @@ pub async fn killed() -> Tally {
         &s,
         &mut t,
         Case {
-            what: "job run",
+            what: "job run (warm)",
             args: job,
             teardown: None,
             makes: None,
             kills: vec![
                 ("clone", 0),
+                ("restore", 0),
+                ("resume", 0),
+                ("ready", 0),
+                ("stage_in", 0),
+                ("run", 300),
+                ("stage_out", 0),
+                ("teardown", 0),
+                ("teardown", 700),
+            ],
+        },
+    )
+    .await;
+    drill(
+        &s,
+        &mut t,
+        Case {
+            what: "job run --cold",
+            args: cold,
+            teardown: None,
+            makes: None,
+            kills: vec![
                 ("freeze", 0),
                 ("overlay", 0),
                 ("define", 0),
                 ("boot", 0),
                 ("ready", 0),
                 ("ready", 1500),
-                ("stage_in", 0),
-                ("run", 300),
-                ("stage_out", 0),
-                ("teardown", 0),
-                ("teardown", 700),
             ],
         },
     )
