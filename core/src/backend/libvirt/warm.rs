@@ -311,6 +311,11 @@ pub(super) async fn start(
 async fn refresh_identity(be: &LibvirtBackend, vm: &VmName) {
     let ctx = Ctx::vm("refresh a warm clone's identity", vm);
     let t = Duration::from_secs(5);
+    // libvirt connects to the new QEMU's agent channel a moment after the resume.
+    let until = Instant::now() + Duration::from_secs(10);
+    while be.agent(&ctx, vm, agent::ping(), t).await.is_err() && Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let mut seed = [0u8; 64];
     let entropy = async {
         use std::io::Read;
