@@ -85,7 +85,8 @@ impl Client {
     /// (host, guest) pairs copied in before, outputs (guest, host) pairs copied out after;
     /// directories go whole. `timeout` limits the command's wall-clock seconds.
     #[pyo3(signature = (template=None, argv=None, *, profile=None, inputs=None, outputs=None,
-                        timeout=None, ready_timeout=None, env=None, cwd=None, snapshot=None))]
+                        timeout=None, ready_timeout=None, env=None, cwd=None, snapshot=None,
+                        cold=false))]
     #[allow(clippy::too_many_arguments)]
     fn run_job(
         &self,
@@ -100,6 +101,7 @@ impl Client {
         env: Option<BTreeMap<String, String>>,
         cwd: Option<String>,
         snapshot: Option<String>,
+        cold: bool,
     ) -> PyResult<job::JobReport> {
         let (vm, spec) = job::prepare(
             py,
@@ -115,6 +117,7 @@ impl Client {
                 env,
                 cwd,
                 snapshot,
+                cold,
             },
         )?;
         let cancel = anyvm::Cancel::new();

@@ -25,6 +25,8 @@ pub struct JobArgs {
     pub env: Option<std::collections::BTreeMap<String, String>>,
     pub cwd: Option<String>,
     pub snapshot: Option<String>,
+    /// Boot the clone instead of starting it from the template's warm state.
+    pub cold: bool,
 }
 
 /// Resolve names and build the spec (the core's `job::prepare`), then apply the options.
@@ -53,6 +55,9 @@ pub fn prepare(
     }
     if let Some(s) = a.snapshot {
         spec = spec.snapshot(s);
+    }
+    if a.cold {
+        spec = spec.cold();
     }
     for (h, g) in a.inputs {
         spec = spec.input(h, g);
@@ -284,7 +289,8 @@ impl JobPool {
 
     /// Like `Client.run_job`, after waiting for room in the budget.
     #[pyo3(signature = (template=None, argv=None, *, profile=None, inputs=None, outputs=None,
-                        timeout=None, ready_timeout=None, env=None, cwd=None, snapshot=None))]
+                        timeout=None, ready_timeout=None, env=None, cwd=None, snapshot=None,
+                        cold=false))]
     #[allow(clippy::too_many_arguments)]
     fn run(
         &self,
@@ -299,6 +305,7 @@ impl JobPool {
         env: Option<std::collections::BTreeMap<String, String>>,
         cwd: Option<String>,
         snapshot: Option<String>,
+        cold: bool,
     ) -> PyResult<JobReport> {
         let (vm, spec) = prepare(
             py,
@@ -314,6 +321,7 @@ impl JobPool {
                 env,
                 cwd,
                 snapshot,
+                cold,
             },
         )?;
         let cancel = Cancel::new();
@@ -348,6 +356,7 @@ impl JobPool {
                         | "env"
                         | "cwd"
                         | "snapshot"
+                        | "cold"
                 ) {
                     return Err(PyValueError::new_err(format!("unknown job key {k:?}")));
                 }
@@ -372,6 +381,10 @@ impl JobPool {
                     env: get("env")?.map(|v| v.extract()).transpose()?,
                     cwd: opt_str("cwd")?,
                     snapshot: opt_str("snapshot")?,
+                    cold: get("cold")?
+                        .map(|v| v.extract())
+                        .transpose()?
+                        .unwrap_or(false),
                 },
             )?);
         }

@@ -351,6 +351,40 @@ impl Vm {
         Ok(Vm { inner: c })
     }
 
+    /// This stopped template's warm state, made now if its definition or disks changed: a
+    /// clone is booted, waited for (`timeout`, `probes` as in wait_ready), saved and removed.
+    /// Returns {"template", "key", "dir", "memory_bytes", "disk_bytes", "saved_in"}.
+    #[pyo3(signature = (*, timeout=120.0, probes=None))]
+    fn warm<'py>(
+        &self,
+        py: Python<'py>,
+        timeout: f64,
+        probes: Option<Vec<Bound<'py, PyAny>>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let spec = ready_spec(timeout, probes, "all")?;
+        let vm = self.inner.clone();
+        let info = block(py, true, async move { vm.warm(&spec).await })?;
+        let text = serde_json::to_string(&info).unwrap_or_default();
+        py.import("json")?.call_method1("loads", (text,))
+    }
+
+    /// A clone started from this template's warm state (made first if needed): running and
+    /// ready when returned, with its own ports, generation ID, entropy and the host's clock.
+    #[pyo3(signature = (new_name, *, timeout=120.0, probes=None))]
+    fn clone_warm<'py>(
+        &self,
+        py: Python<'py>,
+        new_name: String,
+        timeout: f64,
+        probes: Option<Vec<Bound<'py, PyAny>>>,
+    ) -> PyResult<Vm> {
+        let name = VmName::new(new_name).map_err(|e| PyValueError::new_err(e.to_string()))?;
+        let spec = ready_spec(timeout, probes, "all")?;
+        let vm = self.inner.clone();
+        let c = block(py, true, async move { vm.clone_warm(&name, &spec).await })?;
+        Ok(Vm { inner: c })
+    }
+
     /// An OpenSSH config block for this guest with its host key pinned.
     #[pyo3(signature = (*, user=None, identity_file=None, guest_port=22))]
     fn ssh_config(

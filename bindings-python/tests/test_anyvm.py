@@ -268,3 +268,23 @@ def test_output_streams_sync_async_and_by_callback_and_events_arrive(client, mak
     kinds = [k for t, k in seen if t == "vm"]
     assert "defined" in kinds and "started" in kinds and "stopped" in kinds, seen
     assert ("copy", None) in seen
+
+
+def test_warm_state_and_warm_clones(client, make_vm):
+    t = make_vm(forwards=False)
+    info = t.warm(timeout=120, probes=["agent"])
+    assert info["memory_bytes"] > 0 and info["template"] == t.name
+    assert t.warm()["key"] == info["key"]  # made once
+    started = time.monotonic()
+    c = t.clone_warm(t.name + "-w", timeout=60, probes=["agent"])
+    try:
+        assert c.state == "running"
+        assert time.monotonic() - started < 30
+        r = c.exec(["cat", "/proc/sys/kernel/random/uuid"])
+        assert len(r.stdout.strip()) == 36
+    finally:
+        c.destroy()
+    # Jobs start warm by default; cold=True boots.
+    for cold in (False, True):
+        rep = client.run_job(t.name, ["echo", "ok"], cold=cold)
+        assert rep.outcome == "succeeded" and rep.stdout == b"ok\n", rep

@@ -38,8 +38,9 @@ class Client:
                 profile: Optional[str] = ..., inputs: Optional[Sequence[Tuple[_Path, str]]] = ...,
                 outputs: Optional[Sequence[Tuple[str, _Path]]] = ..., timeout: Optional[float] = ...,
                 ready_timeout: Optional[float] = ..., env: Optional[Mapping[str, str]] = ...,
-                cwd: Optional[str] = ..., snapshot: Optional[str] = ...) -> JobReport:
-        """Run argv in a fresh linked clone of template and remove the clone whatever happens."""
+                cwd: Optional[str] = ..., snapshot: Optional[str] = ..., cold: bool = ...) -> JobReport:
+        """Run argv in a fresh clone of template (started from its warm state where the backend can,
+        booted with cold=True) and remove the clone whatever happens."""
     def job_pool(self, *, cpus: Optional[int] = ..., memory_mib: Optional[int] = ...) -> JobPool: ...
     def gc(self, *, dry_run: bool = ...) -> Dict[str, Any]:
         """Remove job clones whose owner process is gone, stale port leases and share mounts of VMs that are gone."""
@@ -86,7 +87,7 @@ class JobPool:
             profile: Optional[str] = ..., inputs: Optional[Sequence[Tuple[_Path, str]]] = ...,
             outputs: Optional[Sequence[Tuple[str, _Path]]] = ..., timeout: Optional[float] = ...,
             ready_timeout: Optional[float] = ..., env: Optional[Mapping[str, str]] = ...,
-            cwd: Optional[str] = ..., snapshot: Optional[str] = ...) -> JobReport: ...
+            cwd: Optional[str] = ..., snapshot: Optional[str] = ..., cold: bool = ...) -> JobReport: ...
     def run_all(self, jobs: Sequence[Mapping[str, Any]]) -> List[JobReport]: ...
 
 class ExecStream:
@@ -155,6 +156,10 @@ class Vm:
     def delete_snapshot(self, name: str, *, with_clones: bool = ...) -> None: ...
     def snapshots(self) -> List[str]: ...
     def clone(self, new_name: str, *, snapshot: Optional[str] = ...) -> Vm: ...
+    def warm(self, *, timeout: float = ..., probes: Optional[List[_Probe]] = ...) -> Dict[str, Any]:
+        """This stopped template's warm state (made now if its definition or disks changed)."""
+    def clone_warm(self, new_name: str, *, timeout: float = ..., probes: Optional[List[_Probe]] = ...) -> Vm:
+        """A clone started from the template's warm state: running and ready when returned."""
     def ssh_config(self, *, user: Optional[str] = ..., identity_file: Optional[_Path] = ..., guest_port: int = ...) -> str: ...
     def running(self, *, timeout: float = ..., probes: Optional[List[_Probe]] = ..., mode: str = ...,
                 stop_timeout: float = ...) -> Running: ...
