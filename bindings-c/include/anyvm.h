@@ -394,6 +394,13 @@ struct anyvm_error_t *anyvm_job_timeout(struct anyvm_job_t *job,
                                         double timeout_s);
 
 /**
+ * Boot the clone (`cold` non-zero) instead of starting it from the template's warm state (the
+ * default where the backend can).
+ */
+struct anyvm_error_t *anyvm_job_cold(struct anyvm_job_t *job,
+                                     int32_t cold);
+
+/**
  * Free a job. NULL is ignored.
  */
 void anyvm_job_delete(struct anyvm_job_t *job);

@@ -318,6 +318,11 @@ public:
     detail::check(anyvm_job_env(raw_.get(), key.c_str(), value.c_str()));
     return *this;
   }
+  /// Boot the clone instead of starting it from the template's warm state.
+  Job &cold(bool yes = true) {
+    detail::check(anyvm_job_cold(raw_.get(), yes ? 1 : 0));
+    return *this;
+  }
   Job &timeout(double seconds) {
     detail::check(anyvm_job_timeout(raw_.get(), seconds));
     return *this;

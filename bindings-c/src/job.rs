@@ -167,6 +167,19 @@ pub unsafe extern "C" fn anyvm_job_timeout(
     })
 }
 
+/// Boot the clone (`cold` non-zero) instead of starting it from the template's warm state (the
+/// default where the backend can).
+#[no_mangle]
+pub unsafe extern "C" fn anyvm_job_cold(
+    job: *mut anyvm_job_t,
+    cold: i32,
+) -> *mut crate::anyvm_error_t {
+    job_call(job, |s| {
+        s.warm = cold == 0;
+        Ok(())
+    })
+}
+
 /// Free a job. NULL is ignored.
 #[no_mangle]
 pub unsafe extern "C" fn anyvm_job_delete(job: *mut anyvm_job_t) {
