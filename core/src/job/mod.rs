@@ -575,9 +575,18 @@ pub(crate) async fn run_job_queued(
     labels.insert(owner::LABEL_JOB.into(), job_id.clone());
     let warm = spec.warm && spec.snapshot.is_none() && warm_possible(template).await;
     let made = if warm {
-        template
-            .clone_warm_labeled(&name, &spec.ready, labels)
-            .await
+        match template.warm(&spec.ready).await {
+            Ok(info) => template.clone_from_warm(&info, &name, labels).await,
+            // The template never became ready: what a cold clone's ready phase would say.
+            Err(e) if matches!(e.kind(), ErrorKind::NotReady | ErrorKind::Timeout) => {
+                progress.begin(Phase::Ready);
+                progress.end(false);
+                report.phases = progress.phases;
+                report.error = Some(job_error(Phase::Ready, &e));
+                return finish(report);
+            }
+            Err(e) => Err(e),
+        }
     } else {
         template
             .clone_linked_labeled(&name, spec.snapshot.as_deref(), labels)

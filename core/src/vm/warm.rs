@@ -125,8 +125,22 @@ impl Vm {
         labels: BTreeMap<String, String>,
     ) -> Result<Vm> {
         let info = self.warm(ready).await?;
+        let vm = self.clone_from_warm(&info, new_name, labels).await?;
+        vm.wait_ready(ready).await?;
+        Ok(vm)
+    }
+
+    /// A clone started from the warm state `info` of this template, running (not yet waited
+    /// for). Cancel-safe like a linked clone.
+    pub async fn clone_from_warm(
+        &self,
+        info: &WarmInfo,
+        new_name: &VmName,
+        labels: BTreeMap<String, String>,
+    ) -> Result<Vm> {
+        let info = info.clone();
         let (base, name) = (self.clone(), new_name.clone());
-        let vm = complete_or_roll_back(async move {
+        complete_or_roll_back(async move {
             if base.backend.exists(&name).await? {
                 return Err(Error::InvalidState {
                     ctx: Ctx::vm("clone", &name),
@@ -168,9 +182,7 @@ impl Vm {
             base.events.vm_changed(name.as_str(), VmEventKind::Started);
             Ok(base.sibling_named(name))
         })
-        .await?;
-        vm.wait_ready(ready).await?;
-        Ok(vm)
+        .await
     }
 }
 

@@ -167,8 +167,10 @@ pub fn domain_xml(spec: &VmSpec, uuid: Option<&str>, host: &HostSide<'_>) -> Str
             if d.readonly { "<readonly/>" } else { "" }
         ));
     }
+    // A warm clone's log starts with the boot its memory went through (copied in first).
+    let append = if host.incoming { "on" } else { "off" };
     x.push_str(&format!(
-        "    <serial type='pty'><log file='{}' append='off'/></serial>\n    <console type='pty'><target type='serial'/></console>\n",
+        "    <serial type='pty'><log file='{}' append='{append}'/></serial>\n    <console type='pty'><target type='serial'/></console>\n",
         escape(&console_log.display().to_string())
     ));
     x.push_str("    <channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>\n");

@@ -163,6 +163,8 @@ pub(super) async fn save(
     migration_done(be, &ctx, vm, be.opts.qemu_img_timeout).await?;
     let mem = dir.join("memory.state");
     std::fs::rename(&mem_tmp, &mem).map_err(|e| Error::io(ctx.clone(), &mem, e))?;
+    // The boot the saved memory went through: each clone's console log starts with it.
+    let _ = std::fs::copy(be.console_path(vm), dir.join("console.log"));
     let mut disks = Vec::new();
     for (i, d) in spec.disks.iter().enumerate() {
         let out = dir.join(format!("disk-{i}.qcow2"));
@@ -253,6 +255,11 @@ pub(super) async fn start(
             d.format = DiskFormat::Qcow2;
             d.owned = true;
         }
+        let log = be.console_path(name);
+        if let Some(d) = log.parent() {
+            let _ = std::fs::create_dir_all(d);
+        }
+        let _ = std::fs::copy(dir.join("console.log"), &log);
         lifecycle::define_incoming(be, &spec, true).await
     }
     .await;
