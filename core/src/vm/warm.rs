@@ -64,6 +64,27 @@ impl Vm {
         if let Some(info) = self.backend.warm_find(&self.name, &key).await? {
             return Ok(info);
         }
+        // The preparation runs to its end on its own task, so a caller that goes away (a
+        // dropped future, Ctrl-C in Python) leaves no helper VM running behind it.
+        let (me, ready) = (self.clone(), ready.clone());
+        tokio::spawn(async move { me.prepare_warm(ctx, spec, key, &ready).await })
+            .await
+            .unwrap_or_else(|e| {
+                Err(Error::backend(
+                    self.ctx("prepare the warm state"),
+                    "anyvm",
+                    format!("the preparation task ended without a result: {e}"),
+                ))
+            })
+    }
+
+    async fn prepare_warm(
+        &self,
+        ctx: Ctx,
+        spec: VmSpec,
+        key: String,
+        ready: &ReadySpec,
+    ) -> Result<WarmInfo> {
         // One preparation per template at a time; the others wait and find it made.
         let lock_path = self.state_dir.join(format!("warm-{}.lock", self.name));
         let lock = JsonStoreLock::take(&ctx, &lock_path).await?;
