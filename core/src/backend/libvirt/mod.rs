@@ -428,18 +428,30 @@ impl LibvirtBackend {
         vm: &VmName,
         op: impl std::future::Future<Output = Result<T>>,
     ) -> Result<T> {
-        let Some(exited) = self.process_exit(vm) else {
+        let Some((pid, ticks)) = self.qemu_process(vm) else {
             return op.await;
         };
+        let died = |why: String| {
+            Error::InvalidState {
+            ctx: ctx.clone(),
+            state: format!("not running: {why}"),
+            hint: Some(format!(
+                "the VM died or was killed; its console log tells why (anyvm console {vm}), then start it again"
+            )),
+        }
+        };
+        let exited = self
+            .process_exit(vm)
+            .unwrap_or_else(|| Box::pin(futures::future::pending()));
         tokio::select! {
-            r = op => r,
-            why = exited => Err(Error::InvalidState {
-                ctx,
-                state: format!("not running: {why}"),
-                hint: Some(format!(
-                    "the VM died or was killed; its console log tells why (anyvm console {vm}), then start it again"
-                )),
-            }),
+            r = op => match r {
+                // The agent channel closing with QEMU says no more than that QEMU is gone.
+                Err(_) if !crate::util::process::runs(pid, ticks) => {
+                    Err(died(format!("its QEMU process (pid {pid}) exited")))
+                }
+                r => r,
+            },
+            why = exited => Err(died(why)),
         }
     }
 
