@@ -35,6 +35,9 @@ fn warm_key(spec: &VmSpec) -> String {
     format!("{h:016x}")
 }
 
+/// How long a preparation waits for another one of the same template.
+const PREPARE_WAIT: Duration = Duration::from_secs(900);
+
 impl Vm {
     /// This template's warm state, made now if there is none for its current definition and
     /// disks: a linked clone is booted, waited for with `ready`, saved and removed. Older
@@ -87,7 +90,18 @@ impl Vm {
     ) -> Result<WarmInfo> {
         // One preparation per template at a time; the others wait and find it made.
         let lock_path = self.state_dir.join(format!("warm-{}.lock", self.name));
-        let lock = JsonStoreLock::take(&ctx, &lock_path).await?;
+        let Some(mut lock) =
+            crate::util::file_lock::lock_within(&ctx, &lock_path, false, PREPARE_WAIT).await?
+        else {
+            return Err(Error::Busy {
+                ctx,
+                reason: format!(
+                    "{} stayed locked for 15 min (another preparation?)",
+                    lock_path.display()
+                ),
+            });
+        };
+        let _ = writeln!(lock, "{}", std::process::id());
         if let Some(info) = self.backend.warm_find(&self.name, &key).await? {
             return Ok(info);
         }
@@ -204,39 +218,5 @@ impl Vm {
             Ok(base.sibling_named(name))
         })
         .await
-    }
-}
-
-/// An exclusive lock file held while a warm state is prepared (the kernel drops it with a
-/// killed process).
-struct JsonStoreLock(#[allow(dead_code)] std::fs::File);
-
-impl JsonStoreLock {
-    async fn take(ctx: &Ctx, path: &Path) -> Result<Self> {
-        use std::os::fd::AsRawFd;
-        if let Some(d) = path.parent() {
-            std::fs::create_dir_all(d).map_err(|e| Error::io(ctx.clone(), d, e))?;
-        }
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(path)
-            .map_err(|e| Error::io(ctx.clone(), path, e))?;
-        let deadline = std::time::Instant::now() + Duration::from_secs(900);
-        while unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            if std::time::Instant::now() >= deadline {
-                return Err(Error::Busy {
-                    ctx: ctx.clone(),
-                    reason: format!(
-                        "{} stayed locked for 15 min (another preparation?)",
-                        path.display()
-                    ),
-                });
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        let _ = writeln!(f, "{}", std::process::id());
-        Ok(JsonStoreLock(f))
     }
 }

@@ -11,9 +11,8 @@
 
 use std::collections::BTreeSet;
 use std::io::Read;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::backend::{Leftover, LeftoverKind};
 use crate::error::{Ctx, Error, Result};
@@ -27,7 +26,7 @@ pub(super) struct ImagesLock(#[allow(dead_code)] Option<std::fs::File>);
 impl ImagesLock {
     /// Shared: clones and destroys run side by side. Waits while gc sweeps (briefly).
     pub async fn shared(ctx: &Ctx, dir: &Path, local: bool, wait: Duration) -> Result<Self> {
-        match Self::take(ctx, dir, local, libc::LOCK_SH, wait).await? {
+        match Self::take(ctx, dir, local, true, wait).await? {
             Some(l) => Ok(l),
             None => Err(Error::Busy {
                 ctx: ctx.clone(),
@@ -41,42 +40,22 @@ impl ImagesLock {
 
     /// Exclusive, for gc: `None` when clones kept it busy for `wait`.
     pub async fn exclusive(ctx: &Ctx, dir: &Path, wait: Duration) -> Result<Option<Self>> {
-        Self::take(ctx, dir, true, libc::LOCK_EX, wait).await
+        Self::take(ctx, dir, true, false, wait).await
     }
 
     async fn take(
         ctx: &Ctx,
         dir: &Path,
         local: bool,
-        op: libc::c_int,
+        shared: bool,
         wait: Duration,
     ) -> Result<Option<Self>> {
         if !local {
             return Ok(Some(ImagesLock(None)));
         }
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(ctx.clone(), dir, e))?;
-        let path = dir.join(LOCK_FILE);
-        let f = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(|e| Error::io(ctx.clone(), &path, e))?;
-        let deadline = Instant::now() + wait;
-        loop {
-            // Non-blocking tries: a blocking flock could not be given up at a deadline.
-            if unsafe { libc::flock(f.as_raw_fd(), op | libc::LOCK_NB) } == 0 {
-                return Ok(Some(ImagesLock(Some(f))));
-            }
-            let err = std::io::Error::last_os_error();
-            if err.raw_os_error() != Some(libc::EWOULDBLOCK) {
-                return Err(Error::io(ctx.clone(), &path, err));
-            }
-            if Instant::now() >= deadline {
-                return Ok(None);
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
+        let f =
+            crate::util::file_lock::lock_within(ctx, &dir.join(LOCK_FILE), shared, wait).await?;
+        Ok(f.map(|f| ImagesLock(Some(f))))
     }
 }
 
