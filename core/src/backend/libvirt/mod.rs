@@ -511,6 +511,16 @@ impl LibvirtBackend {
         Ok(())
     }
 
+    /// A qcow2 overlay on `backing` (qcow2): a clone's disk.
+    async fn create_overlay(&self, ctx: &Ctx, backing: &Path, overlay: &Path) -> Result<()> {
+        let args = ["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"]
+            .into_iter()
+            .map(String::from)
+            .chain([backing.display().to_string(), overlay.display().to_string()])
+            .collect();
+        self.qemu_img(ctx, args).await
+    }
+
     fn host_side<'a>(&'a self, log: &'a Path, ro: &'a Path) -> domain_xml::HostSide<'a> {
         domain_xml::HostSide {
             console_log: log,

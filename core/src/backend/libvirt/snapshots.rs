@@ -181,21 +181,7 @@ pub(super) async fn clone_linked(
             tracing::debug!(vm = %new, phase = "overlay", disk = i, "clone");
             // Ours from here: a create that fails half-way may leave part of it.
             created.push(overlay.clone());
-            be.qemu_img(
-                &ctx,
-                vec![
-                    "create".into(),
-                    "-q".into(),
-                    "-f".into(),
-                    "qcow2".into(),
-                    "-F".into(),
-                    "qcow2".into(),
-                    "-b".into(),
-                    frozen.display().to_string(),
-                    overlay.display().to_string(),
-                ],
-            )
-            .await?;
+            be.create_overlay(&ctx, &frozen, &overlay).await?;
             disk.path = overlay;
             disk.format = DiskFormat::Qcow2;
             disk.owned = true;

@@ -236,21 +236,7 @@ pub(super) async fn start(
                 });
             }
             made.push(overlay.clone());
-            be.qemu_img(
-                &ctx,
-                vec![
-                    "create".into(),
-                    "-q".into(),
-                    "-f".into(),
-                    "qcow2".into(),
-                    "-F".into(),
-                    "qcow2".into(),
-                    "-b".into(),
-                    base.display().to_string(),
-                    overlay.display().to_string(),
-                ],
-            )
-            .await?;
+            be.create_overlay(&ctx, &base, &overlay).await?;
             d.path = overlay;
             d.format = DiskFormat::Qcow2;
             d.owned = true;
