@@ -81,6 +81,57 @@ impl Vm {
             .await
     }
 
+    /// The spec of a new clone `new_name` of this VM: its own spec renamed, labelled as a clone
+    /// (at `snapshot`) with `labels` over the base's own (minus the job-ownership and clone
+    /// ones, which belong to one VM only), every host port left for allocation. Refuses a name
+    /// already taken and a base anyvm did not define.
+    pub(super) async fn clone_spec(
+        &self,
+        new_name: &VmName,
+        snapshot: Option<&str>,
+        labels: std::collections::BTreeMap<String, String>,
+    ) -> Result<VmSpec> {
+        if self.backend.exists(new_name).await? {
+            return Err(Error::InvalidState {
+                ctx: Ctx::vm("clone", new_name),
+                state: "already defined".into(),
+                hint: Some("choose another name or destroy the existing VM".into()),
+            });
+        }
+        let ctx = Ctx::vm(format!("clone to {new_name}"), &self.name);
+        let mut spec = self
+            .backend
+            .spec(&self.name)
+            .await?
+            .ok_or_else(|| Error::InvalidState {
+                ctx: ctx.clone(),
+                state: "not defined by anyvm".into(),
+                hint: Some(
+                    "only VMs defined through anyvm carry the spec a clone is made from".into(),
+                ),
+            })?;
+        spec.name = new_name.clone();
+        spec.labels.retain(|k, _| {
+            !k.starts_with(crate::labels::JOB_PREFIX) && !k.starts_with(crate::labels::CLONE_PREFIX)
+        });
+        spec.labels.extend(labels);
+        // The base cannot go while its clones live.
+        spec.labels
+            .insert(CLONE_BASE_LABEL.into(), self.name.to_string());
+        if let Some(s) = snapshot {
+            spec.labels
+                .insert(CLONE_SNAPSHOT_LABEL.into(), s.to_string());
+        }
+        spec.validate()?;
+        for f in &mut spec.forwards {
+            f.host_port = HostPort::Auto;
+        }
+        if spec.console.vnc.is_some() {
+            spec.console.vnc = Some(HostPort::Auto);
+        }
+        Ok(spec)
+    }
+
     async fn clone_now(
         &self,
         new_name: &VmName,
@@ -92,45 +143,7 @@ impl Vm {
             if let Some(s) = snapshot {
                 check_snapshot_name(s)?;
             }
-            if self.backend.exists(new_name).await? {
-                return Err(Error::InvalidState {
-                    ctx: Ctx::vm("clone", new_name),
-                    state: "already defined".into(),
-                    hint: Some("choose another name or destroy the existing VM".into()),
-                });
-            }
-            let ctx = Ctx::vm(format!("clone to {new_name}"), &self.name);
-            let mut spec =
-                self.backend
-                    .spec(&self.name)
-                    .await?
-                    .ok_or_else(|| Error::InvalidState {
-                        ctx: ctx.clone(),
-                        state: "not defined by anyvm".into(),
-                        hint: Some(
-                            "only VMs defined through anyvm carry the spec a clone is made from"
-                                .into(),
-                        ),
-                    })?;
-            spec.name = new_name.clone();
-            spec.labels.retain(|k, _| {
-                !k.starts_with(crate::labels::JOB_PREFIX)
-                    && !k.starts_with(crate::labels::CLONE_PREFIX)
-            });
-            spec.labels.extend(labels);
-            spec.labels
-                .insert(CLONE_BASE_LABEL.into(), self.name.to_string());
-            if let Some(s) = snapshot {
-                spec.labels
-                    .insert(CLONE_SNAPSHOT_LABEL.into(), s.to_string());
-            }
-            spec.validate()?;
-            for f in &mut spec.forwards {
-                f.host_port = HostPort::Auto;
-            }
-            if spec.console.vnc.is_some() {
-                spec.console.vnc = Some(HostPort::Auto);
-            }
+            let spec = self.clone_spec(new_name, snapshot, labels).await?;
             let backend = self.backend.clone();
             let snapshot = snapshot.map(str::to_string);
             let base = self.name.clone();

@@ -7,7 +7,6 @@ use std::io::Write;
 
 use super::*;
 use crate::backend::WarmInfo;
-use crate::labels::CLONE_BASE as CLONE_BASE_LABEL;
 use crate::readiness::ReadySpec;
 
 /// What a warm state is made from: the template's definition and its disks as they are now
@@ -176,37 +175,7 @@ impl Vm {
         let info = info.clone();
         let (base, name) = (self.clone(), new_name.clone());
         complete_or_roll_back(async move {
-            if base.backend.exists(&name).await? {
-                return Err(Error::InvalidState {
-                    ctx: Ctx::vm("clone", &name),
-                    state: "already defined".into(),
-                    hint: Some("choose another name or destroy the existing VM".into()),
-                });
-            }
-            let mut spec =
-                base.backend
-                    .spec(&base.name)
-                    .await?
-                    .ok_or_else(|| Error::InvalidState {
-                        ctx: base.ctx("warm clone"),
-                        state: "not defined by anyvm".into(),
-                        hint: None,
-                    })?;
-            spec.name = name.clone();
-            spec.labels.retain(|k, _| {
-                !k.starts_with(crate::labels::JOB_PREFIX)
-                    && !k.starts_with(crate::labels::CLONE_PREFIX)
-            });
-            spec.labels.extend(labels);
-            // The template cannot go while clones live on its state.
-            spec.labels
-                .insert(CLONE_BASE_LABEL.into(), base.name.to_string());
-            for f in &mut spec.forwards {
-                f.host_port = HostPort::Auto;
-            }
-            if spec.console.vnc.is_some() {
-                spec.console.vnc = Some(HostPort::Auto);
-            }
+            let spec = base.clone_spec(&name, None, labels).await?;
             let backend = base.backend.clone();
             let (template, key) = (base.name.clone(), info.key.clone());
             with_ports(&base.backend, &base.ports, spec, move |spec| async move {
