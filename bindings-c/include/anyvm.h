@@ -61,6 +61,33 @@ typedef enum anyvm_error_kind_t {
 } anyvm_error_kind_t;
 
 /**
+ * What an anyvm_event_t tells.
+ */
+typedef enum anyvm_event_type_t {
+  /**
+   * Not a live event handle.
+   */
+  ANYVM_EVENT_NONE = 0,
+  /**
+   * A VM changed: anyvm_event_vm(), anyvm_event_kind() ("started", "agent_connected", ...).
+   */
+  ANYVM_EVENT_VM = 1,
+  /**
+   * A job entered a phase: anyvm_event_job(), anyvm_event_phase(), anyvm_event_vm() (its clone,
+   * once it has one).
+   */
+  ANYVM_EVENT_JOB = 2,
+  /**
+   * A copy made progress: anyvm_event_vm(), anyvm_event_copy().
+   */
+  ANYVM_EVENT_COPY = 3,
+  /**
+   * The reader fell behind: anyvm_event_missed() events were dropped for it.
+   */
+  ANYVM_EVENT_LAGGED = 4,
+} anyvm_event_type_t;
+
+/**
  * Which output a chunk of anyvm_vm_exec_stream() came from.
  */
 typedef enum anyvm_output_stream_t {
@@ -125,6 +152,17 @@ typedef struct anyvm_client_t anyvm_client_t;
  * An error: a kind and a message naming the VM, the operation and the cause.
  */
 typedef struct anyvm_error_t anyvm_error_t;
+
+/**
+ * One event. Its strings live as long as it does.
+ */
+typedef struct anyvm_event_t anyvm_event_t;
+
+/**
+ * A client's events from the moment it was made. Events wait in it (up to 1024; a reader that
+ * falls behind gets one ANYVM_EVENT_LAGGED) until anyvm_events_next() takes them.
+ */
+typedef struct anyvm_events_t anyvm_events_t;
 
 /**
  * What a guest program produced.
@@ -244,6 +282,83 @@ void anyvm_error_delete(struct anyvm_error_t *err);
  * Free a string returned by anyvm. NULL is ignored.
  */
 void anyvm_string_delete(char *s);
+
+/**
+ * Start receiving the client's events: everything that happens from now on to its VMs (through
+ * any handle), its jobs and its copies. Free with anyvm_events_delete().
+ */
+struct anyvm_error_t *anyvm_client_events(const struct anyvm_client_t *client,
+                                          struct anyvm_events_t **out);
+
+/**
+ * Take the next event, waiting at most `timeout_s` seconds (0: only one already waiting;
+ * negative: as long as it takes). `*out` is NULL, and no error returned, when none came in time.
+ * Once the client and every VM handle opened through it are deleted no more can come: the call
+ * fails with ANYVM_ERROR_CANCELLED.
+ * \param out free with anyvm_event_delete()
+ */
+struct anyvm_error_t *anyvm_events_next(struct anyvm_events_t *events,
+                                        double timeout_s,
+                                        struct anyvm_event_t **out);
+
+/**
+ * Free an event stream. NULL is ignored.
+ */
+void anyvm_events_delete(struct anyvm_events_t *events);
+
+/**
+ * What the event tells (ANYVM_EVENT_NONE if `ev` is not a live event).
+ */
+enum anyvm_event_type_t anyvm_event_type(const struct anyvm_event_t *ev);
+
+/**
+ * The VM the event is about (a job's clone once it has a name), or NULL.
+ */
+const char *anyvm_event_vm(const struct anyvm_event_t *ev);
+
+/**
+ * What happened to the VM ("defined", "undefined", "started", "stopped", "crashed", "paused",
+ * "resumed", "agent_connected", "agent_disconnected"), or NULL for other events.
+ */
+const char *anyvm_event_kind(const struct anyvm_event_t *ev);
+
+/**
+ * The job's id, or NULL for other events.
+ */
+const char *anyvm_event_job(const struct anyvm_event_t *ev);
+
+/**
+ * The phase the job entered ("clone", "boot", "ready", "run", "teardown", ...), or NULL.
+ */
+const char *anyvm_event_phase(const struct anyvm_event_t *ev);
+
+/**
+ * A copy's progress: bytes done, bytes in all (-1 when not known yet) and whether it ended.
+ * Returns false, writing nothing, for other events. Any out-parameter may be NULL.
+ */
+bool anyvm_event_copy(const struct anyvm_event_t *ev,
+                      uint64_t *done,
+                      int64_t *total,
+                      bool *finished);
+
+/**
+ * How many events a lagging reader missed (0 for other events).
+ */
+uint64_t anyvm_event_missed(const struct anyvm_event_t *ev);
+
+/**
+ * The whole event as JSON, the shape Python's event dicts have: {"type":"vm","vm":..,"kind":..},
+ * {"type":"job","job":..,"vm":..,"phase":..}, {"type":"copy","vm":..,"direction":..,"guest":..,
+ * "host":..,"done":..,"total":..,"finished":..} or {"type":"lagged","missed":..}.
+ * \param out free with anyvm_string_delete()
+ */
+struct anyvm_error_t *anyvm_event_json(const struct anyvm_event_t *ev,
+                                       char **out);
+
+/**
+ * Free an event. NULL is ignored.
+ */
+void anyvm_event_delete(struct anyvm_event_t *ev);
 
 /**
  * A new exec request for `program` (looked up on the guest's PATH). Free with anyvm_exec_delete().
@@ -569,6 +684,22 @@ struct anyvm_error_t *anyvm_vm_forward_remove(const struct anyvm_vm_t *vm,
  */
 struct anyvm_error_t *anyvm_vm_forwards_json(const struct anyvm_vm_t *vm,
                                              char **out);
+
+/**
+ * Save a PNG of the running guest's screen at `path`; `width`/`height` (may be NULL) receive
+ * its size. libvirt needs a display (console.vnc in the spec); VMware the guest account.
+ */
+struct anyvm_error_t *anyvm_vm_screenshot(const struct anyvm_vm_t *vm,
+                                          const char *path,
+                                          uint32_t *width,
+                                          uint32_t *height);
+
+/**
+ * Where a viewer reaches the guest's screen, as JSON {"protocol","host","port","url"}, or
+ * `null` when the VM has none. Free with anyvm_string_delete().
+ */
+struct anyvm_error_t *anyvm_vm_remote_display_json(const struct anyvm_vm_t *vm,
+                                                   char **out);
 
 struct anyvm_error_t *anyvm_vm_snapshot_take(const struct anyvm_vm_t *vm,
                                              const char *name);

@@ -222,6 +222,19 @@ public:
     return detail::take_string(s);
   }
 
+  /** Save a PNG of the guest's screen; returns {width, height}. */
+  std::pair<std::uint32_t, std::uint32_t> screenshot(const std::string &path) const {
+    std::uint32_t w = 0, h = 0;
+    detail::check(anyvm_vm_screenshot(raw_.get(), path.c_str(), &w, &h));
+    return {w, h};
+  }
+  /** Where a viewer reaches the screen, as JSON ("null" when the VM has none). */
+  std::string remote_display_json() const {
+    char *s = nullptr;
+    detail::check(anyvm_vm_remote_display_json(raw_.get(), &s));
+    return detail::take_string(s);
+  }
+
   void snapshot_take(const std::string &name) const { detail::check(anyvm_vm_snapshot_take(raw_.get(), name.c_str())); }
   void snapshot_restore(const std::string &name) const { detail::check(anyvm_vm_snapshot_restore(raw_.get(), name.c_str())); }
   void snapshot_delete(const std::string &name) const { detail::check(anyvm_vm_snapshot_delete(raw_.get(), name.c_str())); }
@@ -353,6 +366,56 @@ private:
   std::unique_ptr<anyvm_job_t, detail::Deleter<anyvm_job_t, anyvm_job_delete>> raw_;
 };
 
+/** One event of a client's stream (see anyvm_event_type_t for which fields each type fills). */
+struct Event {
+  anyvm_event_type_t type = ANYVM_EVENT_NONE;
+  /** The VM it is about (a job's clone once it has a name); empty if none. */
+  std::string vm;
+  /** VM events: "defined", "started", "stopped", "agent_connected", ... */
+  std::string kind;
+  /** Job events: the job's id and the phase it entered ("clone", "boot", "ready", "run", ...). */
+  std::string job, phase;
+  /** Copy events: bytes done, in all (-1 unknown) and whether the copy ended. */
+  std::uint64_t done = 0;
+  std::int64_t total = -1;
+  bool finished = false;
+  /** Lagged: events dropped for a slow reader. */
+  std::uint64_t missed = 0;
+  /** The whole event as the core's JSON (the shape of Python's event dicts). */
+  std::string json;
+};
+
+/** A client's events from the moment Client::events() made it. Move-only. */
+class Events {
+public:
+  /** The next event, waiting at most `timeout_s` seconds (0: only one already waiting; negative:
+   *  as long as it takes); std::nullopt when none came in time. */
+  std::optional<Event> next(double timeout_s = -1) {
+    anyvm_event_t *e = nullptr;
+    detail::check(anyvm_events_next(raw_.get(), timeout_s, &e));
+    if (e == nullptr) return std::nullopt;
+    std::unique_ptr<anyvm_event_t, detail::Deleter<anyvm_event_t, anyvm_event_delete>> owned(e);
+    auto str = [](const char *p) { return std::string(p ? p : ""); };
+    Event out;
+    out.type = anyvm_event_type(e);
+    out.vm = str(anyvm_event_vm(e));
+    out.kind = str(anyvm_event_kind(e));
+    out.job = str(anyvm_event_job(e));
+    out.phase = str(anyvm_event_phase(e));
+    anyvm_event_copy(e, &out.done, &out.total, &out.finished);
+    out.missed = anyvm_event_missed(e);
+    char *json = nullptr;
+    detail::check(anyvm_event_json(e, &json));
+    out.json = detail::take_string(json);
+    return out;
+  }
+
+private:
+  friend class Client;
+  explicit Events(anyvm_events_t *raw) : raw_(raw) {}
+  std::unique_ptr<anyvm_events_t, detail::Deleter<anyvm_events_t, anyvm_events_delete>> raw_;
+};
+
 /** A connection to one hypervisor. Move-only. */
 class Client {
 public:
@@ -409,6 +472,13 @@ public:
     detail::check(anyvm_client_doctor(raw_.get(), &s, &f));
     if (failed) *failed = f;
     return detail::take_string(s);
+  }
+
+  /** Everything that happens from now on to this client's VMs, jobs and copies. */
+  Events events() const {
+    anyvm_events_t *e = nullptr;
+    detail::check(anyvm_client_events(raw_.get(), &e));
+    return Events(e);
   }
 
   /** Remove job clones whose owner process is gone; returns the JSON report. */

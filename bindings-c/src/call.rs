@@ -79,6 +79,13 @@ pub(crate) fn new_error(f: Failure) -> *mut anyvm_error_t {
     })
 }
 
+/// A string handed to C, freed with anyvm_string_delete(); a NUL inside becomes a space.
+pub(crate) fn owned_string(s: &str) -> *mut c_char {
+    CString::new(s.replace('\0', " "))
+        .unwrap_or_default()
+        .into_raw()
+}
+
 /// Run `f`, turning errors and panics into an error object (NULL on success).
 pub(crate) fn guard(f: impl FnOnce() -> Res<()>) -> *mut anyvm_error_t {
     match catch_unwind(AssertUnwindSafe(f)) {

@@ -1,6 +1,6 @@
 //! `anyvm doctor` through the C ABI: the report as JSON.
 
-use std::ffi::{c_char, CString};
+use std::ffi::c_char;
 
 use crate::{anyvm_client_t, guard, out_ptr, runtime, CLIENTS};
 
@@ -17,9 +17,7 @@ pub unsafe extern "C" fn anyvm_client_doctor(
         out_ptr(out, "out")?;
         let r = CLIENTS.with(client, |c| runtime().block_on(c.client.doctor()))?;
         let text = serde_json::json!({"status": r.status(), "checks": r.checks}).to_string();
-        *out = CString::new(text.replace('\0', " "))
-            .unwrap_or_default()
-            .into_raw();
+        *out = crate::owned_string(&text);
         if !failed.is_null() {
             *failed = r.failed();
         }

@@ -2,7 +2,7 @@
 //! thread), read its report. A job's own failure (non-zero exit, timeout, boot failure) is in
 //! the report; the returned error is only for bad arguments.
 
-use std::ffi::{c_char, CString};
+use std::ffi::c_char;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use anyvm::job::{Cancel, JobReport, JobSpec, Outcome, Stage};
@@ -307,9 +307,7 @@ pub unsafe extern "C" fn anyvm_job_report_json(
         let text = REPORTS
             .with(r, |x| serde_json::to_string(&x.report))?
             .map_err(|e| invalid("report", &e.to_string()))?;
-        *out = CString::new(text.replace('\0', " "))
-            .unwrap_or_default()
-            .into_raw();
+        *out = crate::owned_string(&text);
         Ok(())
     })
 }
@@ -334,7 +332,7 @@ pub unsafe extern "C" fn anyvm_client_gc(
             crate::block(anyvm::job::gc::gc(&c.client, dry_run))
         })??;
         let text = serde_json::to_string(&r).map_err(|e| invalid("gc", &e.to_string()))?;
-        *out = CString::new(text).unwrap_or_default().into_raw();
+        *out = crate::owned_string(&text);
         Ok(())
     })
 }

@@ -1,6 +1,6 @@
 //! `anyvm_vm_t`: one VM's lifecycle, readiness, copies, forwards and snapshots.
 
-use std::ffi::{c_char, CString};
+use std::ffi::c_char;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
 
@@ -60,9 +60,7 @@ pub unsafe extern "C" fn anyvm_vm_name(
 ) -> *mut anyvm_error_t {
     vm_call(vm, |v| {
         out_ptr(out, "out")?;
-        *out = CString::new(v.name().as_str())
-            .expect("names have no NUL")
-            .into_raw();
+        *out = owned_string(v.name().as_str());
         Ok(())
     })
 }
@@ -281,9 +279,48 @@ pub unsafe extern "C" fn anyvm_vm_forwards_json(
     vm_call(vm, |v| {
         out_ptr(out, "out")?;
         let f = block(v.forwards())?;
-        *out = CString::new(serde_json::to_string(&f).expect("json"))
-            .expect("no NUL")
-            .into_raw();
+        *out = owned_string(
+            &serde_json::to_string(&f).map_err(|e| invalid("forwards", &e.to_string()))?,
+        );
+        Ok(())
+    })
+}
+
+/// Save a PNG of the running guest's screen at `path`; `width`/`height` (may be NULL) receive
+/// its size. libvirt needs a display (console.vnc in the spec); VMware the guest account.
+#[no_mangle]
+pub unsafe extern "C" fn anyvm_vm_screenshot(
+    vm: *const anyvm_vm_t,
+    path: *const c_char,
+    width: *mut u32,
+    height: *mut u32,
+) -> *mut anyvm_error_t {
+    vm_call(vm, |v| {
+        let path = cstr(path, "path")?;
+        let shot = block(v.screenshot_to(path))?;
+        if !width.is_null() {
+            *width = shot.width;
+        }
+        if !height.is_null() {
+            *height = shot.height;
+        }
+        Ok(())
+    })
+}
+
+/// Where a viewer reaches the guest's screen, as JSON {"protocol","host","port","url"}, or
+/// `null` when the VM has none. Free with anyvm_string_delete().
+#[no_mangle]
+pub unsafe extern "C" fn anyvm_vm_remote_display_json(
+    vm: *const anyvm_vm_t,
+    out: *mut *mut c_char,
+) -> *mut anyvm_error_t {
+    vm_call(vm, |v| {
+        out_ptr(out, "out")?;
+        let d = block(v.remote_display())?;
+        *out = owned_string(
+            &serde_json::to_string(&d).map_err(|e| invalid("remote_display", &e.to_string()))?,
+        );
         Ok(())
     })
 }
@@ -352,7 +389,7 @@ pub unsafe extern "C" fn anyvm_vm_ssh_config(
             ..Default::default()
         };
         let cfg = block(v.ssh_config(&opts))?;
-        *out = CString::new(cfg.stanza).expect("no NUL").into_raw();
+        *out = owned_string(&cfg.stanza);
         Ok(())
     })
 }

@@ -152,42 +152,12 @@ impl EventStream {
     }
 }
 
+/// The core's one wire shape of an event, as a dict.
 fn event_dict(py: Python<'_>, e: Event) -> PyResult<Py<PyDict>> {
-    let d = PyDict::new(py);
-    match e {
-        Event::Vm(v) => {
-            d.set_item("type", "vm")?;
-            d.set_item("vm", v.vm)?;
-            d.set_item("kind", v.kind.as_str())?;
-        }
-        Event::Job(j) => {
-            d.set_item("type", "job")?;
-            d.set_item("job", j.job)?;
-            d.set_item("vm", j.vm)?;
-            d.set_item("phase", j.phase.to_string())?;
-        }
-        Event::Copy(c) => {
-            d.set_item("type", "copy")?;
-            d.set_item("vm", c.vm)?;
-            d.set_item(
-                "direction",
-                match c.direction {
-                    anyvm::CopyDirection::ToGuest => "to_guest",
-                    anyvm::CopyDirection::FromGuest => "from_guest",
-                },
-            )?;
-            d.set_item("guest", c.guest)?;
-            d.set_item("host", c.host)?;
-            d.set_item("done", c.done)?;
-            d.set_item("total", c.total)?;
-            d.set_item("finished", c.finished)?;
-        }
-        Event::Lagged(n) => {
-            d.set_item("type", "lagged")?;
-            d.set_item("missed", n)?;
-        }
-    }
-    Ok(d.unbind())
+    let json = serde_json::to_string(&e)
+        .map_err(|err| pyo3::exceptions::PyValueError::new_err(err.to_string()))?;
+    let d = py.import("json")?.call_method1("loads", (json,))?;
+    Ok(d.cast_into::<PyDict>()?.unbind())
 }
 
 #[pymethods]

@@ -404,6 +404,34 @@ impl Vm {
         Ok(block(py, true, async move { vm.ssh_config(&opts).await })?.stanza)
     }
 
+    /// Save a PNG of the running guest's screen at `path`; returns {"path", "width",
+    /// "height"}.
+    fn screenshot<'py>(&self, py: Python<'py>, path: PathBuf) -> PyResult<Bound<'py, PyDict>> {
+        let vm = self.inner.clone();
+        let p = path.clone();
+        let shot = block(py, true, async move { vm.screenshot_to(&p).await })?;
+        let d = PyDict::new(py);
+        d.set_item("path", path)?;
+        d.set_item("width", shot.width)?;
+        d.set_item("height", shot.height)?;
+        Ok(d)
+    }
+
+    /// Where a viewer reaches the guest's screen: {"protocol", "host", "port", "url"}, or
+    /// None when the VM has no remote display.
+    fn remote_display<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyDict>>> {
+        let vm = self.inner.clone();
+        let Some(r) = block(py, true, async move { vm.remote_display().await })? else {
+            return Ok(None);
+        };
+        let d = PyDict::new(py);
+        d.set_item("protocol", r.protocol)?;
+        d.set_item("host", r.host)?;
+        d.set_item("port", r.port)?;
+        d.set_item("url", r.url)?;
+        Ok(Some(d))
+    }
+
     /// Start, wait ready, and always stop on exit: `with vm.running(): ...`.
     #[pyo3(signature = (*, timeout=120.0, probes=None, mode="all", stop_timeout=60.0))]
     fn running(

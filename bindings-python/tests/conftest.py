@@ -43,7 +43,7 @@ def client(tmp_path_factory: pytest.TempPathFactory) -> anyvm.Client:
 def make_vm(client, guest_dir, tmp_path):
     made = []
 
-    def make(extra_cmdline: str = "", forwards=True) -> anyvm.Vm:
+    def make(extra_cmdline: str = "", forwards=True, vnc=False) -> anyvm.Vm:
         name = "py-" + uuid.uuid4().hex[:8]
         disk = tmp_path / f"{name}.qcow2"
         shutil.copy(guest_dir / "data.qcow2", disk)
@@ -56,6 +56,8 @@ def make_vm(client, guest_dir, tmp_path):
             "disks": [{"path": str(disk)}],
             "forwards": [{"name": "ssh", "guest_port": 22}] if forwards else [],
         }
+        if vnc:
+            spec["console"] = {"vnc": "auto"}
         vm = client.define(spec)
         made.append(vm)
         return vm

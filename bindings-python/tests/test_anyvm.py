@@ -288,3 +288,18 @@ def test_warm_state_and_warm_clones(client, make_vm):
     for cold in (False, True):
         rep = client.run_job(t.name, ["echo", "ok"], cold=cold)
         assert rep.outcome == "succeeded" and rep.stdout == b"ok\n", rep
+
+
+def test_screenshot_and_remote_display(make_vm, tmp_path):
+    shown = make_vm("console=tty0", forwards=False, vnc=True)
+    plain = make_vm(forwards=False)
+    with shown.running(), plain.running():
+        d = shown.remote_display()
+        assert d["protocol"] == "vnc" and d["url"] == f"vnc://127.0.0.1:{d['port']}", d
+        r = shown.screenshot(tmp_path / "s.png")
+        assert r["width"] >= 640 and r["height"] >= 400, r
+        assert (tmp_path / "s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert plain.remote_display() is None
+        with pytest.raises(anyvm.InvalidStateError, match="no display"):
+            plain.screenshot(tmp_path / "p.png")
+        assert not (tmp_path / "p.png").exists()

@@ -12,9 +12,7 @@ use crate::name::VmName;
 use crate::ports::{PortAllocator, DEFAULT_PORT_RANGE};
 use crate::readiness::ReadySpec;
 
-/// How long `up` waits for a VM another process is starting, saving or snapshotting.
-const UP_SETTLE: std::time::Duration = std::time::Duration::from_secs(60);
-use crate::types::{VmInfo, VmSpec, VmState, VmStatus};
+use crate::types::{UpStep, VmInfo, VmSpec, VmStatus};
 use crate::vm::{complete_or_roll_back, define_with_ports, Vm};
 
 /// Options shared by every backend. Build with [`ClientOptions::default`] and the setters.
@@ -305,33 +303,25 @@ impl Client {
     /// Define if missing, start if not running (resume if paused; a start in progress is
     /// waited for), then wait until ready: the usual "give me a VM".
     pub async fn up(&self, spec: VmSpec, ready: &ReadySpec) -> Result<Vm> {
+        self.up_with(spec, ready, |_| {}).await
+    }
+
+    /// [`Client::up`], telling `on_step` what it is doing as each step begins.
+    pub async fn up_with(
+        &self,
+        spec: VmSpec,
+        ready: &ReadySpec,
+        on_step: impl Fn(UpStep) + Send + Sync,
+    ) -> Result<Vm> {
         ready.validate()?;
         let vm = if self.backend.exists(&spec.name).await? {
             self.handle(spec.name.clone())
         } else {
             tracing::debug!(vm = %spec.name, phase = "define", "up");
+            on_step(UpStep::Defining);
             self.define(spec).await?
         };
-        // Another process may be starting it (or was killed while it did): let that settle.
-        let settle = std::time::Instant::now() + UP_SETTLE;
-        let mut state = vm.state().await?;
-        while state == VmState::Busy && std::time::Instant::now() < settle {
-            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-            state = vm.state().await?;
-        }
-        match state {
-            VmState::Running => {}
-            VmState::Paused => {
-                tracing::debug!(vm = %vm.name(), phase = "resume", "up");
-                vm.resume().await?;
-            }
-            _ => {
-                tracing::debug!(vm = %vm.name(), phase = "start", "up");
-                vm.start().await?;
-            }
-        }
-        tracing::debug!(vm = %vm.name(), phase = "ready", "up");
-        vm.wait_ready(ready).await?;
+        vm.up_with(ready, on_step).await?;
         Ok(vm)
     }
 

@@ -102,7 +102,9 @@ pub struct JobEvent {
     pub phase: Phase,
 }
 
-/// One item of a client's event stream.
+/// One item of a client's event stream. Serialized (JSON for the C API, dicts in Python) as an
+/// object with a `"type"` of `"vm"` (vm, kind), `"job"` (job, vm, phase), `"copy"` (vm,
+/// direction, guest, host, done, total, finished) or `"lagged"` (missed).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
     /// A VM changed.
@@ -113,6 +115,60 @@ pub enum Event {
     Copy(CopyEvent),
     /// The reader fell behind and this many events were dropped for it.
     Lagged(u64),
+}
+
+/// The one wire shape of an [`Event`], so every binding spells it alike.
+#[derive(serde::Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum Wire<'a> {
+    Vm {
+        vm: &'a str,
+        kind: VmEventKind,
+    },
+    Job {
+        job: &'a str,
+        vm: Option<&'a str>,
+        phase: Phase,
+    },
+    Copy {
+        vm: &'a str,
+        direction: CopyDirection,
+        guest: &'a str,
+        host: &'a std::path::Path,
+        done: u64,
+        total: Option<u64>,
+        finished: bool,
+    },
+    Lagged {
+        missed: u64,
+    },
+}
+
+impl serde::Serialize for Event {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Event::Vm(v) => Wire::Vm {
+                vm: &v.vm,
+                kind: v.kind,
+            },
+            Event::Job(j) => Wire::Job {
+                job: &j.job,
+                vm: j.vm.as_deref(),
+                phase: j.phase,
+            },
+            Event::Copy(c) => Wire::Copy {
+                vm: &c.vm,
+                direction: c.direction,
+                guest: &c.guest,
+                host: &c.host,
+                done: c.done,
+                total: c.total,
+                finished: c.finished,
+            },
+            Event::Lagged(n) => Wire::Lagged { missed: *n },
+        }
+        .serialize(s)
+    }
 }
 
 /// Copies report progress at most this often (and always at their end).
@@ -399,5 +455,42 @@ mod tests {
             events.push((c.done, c.finished));
         }
         assert_eq!(events, vec![(10, false), (30, true)]);
+    }
+
+    #[test]
+    fn events_serialize_to_one_tagged_shape() {
+        let j = |e: Event| serde_json::to_string(&e).unwrap();
+        assert_eq!(
+            j(Event::Vm(VmEvent {
+                vm: "v".into(),
+                kind: VmEventKind::AgentConnected
+            })),
+            r#"{"type":"vm","vm":"v","kind":"agent_connected"}"#
+        );
+        assert_eq!(
+            j(Event::Job(JobEvent {
+                job: "7".into(),
+                vm: None,
+                phase: Phase::StageIn
+            })),
+            r#"{"type":"job","job":"7","vm":null,"phase":"stage_in"}"#
+        );
+        assert_eq!(
+            j(Event::Copy(CopyEvent {
+                vm: "v".into(),
+                direction: CopyDirection::FromGuest,
+                guest: "/g".into(),
+                host: "/h".into(),
+                done: 3,
+                total: None,
+                finished: true
+            })),
+            r#"{"type":"copy","vm":"v","direction":"from_guest","guest":"/g","host":"/h","done":3,"total":null,"finished":true}"#
+        );
+        assert_eq!(j(Event::Lagged(4)), r#"{"type":"lagged","missed":4}"#);
+        // The kind's binding name and its wire name are one spelling.
+        for k in [VmEventKind::Defined, VmEventKind::AgentDisconnected] {
+            assert_eq!(serde_json::to_value(k).unwrap(), k.as_str());
+        }
     }
 }

@@ -68,6 +68,7 @@ int main(int argc, char **argv) {
     // linked clone that is removed whatever the test does.
     const std::string input = "/var/tmp/rm_vm_check-" + std::to_string(getpid()) + ".cfg";
     std::ofstream(input) << "release=1.2.3\n";
+    anyvm::Events events = client.events();
     anyvm::JobReport rep = client.job(name, {"sh", "-c", "grep -c release= /work/release.cfg"})
                                .input(input, "/work/release.cfg")
                                .timeout(120)
@@ -75,6 +76,12 @@ int main(int argc, char **argv) {
     std::remove(input.c_str());
     std::cout << "system test job: exit status " << rep.exit_status << ", output " << rep.stdout_text();
     if (rep.outcome != anyvm::JobOutcome::Succeeded || rep.stdout_text() != "1\n") rc = 1;
+    // The job's phases as the event stream announced them, each as it began.
+    std::string phases;
+    while (auto e = events.next(0))
+      if (e->type == ANYVM_EVENT_JOB) phases += e->phase + " ";
+    std::cout << "job phases: " << phases << "\n";
+    if (phases.find("ready ") == std::string::npos || phases.find("run teardown ") == std::string::npos) rc = 1;
     vm.destroy();
   } catch (const anyvm::Error &e) {
     std::cerr << "anyvm error (kind " << e.kind() << "): " << e.what() << "\n";

@@ -906,3 +906,39 @@ async fn exec_streams_output_and_a_dropped_stream_kills_the_program() {
         Some(&(CopyDirection::ToGuest, 300_000, true))
     );
 }
+
+#[tokio::test]
+async fn screenshots_and_the_remote_display_of_a_running_vm() {
+    let f = new_fake();
+    let vm = f.client.define(f.spec("shot")).await.unwrap();
+    let e = vm.screenshot().await.unwrap_err();
+    assert_eq!(e.kind(), anyvm::ErrorKind::InvalidState, "{e}");
+    assert!(e.to_string().contains("'shot'"), "{e}");
+    let d = vm
+        .remote_display()
+        .await
+        .unwrap()
+        .expect("console.vnc asked for one");
+    assert_eq!(d.protocol, "rdp");
+    assert_eq!(d.url, format!("rdp://127.0.0.1:{}", d.port));
+    assert!(
+        f.calls()
+            .contains(&format!("\"--vrdeport\", \"{}\"", d.port)),
+        "{}",
+        f.calls()
+    );
+    vm.start().await.unwrap();
+    let out = f.dir.path().join("shot.png");
+    let s = vm.screenshot_to(&out).await.unwrap();
+    assert_eq!((s.width, s.height), (720, 400));
+    assert!(!s.is_blank());
+    assert_eq!(std::fs::read(&out).unwrap(), s.png);
+    // VirtualBox's own file is gone once read.
+    let left: Vec<_> = std::fs::read_dir(f.dir.path().join("console"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().contains("screenshot"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    vm.destroy().await.unwrap();
+}

@@ -779,3 +779,25 @@ async fn profile_policy_can_forbid_argv_secrets_per_vm() {
         .unwrap();
     assert_eq!(out.exit_code, Some(0));
 }
+
+#[tokio::test]
+async fn screenshots_need_the_guest_account_and_show_the_screen() {
+    let f = fake_with(|_| {});
+    let vm = f.client.define(f.spec("shot")).await.unwrap();
+    vm.start().await.unwrap();
+    let e = vm.screenshot().await.unwrap_err();
+    assert_eq!(e.kind(), anyvm::ErrorKind::Auth, "{e}");
+    let vm = vm.with_credentials(creds());
+    let s = vm.screenshot().await.unwrap();
+    assert_eq!((s.width, s.height), (720, 400));
+    assert!(!s.is_blank());
+    assert!(f.calls().contains("captureScreen"), "{}", f.calls());
+    assert!(!f.calls().contains("secret"), "{}", f.calls());
+    let d = vm
+        .remote_display()
+        .await
+        .unwrap()
+        .expect("console.vnc asked for one");
+    assert_eq!(d.protocol, "vnc");
+    vm.destroy().await.unwrap();
+}

@@ -97,6 +97,52 @@ static void argument_checks(anyvm_client_t *client) {
   anyvm_string_delete(NULL);
 }
 
+/* What the event stream saw of the session: the VM's life in order (libvirt's own events, which
+ * may trail the calls, hence the waits) and the copy to the guest ending at its 25 bytes. */
+static void session_events(anyvm_events_t *events, const char *name) {
+  const char *want[] = {"defined", "started", "agent_connected", "stopped", "undefined"};
+  size_t next = 0;
+  int copy_done = 0;
+  anyvm_event_t *ev = NULL;
+  while (next < sizeof want / sizeof *want) {
+    ok(anyvm_events_next(events, 30.0, &ev), "events_next");
+    CHECK(ev != NULL, "no '%s' event for %s within 30 s", want[next], name);
+    if (!ev) return;
+    const char *vm = anyvm_event_vm(ev);
+    anyvm_event_type_t t = anyvm_event_type(ev);
+    if (t == ANYVM_EVENT_VM && vm && strcmp(vm, name) == 0 && strcmp(anyvm_event_kind(ev), want[next]) == 0) next++;
+    uint64_t done = 0;
+    int64_t total = 0;
+    bool finished = false;
+    if (anyvm_event_copy(ev, &done, &total, &finished)) {
+      CHECK(t == ANYVM_EVENT_COPY && anyvm_event_kind(ev) == NULL, "copy event type %d", t);
+      if (finished && total == 25 && done == 25) copy_done = 1;
+    }
+    if (t == ANYVM_EVENT_VM) {
+      char *json = NULL;
+      ok(anyvm_event_json(ev, &json), "event_json");
+      CHECK(strstr(json, "{\"type\":\"vm\",\"vm\":\"") == json && strstr(json, anyvm_event_kind(ev)), "%s", json);
+      anyvm_string_delete(json);
+    }
+    anyvm_event_delete(ev);
+  }
+  CHECK(copy_done, "no finished copy event of 25 bytes");
+  anyvm_event_delete(ev); /* double delete is ignored */
+  CHECK(anyvm_event_type(ev) == ANYVM_EVENT_NONE && anyvm_event_vm(ev) == NULL, "accessors of a deleted event");
+  CHECK(!anyvm_event_copy(NULL, NULL, NULL, NULL) && anyvm_event_missed(NULL) == 0, "accessors of NULL");
+  expect_error(anyvm_events_next(NULL, 0, &ev), ANYVM_ERROR_INVALID_ARGUMENT, "anyvm_events_t", "NULL stream");
+  expect_error(anyvm_events_next(events, 0, NULL), ANYVM_ERROR_INVALID_ARGUMENT, "out", "NULL out");
+  /* Drained: a poll returns at once with nothing; a short wait returns nothing after it. */
+  do {
+    ok(anyvm_events_next(events, 0, &ev), "poll");
+    anyvm_event_delete(ev);
+  } while (ev);
+  ok(anyvm_events_next(events, 0.2, &ev), "short wait");
+  CHECK(ev == NULL || anyvm_event_vm(ev) == NULL || strcmp(anyvm_event_vm(ev), name) != 0,
+        "an event of %s after it was undefined: %s", name, anyvm_event_kind(ev));
+  anyvm_event_delete(ev);
+}
+
 static void session(anyvm_client_t *client, const char *guest, const char *work) {
   char spec[4096], cmd[4096], name[64];
   snprintf(name, sizeof name, "capi-%d", (int)getpid_or_zero());
@@ -107,6 +153,8 @@ static void session(anyvm_client_t *client, const char *guest, const char *work)
            "\"boot\":{\"kind\":\"kernel\",\"kernel\":\"%s/vmlinuz\",\"initrd\":\"%s/initrd.img\",\"cmdline\":\"console=ttyS0 quiet\"},"
            "\"disks\":[{\"path\":\"%s/capi.qcow2\"}],\"forwards\":[{\"name\":\"ssh\",\"guest_port\":22}]}",
            name, guest, guest, work);
+  anyvm_events_t *events = NULL;
+  ok(anyvm_client_events(client, &events), "events");
   anyvm_vm_t *vm = NULL;
   ok(anyvm_vm_define_json(client, spec, &vm), "define");
   anyvm_vm_state_t st;
@@ -212,6 +260,9 @@ static void session(anyvm_client_t *client, const char *guest, const char *work)
   ok(anyvm_vm_destroy_with(vm, 0), "destroy");
   anyvm_vm_delete(vm);
   expect_error(anyvm_vm_start(vm), ANYVM_ERROR_INVALID_ARGUMENT, "not a live handle", "vm after delete");
+  session_events(events, name);
+  anyvm_events_delete(events);
+  anyvm_events_delete(events); /* double delete is ignored */
 }
 
 static void doctor(anyvm_client_t *client) {

@@ -161,6 +161,10 @@ class Vm:
     def clone_warm(self, new_name: str, *, timeout: float = ..., probes: Optional[List[_Probe]] = ...) -> Vm:
         """A clone started from the template's warm state: running and ready when returned."""
     def ssh_config(self, *, user: Optional[str] = ..., identity_file: Optional[_Path] = ..., guest_port: int = ...) -> str: ...
+    def screenshot(self, path: _Path) -> Dict[str, Any]:
+        """Save a PNG of the running guest's screen: {"path", "width", "height"}."""
+    def remote_display(self) -> Optional[Dict[str, Any]]:
+        """Where a viewer reaches the screen: {"protocol", "host", "port", "url"}, or None."""
     def running(self, *, timeout: float = ..., probes: Optional[List[_Probe]] = ..., mode: str = ...,
                 stop_timeout: float = ...) -> Running: ...
     def transient_clone(self, name: str, *, snapshot: Optional[str] = ..., timeout: float = ...,

@@ -16,8 +16,8 @@ use crate::events::CopyProgress;
 use crate::health::Check;
 use crate::name::VmName;
 use crate::types::{
-    CloneLink, ExecOutput, ExecRequest, OutputSink, PortForward, SharedFolder, SnapshotInfo,
-    VmInfo, VmSpec, VmState, VmStatus,
+    CloneLink, ExecOutput, ExecRequest, OutputSink, PortForward, Screenshot, SharedFolder,
+    SnapshotInfo, VmInfo, VmSpec, VmState, VmStatus,
 };
 
 #[cfg(feature = "libvirt")]
@@ -303,6 +303,16 @@ pub trait Backend: Send + Sync + fmt::Debug {
 
     /// Hardware reset: the guest restarts at once, without shutting down.
     async fn reset(&self, vm: &VmName) -> Result<()>;
+
+    /// A PNG of the running guest's screen. VMware's `captureScreen` is a guest operation and
+    /// needs the guest account (`creds`).
+    async fn screenshot(&self, vm: &VmName, creds: Option<Credentials>) -> Result<Screenshot>;
+
+    /// The protocol of the remote display `console.vnc` asks for: `vnc`, or `rdp` where the
+    /// hypervisor offers RDP instead (VirtualBox's VRDE).
+    fn remote_display_protocol(&self) -> &'static str {
+        "vnc"
+    }
 
     /// The guest command that mounts a share at `guest_path` (run as root in the guest).
     fn share_mount_argv(&self, share: &SharedFolder, guest_path: &str) -> Vec<String> {

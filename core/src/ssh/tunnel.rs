@@ -26,7 +26,7 @@ pub struct Tunnels {
 }
 
 /// FNV-1a: a hash that every anyvm build (CLI, Python, C) computes the same way.
-fn fnv1a(s: &str) -> u64 {
+pub(crate) fn fnv1a(s: &str) -> u64 {
     s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
         (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
     })

@@ -48,6 +48,34 @@ impl fmt::Display for VmState {
     }
 }
 
+/// What an `up` is doing, for progress displays ([`crate::Client::up_with`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UpStep {
+    /// Defining the VM from its spec.
+    Defining,
+    /// Another process is starting (or saving, snapshotting) it: waiting for that to settle.
+    Settling,
+    /// Starting it.
+    Booting,
+    /// Resuming it from pause.
+    Resuming,
+    /// Waiting for its readiness probes, described for a person ("the guest agent, ssh on
+    /// :2222").
+    Waiting(String),
+}
+
+impl fmt::Display for UpStep {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            UpStep::Defining => f.write_str("defining"),
+            UpStep::Settling => f.write_str("waiting for another start of it to settle"),
+            UpStep::Booting => f.write_str("booting"),
+            UpStep::Resuming => f.write_str("resuming"),
+            UpStep::Waiting(what) => write!(f, "waiting for {what}"),
+        }
+    }
+}
+
 /// One line of `list`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct VmInfo {

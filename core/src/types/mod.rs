@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+mod display;
 mod exec;
 mod forward;
 mod job;
@@ -9,6 +10,7 @@ mod lifecycle;
 mod snapshot;
 mod spec;
 
+pub use display::*;
 pub use exec::*;
 pub use forward::*;
 pub use job::*;

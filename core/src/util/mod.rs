@@ -5,6 +5,7 @@ pub(crate) mod bindmount;
 pub(crate) mod cleanup;
 pub(crate) mod command;
 pub(crate) mod file_lock;
+pub(crate) mod image;
 pub(crate) mod json_store;
 pub(crate) mod process;
 pub mod shell;

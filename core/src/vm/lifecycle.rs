@@ -2,6 +2,11 @@
 //! the clone graph, readiness, console.
 
 use super::*;
+use crate::readiness::Probe;
+use crate::types::UpStep;
+
+/// How long `up` waits for a VM another process is starting, saving or snapshotting.
+const UP_SETTLE: Duration = Duration::from_secs(60);
 
 impl Vm {
     /// The VM's power state.
@@ -248,6 +253,76 @@ impl Vm {
             state: format!("{what}: {}", deps.join(", ")),
             hint: Some("destroy those clones first, or ask for them to be removed too (anyvm: --with-clones; Rust: DestroyOptions::with_clones; Python: with_clones=True; C: ANYVM_WITH_CLONES)".into()),
         }
+    }
+
+    /// Start if not running (resume if paused; a start in progress elsewhere is waited for),
+    /// then wait until ready: [`crate::Client::up`] for a VM that exists.
+    pub async fn up(&self, ready: &ReadySpec) -> Result<ReadyReport> {
+        self.up_with(ready, |_| {}).await
+    }
+
+    /// [`Vm::up`], telling `on_step` what it is doing as each step begins.
+    pub async fn up_with(
+        &self,
+        ready: &ReadySpec,
+        on_step: impl Fn(UpStep) + Send + Sync,
+    ) -> Result<ReadyReport> {
+        ready.validate()?;
+        // Another process may be starting it (or was killed while it did): let that settle.
+        let settle = Instant::now() + UP_SETTLE;
+        let mut state = self.state().await?;
+        if state == VmState::Busy {
+            on_step(UpStep::Settling);
+        }
+        while state == VmState::Busy && Instant::now() < settle {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            state = self.state().await?;
+        }
+        match state {
+            VmState::Running => {}
+            VmState::Paused => {
+                tracing::debug!(vm = %self.name, phase = "resume", "up");
+                on_step(UpStep::Resuming);
+                self.resume().await?;
+            }
+            _ => {
+                tracing::debug!(vm = %self.name, phase = "start", "up");
+                on_step(UpStep::Booting);
+                self.start().await?;
+            }
+        }
+        tracing::debug!(vm = %self.name, phase = "ready", "up");
+        on_step(UpStep::Waiting(self.describe_probes(ready).await));
+        self.wait_ready(ready).await
+    }
+
+    /// The probes as a person would name them, with the host ports forwards put them on.
+    async fn describe_probes(&self, ready: &ReadySpec) -> String {
+        let forwards = self.forwards().await.unwrap_or_default();
+        let on = |guest: u16| {
+            forwards
+                .iter()
+                .find(|f| f.guest_port == guest && f.proto == crate::types::Protocol::Tcp)
+                .map_or(format!("guest port {guest}"), |f| {
+                    format!(":{}", f.host_port)
+                })
+        };
+        let parts: Vec<String> = ready
+            .probes
+            .iter()
+            .map(|p| match p {
+                Probe::Agent => "the guest agent".to_string(),
+                Probe::Tcp { guest_port } => format!("tcp on {}", on(*guest_port)),
+                Probe::SshBanner { guest_port } => format!("ssh on {}", on(*guest_port)),
+                other => other.to_string(),
+            })
+            .collect();
+        let sep = if ready.mode == crate::readiness::Mode::Any {
+            " or "
+        } else {
+            ", "
+        };
+        parts.join(sep)
     }
 
     /// Wait until the guest passes `spec`'s probes, or fail with the probe still failing.

@@ -398,6 +398,7 @@ impl Drop for LeaseGuard<'_> {
     }
 }
 
+mod display;
 mod guest;
 mod lifecycle;
 mod network;

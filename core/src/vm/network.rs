@@ -106,12 +106,40 @@ impl Vm {
         Ok(())
     }
 
+    /// Ends the VM's ssh tunnels and the operator's shared ssh connections (`anyvm ssh`).
     pub(super) async fn close_tunnels(&self) {
         if let Some(t) = self.tunnels() {
             if let Ok(f) = self.backend.forwards(&self.name).await {
                 t.close_all(&f).await;
             }
         }
+        self.logins().close_all().await;
+    }
+
+    fn logins(&self) -> ssh::Logins {
+        ssh::Logins::new(&self.state_dir, &self.backend.uri(), self.name.as_str())
+    }
+
+    /// What the operator's own `ssh` needs to log in (`anyvm ssh`): a config file with the
+    /// guest's host key pinned (read through the agent or tools channel) and connection sharing,
+    /// so the next login reuses the connection and asks nothing else. Ended by stop/destroy.
+    ///
+    /// ```no_run
+    /// # async fn f(vm: anyvm::Vm) -> Result<(), Box<dyn std::error::Error>> {
+    /// let login = vm.ssh_login(&anyvm::ssh::SshOptions::default()).await?;
+    /// let argv = login.argv(Some("uname -a"), None)?;
+    /// std::process::Command::new(&argv[0]).args(&argv[1..]).status()?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn ssh_login(&self, opts: &SshOptions) -> Result<ssh::SshLogin> {
+        let port = opts.guest_port.unwrap_or(22);
+        let user = opts.user.clone().unwrap_or_else(|| "root".into());
+        let logins = self.logins();
+        if let Some(l) = logins.live(&user, port).await {
+            return Ok(l);
+        }
+        let cfg = self.ssh_config(opts).await?;
+        logins.write(&self.ctx("ssh"), &cfg, port)
     }
 
     /// The forwards in effect.

@@ -20,6 +20,8 @@ fn vm_with(b: MockBackend, dir: &Path) -> Vm {
 async fn stop_powers_off_when_the_guest_ignores_shutdown() {
     let dir = tempfile::tempdir().unwrap();
     let mut b = mock();
+    // A stop ends the VM's shared ssh logins, filed under the backend's URI.
+    b.expect_uri().returning(|| "mock:".into());
     let off = Arc::new(AtomicBool::new(false));
     let o = off.clone();
     b.expect_state().returning(move |_| {
@@ -53,6 +55,8 @@ async fn stop_powers_off_when_the_guest_ignores_shutdown() {
 async fn stop_is_graceful_when_the_guest_complies() {
     let dir = tempfile::tempdir().unwrap();
     let mut b = mock();
+    // A stop ends the VM's shared ssh logins, filed under the backend's URI.
+    b.expect_uri().returning(|| "mock:".into());
     let off = Arc::new(AtomicBool::new(false));
     let o = off.clone();
     b.expect_state().returning(move |_| {

@@ -6,6 +6,7 @@
 //! libvirt's agent-lifecycle event.
 
 mod agent;
+mod display;
 mod doctor;
 mod domain_xml;
 mod events;
@@ -741,6 +742,14 @@ impl Backend for LibvirtBackend {
 
     async fn reset(&self, vm: &VmName) -> Result<()> {
         lifecycle::reset(self, vm).await
+    }
+
+    async fn screenshot(
+        &self,
+        vm: &VmName,
+        _creds: Option<Credentials>,
+    ) -> Result<crate::types::Screenshot> {
+        display::screenshot(self, vm).await
     }
 
     async fn pause(&self, vm: &VmName) -> Result<()> {

@@ -6,6 +6,7 @@
 //! private `--passwordfile` (never argv), readiness from `guestproperty wait` on the Guest
 //! Additions run level instead of sleeps, and NAT forwards that use the shared port allocator.
 
+mod display;
 mod doctor;
 mod errors;
 mod guest;
@@ -408,6 +409,18 @@ impl Backend for VirtualBoxBackend {
 
     async fn reset(&self, vm: &VmName) -> Result<()> {
         lifecycle::reset(self, vm).await
+    }
+
+    async fn screenshot(
+        &self,
+        vm: &VmName,
+        _creds: Option<Credentials>,
+    ) -> Result<crate::types::Screenshot> {
+        display::screenshot(self, vm).await
+    }
+
+    fn remote_display_protocol(&self) -> &'static str {
+        "rdp"
     }
 
     async fn power_off(&self, vm: &VmName) -> Result<()> {

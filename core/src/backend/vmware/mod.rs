@@ -16,6 +16,7 @@
 //! forwards are ssh local forwards run by anyvm to the guest's IP (anyvm's ssh tunnels);
 //! vmrun is not involved and the rules live in anyvm's inventory only.
 
+mod display;
 mod errors;
 mod guest;
 mod lifecycle;
@@ -391,6 +392,14 @@ impl Backend for VmwareBackend {
 
     async fn reset(&self, vm: &VmName) -> Result<()> {
         lifecycle::reset(self, vm).await
+    }
+
+    async fn screenshot(
+        &self,
+        vm: &VmName,
+        creds: Option<Credentials>,
+    ) -> Result<crate::types::Screenshot> {
+        display::screenshot(self, vm, creds).await
     }
 
     async fn pause(&self, vm: &VmName) -> Result<()> {

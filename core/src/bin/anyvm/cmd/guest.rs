@@ -1,4 +1,4 @@
-//! The guest: exec (output streamed live), cp, console, ssh-config.
+//! The guest: exec (output streamed live), cp, console, ssh, ssh-config.
 
 use std::io::{Read, Write};
 use std::path::PathBuf;
@@ -88,10 +88,67 @@ pub struct SshConfigArgs {
     pub guest_port: u16,
 }
 
+/// Arguments of `anyvm ssh`.
+#[derive(Args, Debug)]
+pub struct SshArgs {
+    pub name: String,
+    /// Guest user (default: the machine's credentials, else root).
+    #[arg(long)]
+    pub user: Option<String>,
+    /// Private key (default: the machine's credentials).
+    #[arg(long)]
+    pub identity: Option<PathBuf>,
+    #[arg(long, default_value_t = 22)]
+    pub guest_port: u16,
+    /// Shell text for the guest's login shell to run, as with `ssh HOST 'TEXT'`.
+    #[arg(long, conflicts_with = "argv")]
+    pub command: Option<String>,
+    /// Give the session a terminal even for a command.
+    #[arg(short = 't', conflicts_with = "no_tty")]
+    pub tty: bool,
+    /// No terminal, even for a login.
+    #[arg(short = 'T')]
+    pub no_tty: bool,
+    /// A program and its arguments, passed as they are (nothing in them is shell syntax).
+    #[arg(last = true)]
+    pub argv: Vec<String>,
+}
+
+/// How `anyvm ssh` and `ssh-config` log in: the flags, else the machine's credentials.
+fn ssh_options(
+    app: &App,
+    name: &str,
+    user: Option<String>,
+    identity: Option<PathBuf>,
+    guest_port: u16,
+) -> SshOptions {
+    let cred = app.client.config().and_then(|c| c.credentials(name));
+    SshOptions {
+        user: user.or(cred.as_ref().map(|c| c.user.clone())),
+        identity_file: identity.or(cred.and_then(|c| c.identity_file)),
+        guest_port: Some(guest_port),
+        alias: None,
+    }
+}
+
 /// Arguments of `anyvm console`.
 #[derive(Args, Debug)]
 pub struct ConsoleArgs {
     pub name: String,
+    /// Print the serial log and keep printing what the guest writes, until Ctrl-C.
+    #[arg(long, short = 'f', conflicts_with = "remote")]
+    pub follow: bool,
+    /// Print where a viewer reaches the guest's screen (VNC; RDP on VirtualBox).
+    #[arg(long)]
+    pub remote: bool,
+}
+
+/// Arguments of `anyvm screenshot`.
+#[derive(Args, Debug)]
+pub struct ScreenshotArgs {
+    pub name: String,
+    /// Where the PNG goes.
+    pub out: PathBuf,
 }
 
 impl ExecArgs {
@@ -173,28 +230,140 @@ impl SshConfigArgs {
             identity,
             guest_port,
         } = self;
-        let _c = &app.client;
-        let cred = app.client.config().and_then(|c| c.credentials(&name));
-        let opts = SshOptions {
-            user: user.or(cred.as_ref().map(|c| c.user.clone())),
-            identity_file: identity.or(cred.and_then(|c| c.identity_file)),
-            guest_port: Some(guest_port),
-            alias: None,
-        };
+        let opts = ssh_options(app, &name, user, identity, guest_port);
         let cfg = app.open(&name).await?.ssh_config(&opts).await?;
         app.out(json!(cfg), || cfg.stanza.trim_end().to_string());
         Ok(0)
     }
 }
 
+impl SshArgs {
+    /// Replaces this process with `ssh`, so the terminal, signals and the exit code are the
+    /// session's own (255: ssh itself failed).
+    pub async fn run(self, app: &App) -> anyvm::Result<u8> {
+        use std::os::unix::process::CommandExt;
+        let SshArgs {
+            name,
+            user,
+            identity,
+            guest_port,
+            command,
+            tty,
+            no_tty,
+            argv,
+        } = self;
+        let opts = ssh_options(app, &name, user, identity, guest_port);
+        let login = app.open(&name).await?.ssh_login(&opts).await?;
+        let remote = command.or_else(|| {
+            (!argv.is_empty()).then(|| {
+                argv.iter()
+                    .map(|a| anyvm::ssh::shell_quote(a))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
+        });
+        let tty = match (tty, no_tty) {
+            (true, _) => Some(true),
+            (_, true) => Some(false),
+            _ => None,
+        };
+        let ssh = login.argv(remote.as_deref(), tty)?;
+        let _ = std::io::stdout().flush();
+        let err = std::process::Command::new(&ssh[0]).args(&ssh[1..]).exec();
+        Err(Error::io(anyvm::Ctx::vm("ssh", &name), &ssh[0], err))
+    }
+}
+
 impl ConsoleArgs {
     pub async fn run(self, app: &App) -> anyvm::Result<u8> {
-        let ConsoleArgs { name } = self;
-        let p = app.open(&name).await?.console_log().await?;
-        app.out(json!({"console_log": p}), || {
-            p.map(|p| p.display().to_string())
-                .unwrap_or_else(|| "(none)".into())
-        });
+        let ConsoleArgs {
+            name,
+            follow,
+            remote,
+        } = self;
+        let vm = app.open(&name).await?;
+        if remote {
+            let d = vm.remote_display().await?;
+            app.out(json!({"name": name, "remote_display": d}), || match &d {
+                Some(d) => d.url.clone(),
+                None => format!(
+                    "(none: {name} has no remote display; set console = {{ vnc = \"auto\" }} in its machine)"
+                ),
+            });
+            return Ok(0);
+        }
+        let p = vm.console_log().await?;
+        if !follow {
+            app.out(json!({"console_log": p}), || {
+                p.map(|p| p.display().to_string())
+                    .unwrap_or_else(|| "(none)".into())
+            });
+            return Ok(0);
+        }
+        let Some(p) = p else {
+            return Err(Error::InvalidState {
+                ctx: anyvm::Ctx::vm("console --follow", &name),
+                state: "its backend keeps no serial console log".into(),
+                hint: None,
+            });
+        };
+        follow_file(&name, &p).await
+    }
+}
+
+/// Print `path` and then whatever is appended to it, until Ctrl-C or SIGTERM (exit 0). A log
+/// that is replaced or truncated (the VM restarted) is read again from its start.
+async fn follow_file(name: &str, path: &std::path::Path) -> anyvm::Result<u8> {
+    use std::io::{Seek, SeekFrom};
+    use std::os::unix::fs::MetadataExt;
+    use tokio::signal::unix::{signal, SignalKind};
+    let ctx = || anyvm::Ctx::vm("console --follow", name);
+    let mut int = signal(SignalKind::interrupt()).map_err(|e| Error::io(ctx(), "SIGINT", e))?;
+    let mut term = signal(SignalKind::terminate()).map_err(|e| Error::io(ctx(), "SIGTERM", e))?;
+    let mut file: Option<(std::fs::File, u64)> = None;
+    let mut pos = 0u64;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let meta = std::fs::metadata(path).ok();
+        let replaced = match (&file, &meta) {
+            (Some((_, ino)), Some(m)) => m.ino() != *ino || m.len() < pos,
+            (None, Some(_)) => true,
+            _ => false,
+        };
+        if replaced {
+            if let (Ok(f), Some(m)) = (std::fs::File::open(path), &meta) {
+                file = Some((f, m.ino()));
+                pos = 0;
+            }
+        }
+        if let Some((f, _)) = file.as_mut() {
+            let _ = f.seek(SeekFrom::Start(pos));
+            loop {
+                let n = f.read(&mut buf).map_err(|e| Error::io(ctx(), path, e))?;
+                if n == 0 {
+                    break;
+                }
+                pos += n as u64;
+                let mut o = std::io::stdout().lock();
+                let _ = o.write_all(&buf[..n]).and_then(|_| o.flush());
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(std::time::Duration::from_millis(200)) => {}
+            _ = int.recv() => return Ok(0),
+            _ = term.recv() => return Ok(0),
+        }
+    }
+}
+
+impl ScreenshotArgs {
+    pub async fn run(self, app: &App) -> anyvm::Result<u8> {
+        let ScreenshotArgs { name, out } = self;
+        let shot = app.open(&name).await?.screenshot_to(&out).await?;
+        app.out(
+            json!({"name": name, "path": out, "width": shot.width, "height": shot.height, "bytes": shot.png.len()}),
+            || format!("{name}: {}x{} screenshot in {}", shot.width, shot.height, out.display()),
+        );
         Ok(0)
     }
 }

@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use anyvm::{DestroyOptions, StopOptions};
+use anyvm::{DestroyOptions, Error, ReadySpec, StopOptions};
 use clap::Args;
 use serde_json::json;
 
@@ -18,7 +18,9 @@ pub struct StatusArgs {
 /// Arguments of `anyvm up`.
 #[derive(Args, Debug)]
 pub struct UpArgs {
-    pub name: String,
+    /// Machines to bring up, at once (none: every machine in the config). A VM that is defined
+    /// but not in the config is started and waited for with the default probes.
+    pub names: Vec<String>,
     /// Override the readiness timeout from the config, in seconds.
     #[arg(long)]
     pub timeout: Option<f64>,
@@ -166,30 +168,105 @@ impl DefineArgs {
 
 impl UpArgs {
     pub async fn run(self, app: &App) -> anyvm::Result<u8> {
-        let UpArgs { name, timeout } = self;
-        let c = &app.client;
-        let m = app.machine(&name)?;
-        let mut ready = m.ready.clone();
-        if let Some(t) = timeout {
-            ready.timeout = secs(t, "--timeout")?;
-        }
-        let spinner = crate::progress::Spinner::start(format!("bringing up {name}"));
-        let res = c.up(m.spec.clone(), &ready).await;
-        spinner.stop();
-        let vm = res?;
-        let forwards = vm.forwards().await?;
-        app.out(
-            json!({"name": name, "state": "running", "ready": true, "forwards": forwards}),
-            || {
-                let mut s = format!("{name}: running and ready");
-                for f in &forwards {
-                    s.push_str(&format!("\n  forward {f}"));
+        let UpArgs { names, timeout } = self;
+        let timeout = timeout.map(|t| secs(t, "--timeout")).transpose()?;
+        let one = names.len() == 1;
+        let names = if names.is_empty() {
+            let all: Vec<String> = app
+                .client
+                .config()
+                .map(|c| c.machines.keys().cloned().collect())
+                .unwrap_or_default();
+            if all.is_empty() {
+                return Err(Error::config(
+                    None,
+                    "machines",
+                    "no machines to bring up: name them (anyvm up NAME ...) or list them in anyvm.toml",
+                ));
+            }
+            all
+        } else {
+            names
+        };
+        let board = crate::progress::Board::start(&names);
+        let ups = names.iter().enumerate().map(|(i, name)| {
+            let board = &board;
+            async move {
+                let r = up_one(app, name, timeout, |s| board.step(i, s.to_string())).await;
+                board.finish(i, r.is_ok());
+                r
+            }
+        });
+        let results = futures::future::join_all(ups).await;
+        board.stop();
+        let mut values = Vec::new();
+        let mut lines = Vec::new();
+        let mut failed = 0u8;
+        for (name, r) in names.iter().zip(results) {
+            match r {
+                Ok(forwards) => {
+                    let mut t = format!("{name}: running and ready");
+                    for f in &forwards {
+                        t.push_str(&format!("\n  forward {f}"));
+                    }
+                    lines.push(t);
+                    values.push(
+                        json!({"name": name, "state": "running", "ready": true, "forwards": forwards}),
+                    );
                 }
-                s
-            },
-        );
-        Ok(0)
+                // One machine: its error is the command's, as before.
+                Err(e) if one => return Err(e),
+                Err(e) => {
+                    failed = 1;
+                    eprintln!("anyvm: {name}: {e}");
+                    values.push(json!({"name": name, "ready": false, "kind": e.kind(), "error": e.to_string()}));
+                }
+            }
+        }
+        if one {
+            app.out(values.remove(0), || lines.remove(0));
+        } else {
+            app.out(json!(values), || lines.join("\n"));
+        }
+        Ok(failed)
     }
+}
+
+/// One machine of `up`: from the config, else a VM that exists, with the default probes.
+async fn up_one(
+    app: &App,
+    name: &str,
+    timeout: Option<std::time::Duration>,
+    on_step: impl Fn(anyvm::UpStep) + Send + Sync,
+) -> anyvm::Result<Vec<anyvm::PortForward>> {
+    let configured = app.client.config().and_then(|c| c.machines.get(name));
+    let vm = match configured {
+        Some(m) => {
+            let mut ready = m.ready.clone();
+            if let Some(t) = timeout {
+                ready.timeout = t;
+            }
+            app.client.up_with(m.spec.clone(), &ready, on_step).await?
+        }
+        None => {
+            let vm = app.open(name).await.map_err(|e| match e {
+                Error::NotFound { ctx, what } => Error::NotFound {
+                    ctx,
+                    what: format!(
+                        "{what}; it is not in the config either, so anyvm cannot define it"
+                    ),
+                },
+                e => e,
+            })?;
+            let mut ready = ReadySpec::default();
+            if let Some(t) = timeout {
+                ready.timeout = t;
+            }
+            vm.up_with(&ready, on_step).await?;
+            vm
+        }
+    };
+    vm.forwards().await
 }
 
 impl StartArgs {

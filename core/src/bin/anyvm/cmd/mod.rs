@@ -58,10 +58,16 @@ pub enum Cmd {
     Clone(snapshots::CloneArgs),
     /// Boot a template once, wait until ready and save that state: warm clones start from it.
     Warm(snapshots::WarmArgs),
+    /// Log in to the guest with OpenSSH (host key pinned, connection shared between calls), or
+    /// run `-- PROGRAM ARGS...` / `-c 'SHELL TEXT'`; the exit code is the session's.
+    Ssh(guest::SshArgs),
     /// Print an OpenSSH config block with the guest's host key pinned.
     SshConfig(guest::SshConfigArgs),
-    /// Path of the serial console log.
+    /// The serial console: its log's path, the log followed live (--follow), or where a
+    /// viewer reaches the screen (--remote).
     Console(guest::ConsoleArgs),
+    /// Save a PNG of the guest's screen.
+    Screenshot(guest::ScreenshotArgs),
     /// Host folders shared with the guest.
     #[command(subcommand)]
     Share(network::ShareCmd),
@@ -98,8 +104,10 @@ impl Cmd {
             Cmd::Snapshot(c) => c.run(app).await,
             Cmd::Clone(a) => a.run(app).await,
             Cmd::Warm(a) => a.run(app).await,
+            Cmd::Ssh(a) => a.run(app).await,
             Cmd::SshConfig(a) => a.run(app).await,
             Cmd::Console(a) => a.run(app).await,
+            Cmd::Screenshot(a) => a.run(app).await,
             Cmd::Share(c) => c.run(app).await,
             Cmd::Job(j) => app.job(j).await,
             Cmd::Gc(a) => app.gc(a.dry_run).await,

@@ -22,9 +22,13 @@ pub enum ShareCmd {
         #[arg(long)]
         automount: bool,
     },
+    /// `share remove VM SHARE` or `share remove VM --name SHARE` (the shape `add` takes).
     Remove {
         name: String,
-        share: String,
+        #[arg(required_unless_present = "label", conflicts_with = "label")]
+        share: Option<String>,
+        #[arg(long = "name")]
+        label: Option<String>,
     },
     List {
         name: String,
@@ -48,10 +52,17 @@ pub enum ForwardCmd {
         #[arg(long, default_value = "127.0.0.1")]
         host_addr: String,
     },
+    /// `forward remove VM LABEL|HOST_PORT` or `forward remove VM --name LABEL` (the shape
+    /// `add` takes) or `--host-port PORT`.
     Remove {
         name: String,
         /// Label or host port.
-        forward: String,
+        #[arg(required_unless_present_any = ["label", "host_port"], conflicts_with_all = ["label", "host_port"])]
+        forward: Option<String>,
+        #[arg(long = "name", conflicts_with = "host_port")]
+        label: Option<String>,
+        #[arg(long)]
+        host_port: Option<u16>,
     },
 }
 
@@ -86,7 +97,16 @@ impl ForwardCmd {
                 let f = app.open(&name).await?.forward_add(&spec).await?;
                 app.out(json!(f), || format!("{name}: forward {f}"));
             }
-            ForwardCmd::Remove { name, forward } => {
+            ForwardCmd::Remove {
+                name,
+                forward,
+                label,
+                host_port,
+            } => {
+                let forward = forward
+                    .or(label)
+                    .or(host_port.map(|p| p.to_string()))
+                    .expect("clap requires one");
                 let f = app.open(&name).await?.forward_remove(&forward).await?;
                 app.out(json!(f), || format!("{name}: removed forward {f}"));
             }
@@ -152,7 +172,8 @@ impl ShareCmd {
                     format!("{name}: sharing {} as {}", f.host_path.display(), f.name)
                 });
             }
-            ShareCmd::Remove { name, share } => {
+            ShareCmd::Remove { name, share, label } => {
+                let share = share.or(label).expect("clap requires one");
                 app.open(&name).await?.shared_folder_remove(&share).await?;
                 app.out(json!({"name": name, "removed": share}), || {
                     format!("{name}: removed share {share}")
