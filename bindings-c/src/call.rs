@@ -86,6 +86,13 @@ pub(crate) fn owned_string(s: &str) -> *mut c_char {
         .into_raw()
 }
 
+/// `value` as JSON, handed to C like [`owned_string`].
+pub(crate) fn owned_json(value: &impl serde::Serialize, what: &str) -> Res<*mut c_char> {
+    serde_json::to_string(value)
+        .map(|j| owned_string(&j))
+        .map_err(|e| invalid(what, &e.to_string()))
+}
+
 /// Run `f`, turning errors and panics into an error object (NULL on success).
 pub(crate) fn guard(f: impl FnOnce() -> Res<()>) -> *mut anyvm_error_t {
     match catch_unwind(AssertUnwindSafe(f)) {

@@ -238,10 +238,7 @@ pub unsafe extern "C" fn anyvm_event_json(
 ) -> *mut anyvm_error_t {
     guard(|| {
         out_ptr(out, "out")?;
-        let json = EVENTS
-            .with(ev, |e| serde_json::to_string(&e.event))?
-            .map_err(|e| invalid("ev", &e.to_string()))?;
-        *out = owned_string(&json);
+        *out = EVENTS.with(ev, |e| owned_json(&e.event, "ev"))??;
         Ok(())
     })
 }

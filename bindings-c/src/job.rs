@@ -8,7 +8,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use anyvm::job::{Cancel, JobReport, JobSpec, Outcome, Stage};
 
 use crate::handles::Registry;
-use crate::{anyvm_client_t, cstr, guard, invalid, opt_cstr, out_ptr, runtime, secs, Res, CLIENTS};
+use crate::{anyvm_client_t, cstr, guard, opt_cstr, out_ptr, runtime, secs, Res, CLIENTS};
 
 /// How a job ended.
 #[repr(C)]
@@ -304,10 +304,7 @@ pub unsafe extern "C" fn anyvm_job_report_json(
 ) -> *mut crate::anyvm_error_t {
     guard(|| {
         out_ptr(out, "out")?;
-        let text = REPORTS
-            .with(r, |x| serde_json::to_string(&x.report))?
-            .map_err(|e| invalid("report", &e.to_string()))?;
-        *out = crate::owned_string(&text);
+        *out = REPORTS.with(r, |x| crate::owned_json(&x.report, "report"))??;
         Ok(())
     })
 }
@@ -331,8 +328,7 @@ pub unsafe extern "C" fn anyvm_client_gc(
         let r = CLIENTS.with(client, |c| {
             crate::block(anyvm::job::gc::gc(&c.client, dry_run))
         })??;
-        let text = serde_json::to_string(&r).map_err(|e| invalid("gc", &e.to_string()))?;
-        *out = crate::owned_string(&text);
+        *out = crate::owned_json(&r, "gc")?;
         Ok(())
     })
 }

@@ -279,9 +279,7 @@ pub unsafe extern "C" fn anyvm_vm_forwards_json(
     vm_call(vm, |v| {
         out_ptr(out, "out")?;
         let f = block(v.forwards())?;
-        *out = owned_string(
-            &serde_json::to_string(&f).map_err(|e| invalid("forwards", &e.to_string()))?,
-        );
+        *out = owned_json(&f, "forwards")?;
         Ok(())
     })
 }
@@ -318,9 +316,7 @@ pub unsafe extern "C" fn anyvm_vm_remote_display_json(
     vm_call(vm, |v| {
         out_ptr(out, "out")?;
         let d = block(v.remote_display())?;
-        *out = owned_string(
-            &serde_json::to_string(&d).map_err(|e| invalid("remote_display", &e.to_string()))?,
-        );
+        *out = owned_json(&d, "remote_display")?;
         Ok(())
     })
 }

@@ -76,22 +76,9 @@ pub struct CpArgs {
     pub dst: String,
 }
 
-/// Arguments of `anyvm ssh-config`.
+/// How `anyvm ssh` and `ssh-config` log in.
 #[derive(Args, Debug)]
-pub struct SshConfigArgs {
-    pub name: String,
-    #[arg(long)]
-    pub user: Option<String>,
-    #[arg(long)]
-    pub identity: Option<PathBuf>,
-    #[arg(long, default_value_t = 22)]
-    pub guest_port: u16,
-}
-
-/// Arguments of `anyvm ssh`.
-#[derive(Args, Debug)]
-pub struct SshArgs {
-    pub name: String,
+pub struct LoginArgs {
     /// Guest user (default: the machine's credentials, else root).
     #[arg(long)]
     pub user: Option<String>,
@@ -100,6 +87,35 @@ pub struct SshArgs {
     pub identity: Option<PathBuf>,
     #[arg(long, default_value_t = 22)]
     pub guest_port: u16,
+}
+
+impl LoginArgs {
+    /// The flags, else the machine's credentials.
+    fn options(self, app: &App, name: &str) -> SshOptions {
+        let cred = app.client.config().and_then(|c| c.credentials(name));
+        SshOptions {
+            user: self.user.or(cred.as_ref().map(|c| c.user.clone())),
+            identity_file: self.identity.or(cred.and_then(|c| c.identity_file)),
+            guest_port: Some(self.guest_port),
+            alias: None,
+        }
+    }
+}
+
+/// Arguments of `anyvm ssh-config`.
+#[derive(Args, Debug)]
+pub struct SshConfigArgs {
+    pub name: String,
+    #[command(flatten)]
+    pub login: LoginArgs,
+}
+
+/// Arguments of `anyvm ssh`.
+#[derive(Args, Debug)]
+pub struct SshArgs {
+    pub name: String,
+    #[command(flatten)]
+    pub login: LoginArgs,
     /// Shell text for the guest's login shell to run, as with `ssh HOST 'TEXT'`.
     #[arg(long, conflicts_with = "argv")]
     pub command: Option<String>,
@@ -112,23 +128,6 @@ pub struct SshArgs {
     /// A program and its arguments, passed as they are (nothing in them is shell syntax).
     #[arg(last = true)]
     pub argv: Vec<String>,
-}
-
-/// How `anyvm ssh` and `ssh-config` log in: the flags, else the machine's credentials.
-fn ssh_options(
-    app: &App,
-    name: &str,
-    user: Option<String>,
-    identity: Option<PathBuf>,
-    guest_port: u16,
-) -> SshOptions {
-    let cred = app.client.config().and_then(|c| c.credentials(name));
-    SshOptions {
-        user: user.or(cred.as_ref().map(|c| c.user.clone())),
-        identity_file: identity.or(cred.and_then(|c| c.identity_file)),
-        guest_port: Some(guest_port),
-        alias: None,
-    }
 }
 
 /// Arguments of `anyvm console`.
@@ -224,13 +223,8 @@ impl CpArgs {
 
 impl SshConfigArgs {
     pub async fn run(self, app: &App) -> anyvm::Result<u8> {
-        let SshConfigArgs {
-            name,
-            user,
-            identity,
-            guest_port,
-        } = self;
-        let opts = ssh_options(app, &name, user, identity, guest_port);
+        let SshConfigArgs { name, login } = self;
+        let opts = login.options(app, &name);
         let cfg = app.open(&name).await?.ssh_config(&opts).await?;
         app.out(json!(cfg), || cfg.stanza.trim_end().to_string());
         Ok(0)
@@ -244,15 +238,13 @@ impl SshArgs {
         use std::os::unix::process::CommandExt;
         let SshArgs {
             name,
-            user,
-            identity,
-            guest_port,
+            login,
             command,
             tty,
             no_tty,
             argv,
         } = self;
-        let opts = ssh_options(app, &name, user, identity, guest_port);
+        let opts = login.options(app, &name);
         let login = app.open(&name).await?.ssh_login(&opts).await?;
         let remote = command.or_else(|| {
             (!argv.is_empty()).then(|| {
