@@ -6,7 +6,7 @@ set -euo pipefail
 log() { printf 'setup-host: %s\n' "$*" >&2; }
 
 PKGS=(qemu-system-x86 libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev
-      pkg-config openssh-client busybox-static qemu-guest-agent dropbear-bin cpio gzip
+      pkg-config openssh-client busybox-static qemu-guest-agent dropbear-bin cpio gzip tini
       qemu-utils iproute2 procps gcc g++ make valgrind openssh-server mariadb-server
       munge slurmctld slurmd slurm-client)
 
@@ -71,7 +71,9 @@ start_daemon() {
     else
       log "starting $d"
     fi
-    "$d" -d
+    # Under tini -s: libvirt waits for a killed QEMU (an orphan: libvirt daemonizes it) to be
+    # reaped, and this host's init may reap late ('anyvm doctor' measures it); tini reaps at once.
+    setsid tini -s -- "$d" </dev/null >>"/var/log/anyvm-$d.log" 2>&1 &
     for _ in $(seq 1 50); do pgrep -o -x "$d" >/dev/null && break; sleep 0.1; done
     pgrep -o -x "$d" >"/run/anyvm-$d.pid"
   fi

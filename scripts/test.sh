@@ -5,6 +5,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 bash scripts/setup-host.sh
+# The drills restart libvirtd; run under a reaper so the daemon they start (and its QEMUs) are
+# reaped at once however late this host's init reaps (see 'orphan reaping' in anyvm doctor).
+if [ -z "${ANYVM_UNDER_REAPER:-}" ]; then
+  export ANYVM_UNDER_REAPER=1
+  exec tini -s -- bash "$0" "$@"
+fi
 export ANYVM_TEST_GUEST
 ANYVM_TEST_GUEST=$(bash tests/guest/build-guest.sh)
 # The real VBoxManage (VirtualBox from Debian sid in a chroot) for the offline VirtualBox tests.

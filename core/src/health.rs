@@ -288,6 +288,84 @@ pub fn check_ports(ports: &crate::ports::PortAllocator) -> Check {
     }
 }
 
+/// Whether libvirt's power-offs wait on a late reaper. libvirt waits for a killed QEMU to be
+/// reaped before it reports the VM off; QEMU is an orphan (libvirt daemonizes it), reaped by
+/// the nearest subreaper above libvirtd or else by PID 1, and some container inits reap only
+/// every second or two. libvirtd under `tini -s` is reaped at once; otherwise an orphan of
+/// this process measures how late PID 1 reaps.
+pub async fn check_orphan_reaping() -> Check {
+    const NAME: &str = "orphan reaping";
+    let hint = "run libvirtd under a reaper that waits at once, e.g. 'tini -s -- libvirtd' (scripts/setup-host.sh does), or on a host with a real init (systemd)";
+    let cmdline = |pid: &str| {
+        std::fs::read(format!("/proc/{pid}/cmdline"))
+            .map(|b| {
+                String::from_utf8_lossy(&b)
+                    .replace('\0', " ")
+                    .trim()
+                    .to_string()
+            })
+            .unwrap_or_default()
+    };
+    let parent = |pid: &str| {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .ok()?
+            .lines()
+            .find_map(|l| l.strip_prefix("PPid:").map(|p| p.trim().to_string()))
+    };
+    let libvirtd = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .find(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == "libvirtd")
+        });
+    if let Some(pp) = libvirtd.as_deref().and_then(parent) {
+        let up = cmdline(&pp);
+        if pp != "1" && up.split_whitespace().any(|w| w == "-s") && up.contains("tini") {
+            return Check::ok(
+                "host",
+                NAME,
+                format!("libvirtd runs under '{up}', which reaps its QEMUs at once"),
+            );
+        }
+    }
+    let init = cmdline("1");
+    let init = init.split_whitespace().next().unwrap_or("?").to_string();
+    let spawned = tokio::process::Command::new("sh")
+        .args(["-c", "sleep 0 & echo $!"])
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .output()
+        .await;
+    let pid: Option<u32> = spawned
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok());
+    let Some(pid) = pid else {
+        return Check::warn("host", NAME, "could not start a test process", hint);
+    };
+    let t = std::time::Instant::now();
+    let limit = std::time::Duration::from_secs(5);
+    while std::path::Path::new(&format!("/proc/{pid}")).exists() && t.elapsed() < limit {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    let ms = t.elapsed().as_millis();
+    if ms < 100 {
+        Check::ok(
+            "host",
+            NAME,
+            format!("an orphaned process was reaped in {ms} ms"),
+        )
+    } else {
+        Check::warn(
+            "host",
+            NAME,
+            format!("PID 1 ({init}) left an orphaned process a zombie for {ms} ms: each libvirt power-off waits about as long"),
+            hint,
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

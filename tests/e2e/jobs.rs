@@ -337,7 +337,8 @@ async fn pool_caps_concurrency_and_runs_in_order() {
                 &[
                     "sh",
                     "-c",
-                    &format!("echo job{i}; cat /sys/class/net/eth0/address"),
+                    // 2 s each, so the waits below tell queueing apart from fast jobs.
+                    &format!("echo job{i}; cat /sys/class/net/eth0/address; sleep 2"),
                 ],
             )
             .unwrap();

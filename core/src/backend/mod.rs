@@ -190,6 +190,16 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// Remove the definition, its snapshots and the disks anyvm created for it.
     async fn undefine(&self, vm: &VmName) -> Result<()>;
 
+    /// Remove a VM nobody keeps anything of (a job's transient clone) as fast as the host
+    /// allows: its hypervisor process killed outright where the backend can (no graceful
+    /// wind-down), undefined, its disks gone. The default powers off, then undefines.
+    async fn discard(&self, vm: &VmName) -> Result<()> {
+        if !matches!(self.state(vm).await?, VmState::ShutOff | VmState::Saved) {
+            self.power_off(vm).await?;
+        }
+        self.undefine(vm).await
+    }
+
     /// The VM's power state.
     async fn state(&self, vm: &VmName) -> Result<VmState>;
     /// Power the VM on (headless); resumes a saved state.

@@ -634,7 +634,8 @@ pub(crate) async fn run_job_queued(
 
     report.console_log = console_tail(&vm, spec.console_tail).await;
     progress.begin(Phase::Teardown);
-    let torn = match tokio::time::timeout(TEARDOWN_LIMIT, vm.destroy()).await {
+    // Nothing of the clone is kept: power off and remove at once.
+    let torn = match tokio::time::timeout(TEARDOWN_LIMIT, vm.discard()).await {
         Ok(r) => r,
         Err(_) => Err(Error::Timeout {
             ctx: Ctx::vm("destroy job clone", vm.name()),

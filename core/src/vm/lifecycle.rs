@@ -218,6 +218,30 @@ impl Vm {
                 .vm_changed(self.name.as_str(), VmEventKind::Stopped);
         }
         self.backend.undefine(&self.name).await?;
+        self.forget()
+    }
+
+    /// [`Vm::destroy`] for a transient clone nobody keeps anything of (a job's): its
+    /// hypervisor process is killed outright instead of being asked to wind down (local
+    /// libvirt), then it is removed as destroy removes it. Refuses while clones depend on it.
+    pub async fn discard(&self) -> Result<()> {
+        self.audited("discard", json!({}), async move {
+            self.remove_dependants("discard", None, DestroyOptions::default())
+                .await?;
+            self.close_tunnels().await;
+            let was_on = !matches!(self.state().await?, VmState::ShutOff | VmState::Saved);
+            self.backend.discard(&self.name).await?;
+            if was_on {
+                self.events
+                    .vm_changed(self.name.as_str(), VmEventKind::Stopped);
+            }
+            self.forget()
+        })
+        .await
+    }
+
+    /// What anyvm keeps of a VM that is gone: its leases and known_hosts files.
+    fn forget(&self) -> Result<()> {
         self.events
             .vm_changed(self.name.as_str(), VmEventKind::Undefined);
         self.ports

@@ -69,6 +69,9 @@ pub async fn checks(lv: &LibvirtBackend) -> Vec<Check> {
             )),
         }
     }
+    if lv.host.is_local() {
+        out.push(crate::health::check_orphan_reaping().await);
+    }
     let img = lv
         .host
         .run(

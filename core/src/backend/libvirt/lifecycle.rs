@@ -134,6 +134,50 @@ pub(super) async fn undefine(be: &LibvirtBackend, vm: &VmName) -> Result<()> {
     Ok(())
 }
 
+/// A transient clone's removal. libvirt's destroy sends SIGTERM and checks for QEMU's end in
+/// 200 ms polls (QEMU winds down first), then waits for the dead process to be reaped. Here
+/// the definition goes first, while the domain runs (it turns transient, its files are
+/// removed), then QEMU is killed outright and libvirt drops the domain as soon as the death
+/// is reaped. Remote hosts and VMs whose QEMU cannot be told apart by pid and start time take
+/// the ordinary way.
+pub(super) async fn discard(be: &LibvirtBackend, vm: &VmName) -> Result<()> {
+    let state = be.state(vm).await?;
+    let qemu = match state {
+        VmState::ShutOff | VmState::Saved => None,
+        _ => be.qemu_process(vm),
+    };
+    let Some((pid, ticks)) = qemu else {
+        if !matches!(state, VmState::ShutOff | VmState::Saved) {
+            power_off(be, vm).await?;
+        }
+        return undefine(be, vm).await;
+    };
+    undefine(be, vm).await?;
+    if crate::util::process::runs(pid, ticks) {
+        // SAFETY: kill(2) with a pid whose start time was just checked against libvirt's.
+        let r = unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+        if r != 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH) {
+            // Not ours to kill: libvirt's destroy of the domain, transient now.
+            tracing::debug!(vm = %vm, pid, "SIGKILL refused; asking libvirt to destroy it");
+            let _ = power_off(be, vm).await;
+        }
+    }
+    // Gone when this returns, as after a destroy: libvirt drops the transient domain once it
+    // has reaped the process (at once under a prompt reaper; 'anyvm doctor' tells).
+    let deadline = std::time::Instant::now() + be.opts.call_timeout;
+    while exists(be, vm).await? {
+        if std::time::Instant::now() > deadline {
+            return Err(Error::Timeout {
+                ctx: Ctx::vm("discard", vm),
+                after: Some(be.opts.call_timeout),
+                what: "libvirt to drop the killed domain".into(),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Ok(())
+}
+
 /// A clone of a stopped VM has a frozen copy of the base's disks of its own (the base may
 /// change after): once no overlay backs onto it, it goes with the clone. Frozen bases of a
 /// snapshot are shared by every clone from it and stay until the snapshot or base goes.

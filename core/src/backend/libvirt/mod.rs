@@ -409,7 +409,7 @@ impl LibvirtBackend {
 
     /// The running QEMU of `vm` (pid, start time), from libvirt's pid file: local system
     /// connections only.
-    fn qemu_process(&self, vm: &VmName) -> Option<(u32, u64)> {
+    pub(super) fn qemu_process(&self, vm: &VmName) -> Option<(u32, u64)> {
         if !self.is_local() || !self.uri.ends_with("/system") {
             return None;
         }
@@ -722,6 +722,10 @@ impl Backend for LibvirtBackend {
 
     async fn undefine(&self, vm: &VmName) -> Result<()> {
         lifecycle::undefine(self, vm).await
+    }
+
+    async fn discard(&self, vm: &VmName) -> Result<()> {
+        lifecycle::discard(self, vm).await
     }
 
     async fn state(&self, vm: &VmName) -> Result<VmState> {
