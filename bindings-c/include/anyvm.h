@@ -199,6 +199,18 @@ typedef int32_t (*anyvm_output_cb)(void *user_data,
                                    const uint8_t *data,
                                    size_t len);
 
+/**
+ * Called as each phase of a job begins ("clone", "boot", "ready", "check", "stage_in",
+ * "run", "stage_out", "teardown"), on the thread that called anyvm_job_run(). `vm` is the
+ * clone's name (NULL before it has one). The strings are valid during the call only. Return
+ * 0 to go on; anything else cancels the job (its clone is removed; the report says
+ * ANYVM_JOB_CANCELLED).
+ */
+typedef int32_t (*anyvm_phase_cb)(void *user_data,
+                                  const char *job_id,
+                                  const char *phase,
+                                  const char *vm);
+
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
@@ -514,6 +526,14 @@ struct anyvm_error_t *anyvm_job_timeout(struct anyvm_job_t *job,
  */
 struct anyvm_error_t *anyvm_job_cold(struct anyvm_job_t *job,
                                      int32_t cold);
+
+/**
+ * Call `cb` as each phase of the job begins (NULL: no callback). \param user_data passed to
+ * `cb` unchanged
+ */
+struct anyvm_error_t *anyvm_job_on_phase(struct anyvm_job_t *job,
+                                         anyvm_phase_cb cb,
+                                         void *user_data);
 
 /**
  * Free a job. NULL is ignored.

@@ -340,12 +340,23 @@ public:
     detail::check(anyvm_job_timeout(raw_.get(), seconds));
     return *this;
   }
+  /** Call `f(phase, clone)` as each phase begins ("clone", ..., "teardown"; clone "" until it
+   *  has a name), on the thread that runs the job; returning false (or throwing) cancels the
+   *  job, and run() then rethrows what it threw. */
+  Job &on_phase(std::function<bool(const std::string &phase, const std::string &vm)> f) {
+    hook_ = std::make_unique<Hook>();
+    hook_->fn = std::move(f);
+    detail::check(anyvm_job_on_phase(raw_.get(), &Job::trampoline, hook_.get()));
+    return *this;
+  }
 
   /** Run to the end. A failing command is a report, not an exception. */
   JobReport run(const Cancel *cancel = nullptr) const {
     anyvm_job_report_t *r = nullptr;
+    if (hook_) hook_->error = nullptr;
     detail::check(anyvm_job_run(raw_.get(), cancel ? cancel->raw() : nullptr, &r));
     std::unique_ptr<anyvm_job_report_t, detail::Deleter<anyvm_job_report_t, anyvm_job_report_delete>> owned(r);
+    if (hook_ && hook_->error) std::rethrow_exception(hook_->error);
     JobReport out;
     out.outcome = static_cast<JobOutcome>(anyvm_job_report_outcome(r));
     out.exit_status = anyvm_job_report_exit_status(r);
@@ -362,8 +373,23 @@ public:
 
 private:
   friend class Client;
+  struct Hook {
+    std::function<bool(const std::string &, const std::string &)> fn;
+    std::exception_ptr error;
+  };
+  // No exception may cross into the C library: it is kept and rethrown by run().
+  static int trampoline(void *ud, const char *, const char *phase, const char *vm) {
+    auto *h = static_cast<Hook *>(ud);
+    try {
+      return h->fn(phase, vm ? vm : "") ? 0 : 1;
+    } catch (...) {
+      h->error = std::current_exception();
+      return 1;
+    }
+  }
   explicit Job(anyvm_job_t *raw) : raw_(raw) {}
   std::unique_ptr<anyvm_job_t, detail::Deleter<anyvm_job_t, anyvm_job_delete>> raw_;
+  std::unique_ptr<Hook> hook_;
 };
 
 /** One event of a client's stream (see anyvm_event_type_t for which fields each type fills). */

@@ -29,7 +29,23 @@ pub struct anyvm_job_t {
     client: anyvm::Client,
     template: anyvm::Vm,
     spec: JobSpec,
+    /// anyvm_job_on_phase(): the callback and its user data (a C pointer, kept as a number).
+    on_phase: (anyvm_phase_cb, usize),
 }
+
+/// Called as each phase of a job begins ("clone", "boot", "ready", "check", "stage_in",
+/// "run", "stage_out", "teardown"), on the thread that called anyvm_job_run(). `vm` is the
+/// clone's name (NULL before it has one). The strings are valid during the call only. Return
+/// 0 to go on; anything else cancels the job (its clone is removed; the report says
+/// ANYVM_JOB_CANCELLED).
+pub type anyvm_phase_cb = Option<
+    unsafe extern "C" fn(
+        user_data: *mut std::ffi::c_void,
+        job_id: *const c_char,
+        phase: *const c_char,
+        vm: *const c_char,
+    ) -> i32,
+>;
 
 /// Cancels a running job from another thread (not from a signal handler: use a thread that
 /// waits for the signal, e.g. with sigwait()).
@@ -70,6 +86,7 @@ pub unsafe extern "C" fn anyvm_job_new(
                 &[program.as_str()],
             ))?;
             Ok(anyvm_job_t {
+                on_phase: (None, 0),
                 client: c.client.clone(),
                 template: vm,
                 spec,
@@ -180,6 +197,21 @@ pub unsafe extern "C" fn anyvm_job_cold(
     })
 }
 
+/// Call `cb` as each phase of the job begins (NULL: no callback). \param user_data passed to
+/// `cb` unchanged
+#[no_mangle]
+pub unsafe extern "C" fn anyvm_job_on_phase(
+    job: *mut anyvm_job_t,
+    cb: anyvm_phase_cb,
+    user_data: *mut std::ffi::c_void,
+) -> *mut crate::anyvm_error_t {
+    guard(|| {
+        JOBS.with_mut(job, |j| {
+            j.on_phase = (cb, user_data as usize);
+        })
+    })
+}
+
 /// Free a job. NULL is ignored.
 #[no_mangle]
 pub unsafe extern "C" fn anyvm_job_delete(job: *mut anyvm_job_t) {
@@ -230,10 +262,41 @@ pub unsafe extern "C" fn anyvm_job_run(
         } else {
             CANCELS.with(cancel, |c| c.cancel.clone())?
         };
-        let (client, template, spec) = JOBS.with(job, |j| {
-            (j.client.clone(), j.template.clone(), j.spec.clone())
+        let (client, template, spec, on_phase) = JOBS.with(job, |j| {
+            (
+                j.client.clone(),
+                j.template.clone(),
+                j.spec.clone(),
+                j.on_phase,
+            )
         })?;
-        let report = runtime().block_on(anyvm::run_job(&client, &template, &spec, &token));
+        let report = match on_phase {
+            (None, _) => runtime().block_on(anyvm::run_job(&client, &template, &spec, &token)),
+            (Some(cb), ud) => {
+                let stop = token.clone();
+                let hook: anyvm::PhaseFn = std::sync::Arc::new(move |e: &anyvm::JobEvent| {
+                    let text =
+                        |s: &str| std::ffi::CString::new(s.replace('\0', " ")).unwrap_or_default();
+                    let (id, phase) = (text(&e.job), text(&e.phase.to_string()));
+                    let vm = e.vm.as_deref().map(text);
+                    let vm_ptr = vm.as_ref().map_or(std::ptr::null(), |v| v.as_ptr());
+                    // SAFETY: the caller's callback, on the caller's thread (block_on polls the
+                    // job there), with strings alive for the call.
+                    if unsafe {
+                        cb(
+                            ud as *mut std::ffi::c_void,
+                            id.as_ptr(),
+                            phase.as_ptr(),
+                            vm_ptr,
+                        )
+                    } != 0
+                    {
+                        stop.cancel();
+                    }
+                });
+                runtime().block_on(anyvm::run_job_with(&client, &template, &spec, &token, hook))
+            }
+        };
         *out = REPORTS.insert(anyvm_job_report_t { report });
         Ok(())
     })

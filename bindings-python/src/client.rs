@@ -84,9 +84,11 @@ impl Client {
     /// resources are then checked first) and remove the clone, whatever happens. Inputs are
     /// (host, guest) pairs copied in before, outputs (guest, host) pairs copied out after;
     /// directories go whole. `timeout` limits the command's wall-clock seconds.
+    /// `on_phase(phase, clone)` is called as each phase begins; if it raises, the job is
+    /// cancelled (its clone removed) and the exception raised.
     #[pyo3(signature = (template=None, argv=None, *, profile=None, inputs=None, outputs=None,
                         timeout=None, ready_timeout=None, env=None, cwd=None, snapshot=None,
-                        cold=false))]
+                        cold=false, on_phase=None))]
     #[allow(clippy::too_many_arguments)]
     fn run_job(
         &self,
@@ -102,6 +104,7 @@ impl Client {
         cwd: Option<String>,
         snapshot: Option<String>,
         cold: bool,
+        on_phase: Option<Py<PyAny>>,
     ) -> PyResult<job::JobReport> {
         let (vm, spec) = job::prepare(
             py,
@@ -123,9 +126,34 @@ impl Client {
         let cancel = anyvm::Cancel::new();
         let client = self.inner.clone();
         let c = cancel.clone();
+        // A callback that raises cancels the job; its exception is raised after the teardown.
+        let raised: std::sync::Arc<std::sync::Mutex<Option<PyErr>>> = Default::default();
+        let hook = on_phase.map(|cb| {
+            let (raised, cancel) = (raised.clone(), cancel.clone());
+            let f: anyvm::PhaseFn = std::sync::Arc::new(move |e: &anyvm::JobEvent| {
+                let r = Python::attach(|py| {
+                    cb.call1(py, (e.phase.to_string(), e.vm.clone()))
+                        .map(|_| ())
+                });
+                if let Err(err) = r {
+                    raised
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .get_or_insert(err);
+                    cancel.cancel();
+                }
+            });
+            f
+        });
         let r = job::run_blocking(py, cancel, async move {
-            anyvm::run_job(&client, &vm, &spec, &c).await
+            match hook {
+                Some(h) => anyvm::run_job_with(&client, &vm, &spec, &c, h).await,
+                None => anyvm::run_job(&client, &vm, &spec, &c).await,
+            }
         })?;
+        if let Some(e) = raised.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            return Err(e);
+        }
         Ok(job::JobReport::new(r))
     }
 

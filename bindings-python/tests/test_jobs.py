@@ -111,3 +111,19 @@ with base.transient_clone({clone_name!r}, snapshot="golden", timeout=120):
     assert clone_name in [c["vm"] for c in report["clones"]], report
     with pytest.raises(anyvm.NotFoundError):
         client.vm(clone_name)
+
+
+def test_on_phase_sees_each_phase_and_an_exception_in_it_cancels_the_job(client, make_vm):
+    tmpl = make_vm(forwards=False)
+    seen = []
+    r = client.run_job(tmpl.name, ["true"], on_phase=lambda phase, vm: seen.append((phase, vm)))
+    assert r.outcome == "succeeded"
+    assert [p for p, _ in seen] == ["clone", "boot", "ready", "stage_in", "run", "stage_out", "teardown"]
+    assert all(vm == r.vm for _, vm in seen), seen
+
+    def refuse(phase, vm):
+        if phase == "run":
+            raise RuntimeError("not this one")
+    with pytest.raises(RuntimeError, match="not this one"):
+        client.run_job(tmpl.name, ["sh", "-c", "touch /tmp/ran; sleep 600"], on_phase=refuse)
+    assert clones(client, tmpl.name) == []

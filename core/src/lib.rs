@@ -56,7 +56,7 @@ pub use error::{Ctx, Error, ErrorKind, Result};
 pub use events::{
     CopyDirection, CopyEvent, CopyProgress, Event, EventStream, JobEvent, ProgressFn,
 };
-pub use job::{run_job, Cancel, JobReport, JobSpec};
+pub use job::{run_job, run_job_with, Cancel, JobReport, JobSpec, PhaseFn};
 pub use name::VmName;
 pub use policy::Policy;
 pub use profile::{Profile, Resource};

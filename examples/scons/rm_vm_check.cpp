@@ -69,9 +69,14 @@ int main(int argc, char **argv) {
     const std::string input = "/var/tmp/rm_vm_check-" + std::to_string(getpid()) + ".cfg";
     std::ofstream(input) << "release=1.2.3\n";
     anyvm::Events events = client.events();
+    std::string seen;  // the same phases, through the job's own callback
     anyvm::JobReport rep = client.job(name, {"sh", "-c", "grep -c release= /work/release.cfg"})
                                .input(input, "/work/release.cfg")
                                .timeout(120)
+                               .on_phase([&](const std::string &phase, const std::string &) {
+                                 seen += phase + " ";
+                                 return true;
+                               })
                                .run();
     std::remove(input.c_str());
     std::cout << "system test job: exit status " << rep.exit_status << ", output " << rep.stdout_text();
@@ -82,6 +87,7 @@ int main(int argc, char **argv) {
       if (e->type == ANYVM_EVENT_JOB) phases += e->phase + " ";
     std::cout << "job phases: " << phases << "\n";
     if (phases.find("ready ") == std::string::npos || phases.find("run teardown ") == std::string::npos) rc = 1;
+    if (seen != phases) rc = 1;
     vm.destroy();
   } catch (const anyvm::Error &e) {
     std::cerr << "anyvm error (kind " << e.kind() << "): " << e.what() << "\n";

@@ -283,6 +283,21 @@ static void *cancel_later(void *arg) {
   return NULL;
 }
 
+/* Job phases as their callback sees them; "run" can be refused (cancelling the job). */
+struct phases {
+  char seen[256];
+  const char *stop_at;
+};
+
+static int on_phase(void *ud, const char *job_id, const char *phase, const char *vm) {
+  struct phases *p = ud;
+  (void)job_id;
+  (void)vm;
+  strncat(p->seen, phase, sizeof p->seen - strlen(p->seen) - 2);
+  strcat(p->seen, " ");
+  return p->stop_at && strcmp(phase, p->stop_at) == 0;
+}
+
 static void jobs(anyvm_client_t *client, const char *guest, const char *work) {
   char spec[4096], cmd[4096], tmpl[64], path[1024], out_path[1024];
   snprintf(tmpl, sizeof tmpl, "capi-tmpl-%d", (int)getpid_or_zero());
@@ -311,8 +326,11 @@ static void jobs(anyvm_client_t *client, const char *guest, const char *work) {
   ok(anyvm_job_output(job, "/work/out.txt", out_path), "job_output");
   ok(anyvm_job_timeout(job, 120), "job_timeout");
   expect_error(anyvm_job_timeout(job, -1), ANYVM_ERROR_INVALID_ARGUMENT, "timeout", "negative timeout");
+  struct phases ph = {{0}, NULL};
+  ok(anyvm_job_on_phase(job, on_phase, &ph), "job_on_phase");
   anyvm_job_report_t *rep = NULL;
   ok(anyvm_job_run(job, NULL, &rep), "job_run");
+  CHECK(strcmp(ph.seen, "clone boot ready stage_in run stage_out teardown ") == 0, "phases '%s'", ph.seen);
   CHECK(anyvm_job_report_outcome(rep) == ANYVM_JOB_SUCCEEDED, "outcome %d", anyvm_job_report_outcome(rep));
   CHECK(anyvm_job_report_exit_status(rep) == 0, "status %d", anyvm_job_report_exit_status(rep));
   size_t n = 0;
@@ -340,6 +358,17 @@ static void jobs(anyvm_client_t *client, const char *guest, const char *work) {
   CHECK(anyvm_job_report_outcome(rep) == ANYVM_JOB_ERROR && anyvm_job_report_exit_status(rep) == 125,
         "missing input: outcome %d", anyvm_job_report_outcome(rep));
   anyvm_job_report_delete(rep);
+  anyvm_job_delete(job);
+
+  /* A phase callback that refuses "run" cancels the job before the command. */
+  struct phases stop = {{0}, "run"};
+  ok(anyvm_job_new(client, tmpl, NULL, "true", &job), "job_new");
+  ok(anyvm_job_on_phase(job, on_phase, &stop), "job_on_phase stop");
+  ok(anyvm_job_run(job, NULL, &rep), "run refused by callback");
+  CHECK(anyvm_job_report_outcome(rep) == ANYVM_JOB_CANCELLED, "refused: outcome %d", anyvm_job_report_outcome(rep));
+  CHECK(strstr(stop.seen, "run teardown") != NULL, "refused phases '%s'", stop.seen);
+  anyvm_job_report_delete(rep);
+  ok(anyvm_job_on_phase(job, NULL, NULL), "job_on_phase off");
   anyvm_job_delete(job);
 
   /* Cancelled from another thread while it runs: the clone is removed. */

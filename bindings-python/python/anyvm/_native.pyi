@@ -38,9 +38,11 @@ class Client:
                 profile: Optional[str] = ..., inputs: Optional[Sequence[Tuple[_Path, str]]] = ...,
                 outputs: Optional[Sequence[Tuple[str, _Path]]] = ..., timeout: Optional[float] = ...,
                 ready_timeout: Optional[float] = ..., env: Optional[Mapping[str, str]] = ...,
-                cwd: Optional[str] = ..., snapshot: Optional[str] = ..., cold: bool = ...) -> JobReport:
+                cwd: Optional[str] = ..., snapshot: Optional[str] = ..., cold: bool = ...,
+                on_phase: Optional[Callable[[str, Optional[str]], Any]] = ...) -> JobReport:
         """Run argv in a fresh clone of template (started from its warm state where the backend can,
-        booted with cold=True) and remove the clone whatever happens."""
+        booted with cold=True) and remove the clone whatever happens. on_phase(phase, clone) is
+        called as each phase begins; if it raises, the job is cancelled and the exception raised."""
     def job_pool(self, *, cpus: Optional[int] = ..., memory_mib: Optional[int] = ...) -> JobPool: ...
     def gc(self, *, dry_run: bool = ...) -> Dict[str, Any]:
         """Remove job clones whose owner process is gone, stale port leases and share mounts of VMs that are gone."""

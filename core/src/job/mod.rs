@@ -453,6 +453,7 @@ struct Progress {
     bus: crate::events::EventBus,
     job: String,
     vm: Option<String>,
+    on_phase: Option<PhaseFn>,
 }
 
 impl Progress {
@@ -460,12 +461,15 @@ impl Progress {
         self.end(true);
         self.current = Some((phase, Instant::now()));
         tracing::debug!(job = %self.job, vm = ?self.vm, phase = %phase, "job phase begins");
-        self.bus
-            .publish(crate::events::Event::Job(crate::events::JobEvent {
-                job: self.job.clone(),
-                vm: self.vm.clone(),
-                phase,
-            }));
+        let e = crate::events::JobEvent {
+            job: self.job.clone(),
+            vm: self.vm.clone(),
+            phase,
+        };
+        if let Some(f) = &self.on_phase {
+            f(&e);
+        }
+        self.bus.publish(crate::events::Event::Job(e));
     }
     fn end(&mut self, ok: bool) {
         if let Some((phase, t)) = self.current.take() {
@@ -492,7 +496,22 @@ pub(crate) fn job_error(phase: Phase, e: &Error) -> JobError {
 /// Run one job to the end. Never returns before the clone is gone (or its removal failed and
 /// is reported); never fails: every problem is in the report.
 pub async fn run_job(client: &Client, template: &Vm, spec: &JobSpec, cancel: &Cancel) -> JobReport {
-    run_job_queued(client, template, spec, cancel, None).await
+    run_job_queued(client, template, spec, cancel, None, None).await
+}
+
+/// Called as each phase of a job begins, with what the client's event stream announces.
+pub type PhaseFn = std::sync::Arc<dyn Fn(&crate::events::JobEvent) + Send + Sync>;
+
+/// [`run_job`], calling `on_phase` as each phase begins (before the phase's work), on the
+/// task that runs the job.
+pub async fn run_job_with(
+    client: &Client,
+    template: &Vm,
+    spec: &JobSpec,
+    cancel: &Cancel,
+    on_phase: PhaseFn,
+) -> JobReport {
+    run_job_queued(client, template, spec, cancel, None, Some(on_phase)).await
 }
 
 pub(crate) async fn run_job_queued(
@@ -501,6 +520,7 @@ pub(crate) async fn run_job_queued(
     spec: &JobSpec,
     cancel: &Cancel,
     queued: Option<(Duration, pool::Permit)>,
+    on_phase: Option<PhaseFn>,
 ) -> JobReport {
     let (queued, permit) = match queued {
         Some((d, p)) => (Some(d), Some(p)),
@@ -556,6 +576,7 @@ pub(crate) async fn run_job_queued(
         bus: client.event_bus().clone(),
         job: job_id.clone(),
         vm: None,
+        on_phase,
     };
     // Clone and boot are short and not interrupted: a half-made clone is harder to remove
     // than a whole one.

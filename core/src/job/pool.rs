@@ -224,6 +224,7 @@ impl JobPool {
             spec,
             cancel,
             Some((queued.elapsed(), permit)),
+            None,
         )
         .await
     }
