@@ -86,8 +86,15 @@ int main(int argc, char **argv) {
     while (auto e = events.next(0))
       if (e->type == ANYVM_EVENT_JOB) phases += e->phase + " ";
     std::cout << "job phases: " << phases << "\n";
-    if (phases.find("ready ") == std::string::npos || phases.find("run teardown ") == std::string::npos) rc = 1;
-    if (seen != phases) rc = 1;
+    if (phases.find("ready ") == std::string::npos || phases.find("run ") == std::string::npos ||
+        phases.find("teardown ") == std::string::npos) {
+      std::cerr << "the event stream missed job phases: " << phases << "\n";
+      rc = 1;
+    }
+    if (seen != phases) {
+      std::cerr << "the phase callback saw '" << seen << "', the stream '" << phases << "'\n";
+      rc = 1;
+    }
     vm.destroy();
   } catch (const anyvm::Error &e) {
     std::cerr << "anyvm error (kind " << e.kind() << "): " << e.what() << "\n";

@@ -212,12 +212,18 @@ impl Vm {
 
     pub(super) async fn destroy_one(&self) -> Result<()> {
         self.close_tunnels().await;
-        if !matches!(self.state().await?, VmState::ShutOff | VmState::Saved) {
+        let was_on = !matches!(self.state().await?, VmState::ShutOff | VmState::Saved);
+        if was_on {
             self.backend.power_off(&self.name).await?;
             self.events
                 .vm_changed(self.name.as_str(), VmEventKind::Stopped);
         }
-        self.backend.undefine(&self.name).await?;
+        match self.backend.undefine(&self.name).await {
+            // A transient domain (a discard cut short between its undefine and its kill) is
+            // gone once powered off: nothing is left to undefine.
+            Err(Error::NotFound { .. }) if was_on => {}
+            r => r?,
+        }
         self.forget()
     }
 
