@@ -70,8 +70,13 @@ pub(crate) fn invalid(what: &str, why: &str) -> Failure {
     from_core(anyvm::Error::invalid_arg(what, why))
 }
 
+/// `s` as a C string; a NUL inside (which C cannot hold) becomes a space.
+pub(crate) fn c_string(s: &str) -> CString {
+    CString::new(s.replace('\0', " ")).unwrap_or_default()
+}
+
 pub(crate) fn new_error(f: Failure) -> *mut anyvm_error_t {
-    let message = CString::new(f.message.replace('\0', " ")).unwrap_or_default();
+    let message = c_string(&f.message);
     ERRORS.insert(anyvm_error_t {
         kind: f.kind,
         message,
@@ -81,9 +86,7 @@ pub(crate) fn new_error(f: Failure) -> *mut anyvm_error_t {
 
 /// A string handed to C, freed with anyvm_string_delete(); a NUL inside becomes a space.
 pub(crate) fn owned_string(s: &str) -> *mut c_char {
-    CString::new(s.replace('\0', " "))
-        .unwrap_or_default()
-        .into_raw()
+    c_string(s).into_raw()
 }
 
 /// `value` as JSON, handed to C like [`owned_string`].

@@ -49,12 +49,9 @@ pub enum anyvm_event_type_t {
 static STREAMS: Registry<anyvm_events_t> = Registry::new("anyvm_events_t");
 static EVENTS: Registry<anyvm_event_t> = Registry::new("anyvm_event_t");
 
-fn c(s: &str) -> Option<CString> {
-    CString::new(s.replace('\0', " ")).ok()
-}
-
 impl anyvm_event_t {
     fn new(event: Event) -> Self {
+        let c = |s: &str| Some(c_string(s));
         let (vm, kind, job, phase) = match &event {
             Event::Vm(v) => (c(&v.vm), c(v.kind.as_str()), None, None),
             Event::Job(j) => (

@@ -8,7 +8,9 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use anyvm::job::{Cancel, JobReport, JobSpec, Outcome, Stage};
 
 use crate::handles::Registry;
-use crate::{anyvm_client_t, cstr, guard, opt_cstr, out_ptr, runtime, secs, Res, CLIENTS};
+use crate::{
+    anyvm_client_t, c_string, cstr, guard, opt_cstr, out_ptr, runtime, secs, Res, CLIENTS,
+};
 
 /// How a job ended.
 #[repr(C)]
@@ -275,10 +277,8 @@ pub unsafe extern "C" fn anyvm_job_run(
             (Some(cb), ud) => {
                 let stop = token.clone();
                 let hook: anyvm::PhaseFn = std::sync::Arc::new(move |e: &anyvm::JobEvent| {
-                    let text =
-                        |s: &str| std::ffi::CString::new(s.replace('\0', " ")).unwrap_or_default();
-                    let (id, phase) = (text(&e.job), text(&e.phase.to_string()));
-                    let vm = e.vm.as_deref().map(text);
+                    let (id, phase) = (c_string(&e.job), c_string(&e.phase.to_string()));
+                    let vm = e.vm.as_deref().map(c_string);
                     let vm_ptr = vm.as_ref().map_or(std::ptr::null(), |v| v.as_ptr());
                     // SAFETY: the caller's callback, on the caller's thread (block_on polls the
                     // job there), with strings alive for the call.

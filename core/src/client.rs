@@ -303,7 +303,7 @@ impl Client {
     /// Define if missing, start if not running (resume if paused; a start in progress is
     /// waited for), then wait until ready: the usual "give me a VM".
     pub async fn up(&self, spec: VmSpec, ready: &ReadySpec) -> Result<Vm> {
-        self.up_with(spec, ready, |_| {}).await
+        self.up_steps(spec, ready, None).await
     }
 
     /// [`Client::up`], telling `on_step` what it is doing as each step begins.
@@ -313,15 +313,26 @@ impl Client {
         ready: &ReadySpec,
         on_step: impl Fn(UpStep) + Send + Sync,
     ) -> Result<Vm> {
+        self.up_steps(spec, ready, Some(&on_step)).await
+    }
+
+    async fn up_steps(
+        &self,
+        spec: VmSpec,
+        ready: &ReadySpec,
+        listener: Option<&(dyn Fn(UpStep) + Send + Sync)>,
+    ) -> Result<Vm> {
         ready.validate()?;
         let vm = if self.backend.exists(&spec.name).await? {
             self.handle(spec.name.clone())
         } else {
             tracing::debug!(vm = %spec.name, phase = "define", "up");
-            on_step(UpStep::Defining);
+            if let Some(f) = listener {
+                f(UpStep::Defining);
+            }
             self.define(spec).await?
         };
-        vm.up_with(ready, on_step).await?;
+        vm.up_steps(ready, listener).await?;
         Ok(vm)
     }
 

@@ -332,14 +332,19 @@ pub async fn check_orphan_reaping() -> Check {
     }
     let init = cmdline("1");
     let init = init.split_whitespace().next().unwrap_or("?").to_string();
-    let spawned = tokio::process::Command::new("sh")
-        .args(["-c", "sleep 0 & echo $!"])
-        .stdin(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .output()
-        .await;
+    let spawned = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        tokio::process::Command::new("sh")
+            .args(["-c", "sleep 0 & echo $!"])
+            .stdin(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await;
     let pid: Option<u32> = spawned
         .ok()
+        .and_then(Result::ok)
         .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok());
     let Some(pid) = pid else {
         return Check::warn("host", NAME, "could not start a test process", hint);

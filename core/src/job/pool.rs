@@ -195,15 +195,11 @@ impl JobPool {
             r
         };
         let ctx = Ctx::vm("job: read template", template.name());
-        let tspec = match template.spec().await {
-            Ok(Some(s)) => s,
-            Ok(None) => {
-                return fail(Error::InvalidState {
-                    ctx,
-                    state: "not defined by anyvm".into(),
-                    hint: Some("job templates must be defined through anyvm".into()),
-                })
-            }
+        let tspec = match template
+            .required_spec(&ctx, "job templates must be defined through anyvm")
+            .await
+        {
+            Ok(s) => s,
             Err(e) => return fail(e),
         };
         let permit = tokio::select! {

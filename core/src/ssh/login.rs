@@ -15,9 +15,17 @@ use super::config::SshConfig;
 use super::session::ssh_binary;
 use super::tunnel::fnv1a;
 use crate::error::{Ctx, Error, Result};
+use crate::util::replace::replace_file;
 
 /// How long an idle shared connection stays up after its last session.
 pub const CONTROL_PERSIST: Duration = Duration::from_secs(600);
+
+/// A second `Host` name every login config defines, so a live login is used without knowing
+/// the VM's own alias.
+const SHARED_ALIAS: &str = "anyvm";
+
+/// A guest whose sshd does not answer fails the login instead of hanging the terminal.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// A `ssh -O` control call answers at once or not at all.
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(5);
@@ -52,6 +60,15 @@ impl Logins {
         }
     }
 
+    /// The login whose files are `base.config` and `base.sock`.
+    fn at(base: &Path, alias: &str) -> SshLogin {
+        SshLogin {
+            config_file: base.with_extension("config"),
+            alias: alias.into(),
+            control_path: base.with_extension("sock"),
+        }
+    }
+
     fn base(&self, user: &str, port: u16) -> PathBuf {
         self.dir
             .join(format!("{:016x}", fnv1a(&format!("{user}\0{port}"))))
@@ -60,24 +77,14 @@ impl Logins {
     /// The login for `user` on guest port `port` if its shared connection is up: nothing else
     /// needs asking.
     pub async fn live(&self, user: &str, port: u16) -> Option<SshLogin> {
-        let base = self.base(user, port);
-        let login = SshLogin {
-            config_file: base.with_extension("config"),
-            alias: "anyvm".into(),
-            control_path: base.with_extension("sock"),
-        };
+        let login = Self::at(&self.base(user, port), SHARED_ALIAS);
         (login.config_file.is_file() && login.control_path.exists() && login.check().await)
             .then_some(login)
     }
 
     /// Write the config for `cfg` (a pinned `Host` block) with connection sharing added.
     pub fn write(&self, ctx: &Ctx, cfg: &SshConfig, guest_port: u16) -> Result<SshLogin> {
-        let base = self.base(&cfg.user, guest_port);
-        let login = SshLogin {
-            config_file: base.with_extension("config"),
-            alias: cfg.alias.clone(),
-            control_path: base.with_extension("sock"),
-        };
+        let login = Self::at(&self.base(&cfg.user, guest_port), &cfg.alias);
         if login.control_path.as_os_str().len() > 100 {
             return Err(Error::invalid_arg(
                 "state_dir",
@@ -88,24 +95,20 @@ impl Logins {
             ));
         }
         std::fs::create_dir_all(&self.dir).map_err(|e| Error::io(ctx.clone(), &self.dir, e))?;
-        // The alias `anyvm` lets a live login be used without knowing the VM's own alias.
         let mut text = cfg.stanza.replacen(
             &format!("Host {}\n", cfg.alias),
-            &format!("Host {} anyvm\n", cfg.alias),
+            &format!("Host {} {SHARED_ALIAS}\n", cfg.alias),
             1,
         );
         text.push_str(&format!(
-            "  ControlMaster auto\n  ControlPath {}\n  ControlPersist {}\n  ServerAliveInterval 5\n  ServerAliveCountMax 3\n  LogLevel ERROR\n",
+            "  ControlMaster auto\n  ControlPath {}\n  ControlPersist {}\n  ConnectTimeout {}\n  ServerAliveInterval 5\n  ServerAliveCountMax 3\n  LogLevel ERROR\n",
             login.control_path.display(),
-            CONTROL_PERSIST.as_secs()
+            CONTROL_PERSIST.as_secs(),
+            CONNECT_TIMEOUT.as_secs()
         ));
         let tmp = login.config_file.with_extension("config.tmp");
-        std::fs::write(&tmp, text)
-            .and_then(|()| std::fs::rename(&tmp, &login.config_file))
-            .map_err(|e| {
-                let _ = std::fs::remove_file(&tmp);
-                Error::io(ctx.clone(), &login.config_file, e)
-            })?;
+        replace_file(&login.config_file, &tmp, text)
+            .map_err(|e| Error::io(ctx.clone(), &login.config_file, e))?;
         Ok(login)
     }
 
@@ -117,11 +120,7 @@ impl Logins {
         };
         for p in entries.flatten().map(|e| e.path()) {
             if p.extension().is_some_and(|x| x == "config") {
-                let login = SshLogin {
-                    control_path: p.with_extension("sock"),
-                    config_file: p.clone(),
-                    alias: "anyvm".into(),
-                };
+                let login = Self::at(&p, SHARED_ALIAS);
                 if login.control_path.exists() {
                     login.control("exit").await;
                 }

@@ -320,9 +320,7 @@ pub(crate) fn pin_keys(ctx: &Ctx, known_hosts: &Path, alias: &str, keys: &[Strin
         std::fs::create_dir_all(d).map_err(|e| Error::io(ctx.clone(), d, e))?;
     }
     let body: String = keys.iter().map(|k| format!("{alias} {k}\n")).collect();
-    let tmp = known_hosts.with_extension("tmp");
-    std::fs::write(&tmp, body)
-        .and_then(|_| std::fs::rename(&tmp, known_hosts))
+    crate::util::replace::replace_file(known_hosts, &known_hosts.with_extension("tmp"), body)
         .map_err(|e| Error::io(ctx.clone(), known_hosts, e))
 }
 

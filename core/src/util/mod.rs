@@ -8,6 +8,7 @@ pub(crate) mod file_lock;
 pub(crate) mod image;
 pub(crate) mod json_store;
 pub(crate) mod process;
+pub(crate) mod replace;
 pub mod shell;
 pub(crate) mod tail;
 pub(crate) mod tool;

@@ -20,13 +20,8 @@ impl Vm {
         let path = path.as_ref();
         let shot = self.screenshot().await?;
         let ctx = self.ctx("screenshot");
-        let tmp = path.with_extension("png.tmp");
-        std::fs::write(&tmp, &shot.png)
-            .and_then(|()| std::fs::rename(&tmp, path))
-            .map_err(|e| {
-                let _ = std::fs::remove_file(&tmp);
-                Error::io(ctx, path, e)
-            })?;
+        crate::util::replace::replace_file(path, &path.with_extension("png.tmp"), &shot.png)
+            .map_err(|e| Error::io(ctx, path, e))?;
         Ok(shot)
     }
 

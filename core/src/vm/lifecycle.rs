@@ -19,6 +19,16 @@ impl Vm {
         self.backend.spec(&self.name).await
     }
 
+    /// [`Vm::spec`] where one is needed: a VM anyvm did not define is refused for `ctx`, with
+    /// `hint` saying what needed it.
+    pub(crate) async fn required_spec(&self, ctx: &Ctx, hint: &str) -> Result<VmSpec> {
+        self.spec().await?.ok_or_else(|| Error::InvalidState {
+            ctx: ctx.clone(),
+            state: "not defined by anyvm".into(),
+            hint: Some(hint.into()),
+        })
+    }
+
     /// Start the VM (headless). Starting a running VM does nothing.
     pub async fn start(&self) -> Result<()> {
         let args = json!({});
@@ -288,7 +298,7 @@ impl Vm {
     /// Start if not running (resume if paused; a start in progress elsewhere is waited for),
     /// then wait until ready: [`crate::Client::up`] for a VM that exists.
     pub async fn up(&self, ready: &ReadySpec) -> Result<ReadyReport> {
-        self.up_with(ready, |_| {}).await
+        self.up_steps(ready, None).await
     }
 
     /// [`Vm::up`], telling `on_step` what it is doing as each step begins.
@@ -297,6 +307,20 @@ impl Vm {
         ready: &ReadySpec,
         on_step: impl Fn(UpStep) + Send + Sync,
     ) -> Result<ReadyReport> {
+        self.up_steps(ready, Some(&on_step)).await
+    }
+
+    /// The steps are described only for someone who listens (the description costs a call).
+    pub(crate) async fn up_steps(
+        &self,
+        ready: &ReadySpec,
+        listener: Option<&(dyn Fn(UpStep) + Send + Sync)>,
+    ) -> Result<ReadyReport> {
+        let on_step = |s: UpStep| {
+            if let Some(f) = listener {
+                f(s);
+            }
+        };
         ready.validate()?;
         // Another process may be starting it (or was killed while it did): let that settle.
         let settle = Instant::now() + UP_SETTLE;
@@ -322,7 +346,9 @@ impl Vm {
             }
         }
         tracing::debug!(vm = %self.name, phase = "ready", "up");
-        on_step(UpStep::Waiting(self.describe_probes(ready).await));
+        if listener.is_some() {
+            on_step(UpStep::Waiting(self.describe_probes(ready).await));
+        }
         self.wait_ready(ready).await
     }
 

@@ -100,16 +100,11 @@ impl Vm {
         }
         let ctx = Ctx::vm(format!("clone to {new_name}"), &self.name);
         let mut spec = self
-            .backend
-            .spec(&self.name)
-            .await?
-            .ok_or_else(|| Error::InvalidState {
-                ctx: ctx.clone(),
-                state: "not defined by anyvm".into(),
-                hint: Some(
-                    "only VMs defined through anyvm carry the spec a clone is made from".into(),
-                ),
-            })?;
+            .required_spec(
+                &ctx,
+                "only VMs defined through anyvm carry the spec a clone is made from",
+            )
+            .await?;
         spec.name = new_name.clone();
         spec.labels.retain(|k, _| {
             !k.starts_with(crate::labels::JOB_PREFIX) && !k.starts_with(crate::labels::CLONE_PREFIX)

@@ -44,17 +44,11 @@ impl Vm {
     pub async fn warm(&self, ready: &ReadySpec) -> Result<WarmInfo> {
         let ctx = self.ctx("prepare the warm state");
         let spec = self
-            .backend
-            .spec(&self.name)
-            .await?
-            .ok_or_else(|| Error::InvalidState {
-                ctx: ctx.clone(),
-                state: "not defined by anyvm".into(),
-                hint: Some(
-                    "only VMs defined through anyvm carry the spec a warm state is made from"
-                        .into(),
-                ),
-            })?;
+            .required_spec(
+                &ctx,
+                "only VMs defined through anyvm carry the spec a warm state is made from",
+            )
+            .await?;
         if let Some(why) = self.backend.warm_unsupported(&spec) {
             return Err(Error::InvalidState {
                 ctx,

@@ -282,8 +282,7 @@ impl VmwareBackend {
             _ => v.set("RemoteDisplay.vnc.enabled", "FALSE"),
         }
         let tmp = vmx.with_extension("vmx.anyvm-tmp");
-        std::fs::write(&tmp, v.render())
-            .and_then(|_| std::fs::rename(&tmp, vmx))
+        crate::util::replace::replace_file(vmx, &tmp, v.render())
             .map_err(|e| Error::io(ctx.clone(), vmx, e))
     }
 

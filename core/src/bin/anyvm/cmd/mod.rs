@@ -17,7 +17,8 @@ pub enum Cmd {
     List,
     /// State, forwards and snapshots of one VM.
     Status(lifecycle::StatusArgs),
-    /// Define (from the config) if needed, start, and wait until ready.
+    /// Define (from the config) if needed, start, and wait until ready; no name: every machine
+    /// of the config, at once.
     Up(lifecycle::UpArgs),
     /// Define a VM from the config without starting it.
     Define(lifecycle::DefineArgs),
