@@ -13,9 +13,11 @@ use anyvm::job::{run_job, Cancel, JobSpec, Outcome, Phase};
 use anyvm::{Client, Vm, VmName};
 use common::*;
 
-/// gc removes every dead owner's clone on the host, by design: the two tests that make such
-/// clones and run gc would collect each other's, so they take turns.
-static GC_TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+/// gc removes every dead owner's clone on the host, by design, and so does every job as it
+/// starts. The two tests that make such clones and then run gc hold this exclusively; the
+/// tests that run jobs hold it shared, so their jobs cannot collect those clones first (with
+/// libvirtd under a prompt reaper a SIGKILLed owner is dead at once).
+static GC_TURN: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
 
 async fn template(env: &TestEnv, name: &str) -> Vm {
     env.fresh(name).await;
@@ -26,6 +28,7 @@ async fn template(env: &TestEnv, name: &str) -> Vm {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn job_phases_outcomes_and_teardown() {
+    let _turn = GC_TURN.read().await;
     let env = env().await;
     let _c = Cleanup::new(&env.client, "e2e-job-tmpl");
     let t = template(&env, "e2e-job-tmpl").await;
@@ -221,7 +224,7 @@ impl Drop for Unmount {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn gc_removes_only_clones_of_dead_owners() {
-    let _turn = GC_TURN.lock().await;
+    let _turn = GC_TURN.write().await;
     let env = env().await;
     let _c = Cleanup::new(&env.client, "e2e-gc-tmpl");
     let t = template(&env, "e2e-gc-tmpl").await;
@@ -318,6 +321,7 @@ async fn gc_removes_only_clones_of_dead_owners() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn pool_caps_concurrency_and_runs_in_order() {
+    let _turn = GC_TURN.read().await;
     let env = env().await;
     let _c = Cleanup::new(&env.client, "e2e-pool-tmpl");
     let t = template(&env, "e2e-pool-tmpl").await;
@@ -413,7 +417,7 @@ async fn wait_clone_running(client: &Client, template: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn cli_job_run_exit_codes_signals_and_gc() {
-    let _turn = GC_TURN.lock().await;
+    let _turn = GC_TURN.write().await;
     let env = env().await;
     let d = env.dir.path();
     let state = d.join("state");
@@ -564,6 +568,7 @@ async fn cli_job_run_exit_codes_signals_and_gc() {
 /// staged or run; a missing one ends the job in the check phase, with the clone removed.
 #[tokio::test(flavor = "multi_thread")]
 async fn profile_resources_are_checked_before_the_command() {
+    let _turn = GC_TURN.read().await;
     let env = env().await;
     let d = env.dir.path();
     let state = d.join("state");
