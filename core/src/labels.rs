@@ -10,3 +10,6 @@ pub const CLONE_SNAPSHOT: &str = "anyvm.clone/snapshot";
 pub const CLONE_PREFIX: &str = "anyvm.clone/";
 /// Labels under this prefix belong to the job runner (the owner of a transient clone).
 pub const JOB_PREFIX: &str = "anyvm.job/";
+/// On a backend that keeps a warm state in a VM of its own (VirtualBox): the template it was
+/// made from.
+pub const WARM_OF: &str = "anyvm.warm/template";

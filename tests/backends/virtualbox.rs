@@ -942,3 +942,82 @@ async fn screenshots_and_the_remote_display_of_a_running_vm() {
     assert!(left.is_empty(), "{left:?}");
     vm.destroy().await.unwrap();
 }
+
+/// Warm clones on VirtualBox: the first job saves a ready clone into a holder VM, later ones
+/// clone its saved snapshot and resume it (no second save, no boot), each with its own
+/// forwards, serial log and host entropy; the template's destroy takes the state with it.
+#[tokio::test]
+async fn warm_jobs_resume_a_saved_state_on_virtualbox() {
+    use anyvm::job::{run_job, Cancel, JobSpec, Outcome};
+    let f = new_fake();
+    // A boot that takes time: resumed clones must not wait for it.
+    f.faults(r#"{"boot_delay": 1.5}"#);
+    let t = f
+        .client
+        .define(f.spec("tmpl"))
+        .await
+        .unwrap()
+        .with_credentials(creds());
+    let spec = JobSpec::new("tmpl", &["/bin/echo", "hi"]).unwrap();
+    let mut vms = Vec::new();
+    for _ in 0..2 {
+        let r = run_job(&f.client, &t, &spec, &Cancel::new()).await;
+        assert_eq!(r.outcome, Outcome::Succeeded, "{:?}", r.error);
+        assert_eq!(r.stdout_str(), "hi\n");
+        vms.push(r.vm.clone());
+    }
+    let calls = f.calls();
+    assert_eq!(calls.matches(r#""savestate""#).count(), 1, "{calls}");
+    for vm in &vms {
+        assert!(
+            calls
+                .lines()
+                .any(|l| l.starts_with(r#"["clonevm", "anyvm-warm-"#)
+                    && l.contains(&format!(r#""--name", "{vm}""#))),
+            "{calls}"
+        );
+        assert!(calls.contains(&format!(r#"["startvm", "{vm}""#)), "{calls}");
+        // Own serial log and entropy after the resume.
+        assert!(
+            calls.contains(&format!(
+                r#"["controlvm", "{vm}", "changeuartmode1", "file""#
+            )),
+            "{calls}"
+        );
+        assert!(
+            calls.contains(&format!(r#"["guestcontrol", "{vm}", "run""#))
+                && calls.contains("of=/dev/urandom"),
+            "{calls}"
+        );
+    }
+    // The clones' forwards were replaced while they were saved (only NAT/VRDE may change).
+    let modify: Vec<&str> = calls
+        .lines()
+        .filter(|l| l.contains(r#"["modifyvm", "tmpl-"#) && l.contains("--natpf1"))
+        .collect();
+    assert!(!modify.is_empty(), "{calls}");
+    // The holder is not listed, the clones are gone.
+    let names: Vec<String> = f
+        .client
+        .list()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|i| i.name)
+        .collect();
+    assert_eq!(names, vec!["tmpl".to_string()]);
+    // A warm clone by hand: running at once, its own forward.
+    let c = t
+        .clone_warm(&VmName::new("wc").unwrap(), &ReadySpec::default())
+        .await
+        .unwrap();
+    assert_eq!(c.state().await.unwrap(), VmState::Running);
+    let tf = t.forwards().await.unwrap();
+    let cf = c.forwards().await.unwrap();
+    assert_eq!(cf.len(), 1);
+    assert_ne!(cf[0].host_port, tf[0].host_port);
+    c.destroy().await.unwrap();
+    t.destroy().await.unwrap();
+    let state = std::fs::read_to_string(f.home().join("state.json")).unwrap();
+    assert!(!state.contains("anyvm-warm-"), "{state}");
+}

@@ -584,3 +584,94 @@ fn cli_defines_clones_exports_and_destroys_on_the_real_tool() {
     assert!(text.contains("fail  virtualbox kernel driver"), "{text}");
     assert!(text.contains("-> install virtualbox-dkms"), "{text}");
 }
+
+/// The offline half of a VirtualBox warm state, on the real tool: a saved helper (its state
+/// adopted, as no driver can run it) becomes a holder VM with a snapshot of the saved state,
+/// hidden from listings; a clone of it is saved too and takes its own forwards and display
+/// port while saved (the settings VirtualBox allows then); its start fails on the missing
+/// driver and leaves nothing; destroying the template removes the state.
+#[tokio::test(flavor = "multi_thread")]
+async fn warm_state_is_held_and_cloned_saved_on_the_real_tool() {
+    let r = Real::new();
+    let t = r
+        .client
+        .define(r.spec("tmpl", &[DiskFormat::Vdi]))
+        .await
+        .unwrap();
+    let helper = t.clone_linked(&n("tmpl-helper"), None).await.unwrap();
+    let sav = r.dir.path().join("helper.sav");
+    std::fs::write(&sav, vec![0u8; 65536]).unwrap();
+    r.vbox(&["adoptstate", "tmpl-helper", sav.to_str().unwrap()]);
+    assert_eq!(helper.state().await.unwrap(), VmState::Saved);
+    let spec = r.backend.spec(&n("tmpl-helper")).await.unwrap().unwrap();
+    let key = "0123456789abcdef";
+    let holder = format!("anyvm-warm-{key}");
+    assert!(r
+        .backend
+        .warm_find(&n("tmpl"), key)
+        .await
+        .unwrap()
+        .is_none());
+    let info = r
+        .backend
+        .warm_save(&n("tmpl-helper"), &n("tmpl"), key, &spec)
+        .await
+        .unwrap();
+    // The holder's own copy of the state file, and a flattened disk of its own.
+    assert_eq!(info.memory_bytes, 65536, "{info:?}");
+    assert!(info.disk_bytes > 0, "{info:?}");
+    assert_eq!(
+        r.backend
+            .warm_find(&n("tmpl"), key)
+            .await
+            .unwrap()
+            .unwrap()
+            .key,
+        key
+    );
+    assert!(r
+        .backend
+        .warm_find(&n("other"), key)
+        .await
+        .unwrap()
+        .is_none());
+    let kv = r.vbox(&["showvminfo", &holder, "--machinereadable"]);
+    assert!(kv.contains("VMState=\"saved\""), "{kv}");
+    assert!(kv.contains("SnapshotName=\"anyvm-warm\""), "{kv}");
+    let names: Vec<String> = r
+        .client
+        .list()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|i| i.name)
+        .collect();
+    assert_eq!(names, vec!["tmpl", "tmpl-helper"]);
+    // The holder does not lean on the helper: the helper goes, the state stays.
+    helper.destroy().await.unwrap();
+    assert!(r
+        .backend
+        .warm_find(&n("tmpl"), key)
+        .await
+        .unwrap()
+        .is_some());
+
+    let mut cspec = t.spec().await.unwrap().unwrap();
+    cspec.name = n("wc");
+    cspec.forwards[0].host_port = HostPort::Fixed(47123);
+    cspec.console.vnc = Some(HostPort::Fixed(47124));
+    let e = r
+        .backend
+        .warm_start(&n("tmpl"), key, &cspec)
+        .await
+        .unwrap_err();
+    // Cloned and re-configured while saved; only the resume needs the driver.
+    assert!(matches!(e, Error::BackendUnavailable { .. }), "{e}");
+    assert!(!r.backend.exists(&n("wc")).await.unwrap());
+    let kv = r.vbox(&["showvminfo", &holder, "--machinereadable"]);
+    assert!(kv.contains("VMState=\"saved\""), "{kv}");
+
+    t.destroy().await.unwrap();
+    assert!(!r.backend.exists(&n(&holder)).await.unwrap());
+    assert!(r.hdds().is_empty(), "{:?}", r.hdds());
+}

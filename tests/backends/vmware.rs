@@ -801,3 +801,37 @@ async fn screenshots_need_the_guest_account_and_show_the_screen() {
     assert_eq!(d.protocol, "vnc");
     vm.destroy().await.unwrap();
 }
+
+/// VMware has no warm start through vmrun: asking for one says why and changes nothing, and
+/// a job (warm by default) boots its clone instead.
+#[tokio::test]
+async fn warm_starts_say_why_not_and_jobs_boot_cold() {
+    use anyvm::job::{run_job, Cancel, JobSpec, Outcome};
+    let f = fake_with(|_| {});
+    let t = f
+        .client
+        .define(f.spec("wt"))
+        .await
+        .unwrap()
+        .with_credentials(creds());
+    let e = t.warm(&anyvm::ReadySpec::default()).await.unwrap_err();
+    assert!(
+        e.to_string().contains("vmrun clones carry no memory state"),
+        "{e}"
+    );
+    assert!(e.to_string().contains("boot it cold"), "{e}");
+    let before = f.calls();
+    assert!(!before.contains("\"suspend\""), "{before}");
+    let r = run_job(
+        &f.client,
+        &t,
+        &JobSpec::new("wt", &["/bin/echo", "cold"]).unwrap(),
+        &Cancel::new(),
+    )
+    .await;
+    assert_eq!(r.outcome, Outcome::Succeeded, "{:?}", r.error);
+    assert_eq!(r.stdout_str(), "cold\n");
+    let calls = f.calls();
+    assert!(calls.contains("\"linked\""), "{calls}");
+    assert!(!calls.contains("\"suspend\""), "{calls}");
+}

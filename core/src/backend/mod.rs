@@ -433,6 +433,12 @@ pub trait Backend: Send + Sync + fmt::Debug {
         ))
     }
 
+    /// Whether a warm clone's entropy pool must be fed through guest exec after its resume
+    /// (the backend has no VM generation ID and no agent of its own to do it).
+    fn warm_identity_in_guest(&self) -> bool {
+        false
+    }
+
     /// The complete warm state `key` of `template`, if there is one.
     async fn warm_find(&self, template: &VmName, key: &str) -> Result<Option<WarmInfo>> {
         let _ = (template, key);

@@ -625,7 +625,7 @@ pub(crate) async fn run_job_queued(
     report.vm = name.to_string();
 
     let body_result = {
-        let body = body(&vm, &spec, &mut progress, &mut report);
+        let body = body(&vm, &spec, warm, &mut progress, &mut report);
         tokio::pin!(body);
         tokio::select! {
             r = &mut body => Some(r),
@@ -691,6 +691,7 @@ async fn warm_possible(template: &Vm) -> bool {
 async fn body(
     vm: &Vm,
     spec: &JobSpec,
+    warm: bool,
     progress: &mut Progress,
     report: &mut JobReport,
 ) -> std::result::Result<(), (Phase, Error)> {
@@ -702,6 +703,9 @@ async fn body(
     vm.start().await.map_err(at(progress))?;
     progress.begin(Phase::Ready);
     vm.wait_ready(&spec.ready).await.map_err(at(progress))?;
+    if warm {
+        vm.refresh_warm_identity().await;
+    }
     if let Some(p) = &spec.profile {
         progress.begin(Phase::Check);
         let rep = crate::check::check(vm, p, spec.check_timeout)

@@ -197,6 +197,8 @@ impl Vm {
         self.audited("destroy", args, async move {
             let removed = self.remove_dependants("destroy", None, opts).await?;
             self.destroy_one().await?;
+            // Its warm states go with it (those clones still run on stay until they are gone).
+            self.backend.warm_discard(&self.name, None).await;
             Ok(removed)
         })
         .await

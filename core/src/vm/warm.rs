@@ -155,7 +155,42 @@ impl Vm {
         let info = self.warm(ready).await?;
         let vm = self.clone_from_warm(&info, new_name, labels).await?;
         vm.wait_ready(ready).await?;
+        vm.refresh_warm_identity().await;
         Ok(vm)
+    }
+
+    /// For a ready clone resumed from a warm state on a backend without a VM generation ID or
+    /// an agent of its own (VirtualBox): host entropy into the guest's pool through guest
+    /// exec, so clones of one state do not draw the same random numbers. (The clock is the
+    /// Guest Additions' own business: VBoxService sets it on restore.) Best effort: a guest
+    /// that refuses says so in the log. Elsewhere the backend did it at the resume.
+    pub async fn refresh_warm_identity(&self) {
+        if !self.backend.warm_identity_in_guest() {
+            return;
+        }
+        let mut seed = [0u8; 64];
+        if let Err(e) = std::fs::File::open("/dev/urandom")
+            .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut seed))
+        {
+            tracing::warn!(vm = %self.name, error = %e, "no host entropy for the warm clone");
+            return;
+        }
+        let req = ExecRequest::new("/bin/dd")
+            .args(["of=/dev/urandom", "bs=64", "count=1"])
+            .stdin(seed.to_vec())
+            .timeout(Duration::from_secs(30));
+        match self.exec(&req).await {
+            Ok(out) if out.success() => {}
+            Ok(out) => tracing::warn!(
+                vm = %self.name,
+                code = ?out.exit_code,
+                stderr = %String::from_utf8_lossy(&out.stderr),
+                "could not feed the warm clone's entropy pool"
+            ),
+            Err(e) => {
+                tracing::warn!(vm = %self.name, error = %e, "could not feed the warm clone's entropy pool")
+            }
+        }
     }
 
     /// A clone started from the warm state `info` of this template, running (not yet waited

@@ -20,6 +20,8 @@ pub(super) async fn list(be: &VirtualBoxBackend) -> Result<Vec<VmInfo>> {
     .map_err(|m| Error::backend(ctx.clone(), "VBoxManage", m))?;
     Ok(all
         .into_iter()
+        // Warm-state holders are anyvm's storage, as libvirt's state files are: not listed.
+        .filter(|(name, _)| !super::warm::is_holder(name))
         .map(|(name, uuid)| VmInfo {
             state: if running.iter().any(|(_, u)| *u == uuid) {
                 VmState::Running

@@ -15,6 +15,7 @@ mod media;
 mod network;
 mod parse;
 mod snapshots;
+mod warm;
 
 use std::ffi::OsString;
 use std::io::Write;
@@ -306,6 +307,16 @@ impl VirtualBoxBackend {
         a.push("--cpus".into());
         a.push(spec.cpus.to_string().into());
         a.extend(os(&["--nic1", "nat"]));
+        a.extend(Self::forward_and_display_args(spec));
+        a.extend(os(&["--uart1", "0x3F8", "4", "--uartmode1", "file"]));
+        a.push(self.console_path(&spec.name).into_os_string());
+        a
+    }
+
+    /// `modifyvm` arguments for the spec's NAT forwards and VRDE port: also what a saved
+    /// machine accepts.
+    fn forward_and_display_args(spec: &VmSpec) -> Vec<OsString> {
+        let mut a = Vec::new();
         for f in spec.resolved_forwards() {
             a.push("--natpf1".into());
             a.push(rule(&f).into());
@@ -320,8 +331,6 @@ impl VirtualBoxBackend {
             ]));
             a.push(p.to_string().into());
         }
-        a.extend(os(&["--uart1", "0x3F8", "4", "--uartmode1", "file"]));
-        a.push(self.console_path(&spec.name).into_os_string());
         a
     }
 
@@ -539,6 +548,37 @@ impl Backend for VirtualBoxBackend {
 
     async fn clone_links(&self) -> Result<Vec<CloneLink>> {
         snapshots::clone_links(self).await
+    }
+
+    fn warm_unsupported(&self, spec: &VmSpec) -> Option<String> {
+        let _ = spec;
+        None
+    }
+
+    fn warm_identity_in_guest(&self) -> bool {
+        true
+    }
+
+    async fn warm_find(&self, template: &VmName, key: &str) -> Result<Option<super::WarmInfo>> {
+        warm::find(self, template, key).await
+    }
+
+    async fn warm_save(
+        &self,
+        vm: &VmName,
+        template: &VmName,
+        key: &str,
+        spec: &VmSpec,
+    ) -> Result<super::WarmInfo> {
+        warm::save(self, vm, template, key, spec).await
+    }
+
+    async fn warm_start(&self, template: &VmName, key: &str, clone: &VmSpec) -> Result<()> {
+        warm::start(self, template, key, clone).await
+    }
+
+    async fn warm_discard(&self, template: &VmName, keep: Option<String>) {
+        warm::discard(self, template, keep.as_deref()).await
     }
 
     async fn export_appliance(&self, vm: &VmName, path: &Path) -> Result<()> {

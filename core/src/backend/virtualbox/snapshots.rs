@@ -98,6 +98,12 @@ pub(super) async fn clone_linked(
     be.vbox_with(&ctx, a, None, Some(be.opts.long_timeout))
         .await?;
     let rest: Result<()> = async {
+        // A snapshot taken while running (or saved) holds memory, and VirtualBox makes its
+        // clones saved: a linked clone boots, so that state goes (a warm clone keeps it).
+        if be.state(&clone.name).await? == VmState::Saved {
+            be.vbox(&ctx, os(&["discardstate", clone.name.as_str()]))
+                .await?;
+        }
         // The clone inherited the base's forwards (same host ports): replace them.
         let a = be.modify_replacing_forwards(&ctx, clone).await?;
         be.vbox(&ctx, a).await?;

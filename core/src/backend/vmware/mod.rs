@@ -518,6 +518,16 @@ impl Backend for VmwareBackend {
         self.guest_ip(&ctx, &e.vmx).await.map(Some)
     }
 
+    fn warm_unsupported(&self, spec: &VmSpec) -> Option<String> {
+        let _ = spec;
+        // vSphere's CloneSpec.memory keeps a clone suspended; vmrun has no such option, and
+        // a clone it makes of a suspended VM's snapshot has no documented memory state.
+        Some(
+            "vmrun clones carry no memory state (no counterpart of vSphere's CloneSpec.memory), so VMware clones boot"
+                .into(),
+        )
+    }
+
     fn subscribe(&self) -> Option<broadcast::Receiver<VmEvent>> {
         None
     }
